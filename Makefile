@@ -1,0 +1,30 @@
+# `make demo` and `make test` work on a machine with nothing installed: they create
+# .venv, install the CPU build of torch first (a bare `torch` would pull CUDA), then
+# gatelab with its extras. The stamp file re-installs only when pyproject.toml changes.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.gatelab-installed
+
+.PHONY: demo test install clean
+
+demo: $(STAMP)
+	$(VENV)/bin/gatelab demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+install: $(STAMP)
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH)
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache

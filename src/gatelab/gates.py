@@ -1,0 +1,397 @@
+"""The gate catalogue: score functions, the shared normalise and select steps, and the
+hierarchical two-level composition.
+
+A gate maps covariates to one score ("logit") per expert; turning scores into weights is
+a separate step that every gate shares: optional top-K selection (all but the K largest
+scores set to -inf), then a normaliser (softmax, or an elementwise sigmoid that is not
+normalised). The statistical models and the ``gatelab.nn`` layers call the same code.
+
+Shape legend: N samples, D features, E experts. Leading ``...`` dimensions are batch
+(replicate) dimensions; covariates ``x_ND`` of shape (..., N, D) broadcast against
+parameter blocks of shape (..., E, ...), and scores have shape (..., N, E).
+
+Every gate has an intercept block ``beta0`` of shape (E,): the gate's contribution to an
+expert's mass (m_i = exp(beta0_i) for softmax-type gates, sigmoid(beta0_i) for sigmoid).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ._checks import check_int, check_positive, choose
+from .params import Params, Shapes, random_blocks, take_prefix, with_prefix
+
+__all__ = [
+    "Gate", "LinearGate", "CosineGate", "PerturbedCosineGate", "QuadraticGate", "LaplaceGate",
+    "GaussianGate", "InputFreeGate", "HierarchicalGate", "GATES", "NORMALISERS", "make_gate",
+    "top_k_mask",
+]
+
+NEG_INF = float("-inf")
+
+
+# --- the shared steps: select, then normalise -----------------------------------------
+
+def top_k_mask(scores_NE: Tensor, k: int) -> Tensor:
+    """Keep exactly the ``k`` largest scores in each row; set the rest to -inf.
+
+    Ties are broken by ``torch.topk``'s order, so exactly ``k`` entries stay finite.
+    Sparse softmax gating (arXiv 2309.13850): softmax over the K kept scores.
+    """
+    if k >= scores_NE.shape[-1]:
+        return scores_NE
+    idx_NK = scores_NE.topk(k, dim=-1).indices
+    keep = torch.zeros_like(scores_NE, dtype=torch.bool).scatter(-1, idx_NK, True)
+    return scores_NE.masked_fill(~keep, NEG_INF)
+
+
+@dataclass(frozen=True)
+class Normaliser:
+    """Turns scores into weights; ``log_weights`` is the numerically stable log."""
+
+    name: str
+    weights: Any
+    log_weights: Any
+    sums_to_one: bool
+
+
+NORMALISERS: dict[str, Normaliser] = {
+    "softmax": Normaliser("softmax", lambda s: torch.softmax(s, -1),
+                          lambda s: torch.log_softmax(s, -1), True),
+    # Sigmoid gating (arXiv 2405.13997): each weight is sigmoid(s_i); weights need not sum to 1.
+    "sigmoid": Normaliser("sigmoid", torch.sigmoid, F.logsigmoid, False),
+}
+
+
+# --- the gate base class -------------------------------------------------------------
+
+@dataclass(frozen=True, kw_only=True)
+class Gate(ABC):
+    """A score function s(x; params) -> (..., N, E) plus how its scores become weights.
+
+    Weights: w(x) = normaliser(top_k_mask(s(x), top_k)); with ``top_k=None`` all
+    experts stay. Instances hold hyper-parameters only; parameters are passed in as a
+    dict of blocks so that many replicates (leading dimensions) evaluate at once.
+    """
+
+    normaliser: str = "softmax"
+    top_k: int | None = None
+
+    name: ClassVar[str] = "gate"
+    # Blocks that absorb a common shift of all scores (softmax identifiability).
+    shift_blocks: ClassVar[tuple[str, ...]] = ("beta0",)
+
+    def __post_init__(self) -> None:
+        choose("normaliser", self.normaliser, NORMALISERS)
+        if self.top_k is not None:
+            check_int("top_k", self.top_k, 1)
+
+    @abstractmethod
+    def param_shapes(self, n_experts: int, dim: int) -> Shapes:
+        """Event shape of each parameter block for ``n_experts`` experts in dimension ``dim``."""
+
+    @abstractmethod
+    def scores(self, x_ND: Tensor, params: Params) -> Tensor:
+        """Scores (..., N, E) for covariates (..., N, D)."""
+
+    def select(self, scores_NE: Tensor) -> Tensor:
+        """Top-K selection (identity when ``top_k`` is None)."""
+        return scores_NE if self.top_k is None else top_k_mask(scores_NE, self.top_k)
+
+    def weights(self, x_ND: Tensor, params: Params) -> Tensor:
+        """Gate weights w(x), shape (..., N, E)."""
+        return NORMALISERS[self.normaliser].weights(self.select(self.scores(x_ND, params)))
+
+    def log_weights(self, x_ND: Tensor, params: Params) -> Tensor:
+        """log w(x), shape (..., N, E); -inf for experts that top-K dropped."""
+        return NORMALISERS[self.normaliser].log_weights(self.select(self.scores(x_ND, params)))
+
+    @property
+    def sums_to_one(self) -> bool:
+        """Whether the weights form a probability vector (needed by density models)."""
+        return NORMALISERS[self.normaliser].sums_to_one
+
+    def check(self, n_experts: int) -> None:
+        """Validate the gate against the number of experts it will route over."""
+        if self.top_k is not None:
+            check_int("top_k", self.top_k, 1, n_experts,
+                      fix="Top-K keeps K of the k experts: choose top_k <= n_experts.")
+
+    def normalise(self, params: Params) -> Params:
+        """Identifiable form: softmax-type gates are invariant to a common shift of all
+        scores, so the shift blocks are taken relative to the last expert (whose become 0).
+        Sigmoid gates are not shift-invariant and are returned unchanged."""
+        out = dict(params)
+        if self.normaliser != "softmax":
+            return out
+        ndims = {k: len(v) for k, v in self.param_shapes(1, 1).items()}
+        for name in self.shift_blocks:
+            t = params[name]
+            last = t.select(t.dim() - ndims[name], -1).unsqueeze(t.dim() - ndims[name])
+            out[name] = t - last
+        return out
+
+    def random_params(self, n_experts: int, dim: int, generator: torch.Generator | None = None,
+                      batch_shape: tuple[int, ...] = (), dtype: torch.dtype = torch.float64) -> Params:
+        """Standard-normal draws for every block (tests and random starts)."""
+        return random_blocks(self.param_shapes(n_experts, dim), generator, batch_shape, dtype)
+
+
+def _norm(v: Tensor) -> Tensor:
+    """Euclidean norm over the last axis, floored so 0/0 and its gradient stay finite."""
+    return v.square().sum(-1).clamp_min(torch.finfo(v.dtype).tiny).sqrt()
+
+
+def _linear(x_ND: Tensor, beta1_ED: Tensor) -> Tensor:
+    """x . beta1_i for every expert: (..., N, E)."""
+    return x_ND @ beta1_ED.transpose(-1, -2)
+
+
+def _sq_dist(x_ND: Tensor, w_ED: Tensor) -> Tensor:
+    """||x - W_i||^2 for every expert: (..., N, E). The explicit difference is used (not
+    ||x||^2 - 2 x.W + ||W||^2) because it keeps full precision when x is near W_i."""
+    return (x_ND.unsqueeze(-2) - w_ED.unsqueeze(-3)).square().sum(-1)
+
+
+# --- the catalogue -------------------------------------------------------------------
+
+@dataclass(frozen=True, kw_only=True)
+class LinearGate(Gate):
+    """Linear scores s_i(x) = beta1_i . x + beta0_i.
+
+    With the softmax normaliser this is the softmax gate (arXiv 2305.03288, 2402.02952);
+    with ``top_k`` the top-K sparse softmax gate (arXiv 2309.13850); with
+    ``normaliser="sigmoid"`` the sigmoid gate (arXiv 2405.13997).
+    Blocks: beta1 (E, D), beta0 (E,).
+    """
+
+    name: ClassVar[str] = "softmax"
+    shift_blocks: ClassVar[tuple[str, ...]] = ("beta1", "beta0")
+
+    def param_shapes(self, n_experts: int, dim: int) -> Shapes:
+        return {"beta1": (n_experts, dim), "beta0": (n_experts,)}
+
+    def scores(self, x_ND: Tensor, params: Params) -> Tensor:
+        return _linear(x_ND, params["beta1"]) + params["beta0"].unsqueeze(-2)
+
+
+@dataclass(frozen=True, kw_only=True)
+class CosineGate(Gate):
+    """Cosine router (arXiv 2405.14131):
+    s_i(x) = beta1_i . x / ((||beta1_i|| + tau1) (||x|| + tau2)) + beta0_i.
+
+    With tau1 = tau2 = 0 (this class's default) it is the plain cosine router, whose
+    parameter interactions slow estimation to 1/log^tau(n); ``PerturbedCosineGate``
+    fixes tau1, tau2 > 0. Blocks: beta1 (E, D), beta0 (E,).
+    """
+
+    tau1: float = 0.0
+    tau2: float = 0.0
+    name: ClassVar[str] = "cosine"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.tau1 < 0 or self.tau2 < 0:
+            raise ValueError(f"tau1 and tau2 must be >= 0. Got tau1={self.tau1}, tau2={self.tau2}.")
+
+    def param_shapes(self, n_experts: int, dim: int) -> Shapes:
+        return {"beta1": (n_experts, dim), "beta0": (n_experts,)}
+
+    def scores(self, x_ND: Tensor, params: Params) -> Tensor:
+        beta1 = params["beta1"]
+        denom = (_norm(x_ND) + self.tau2).unsqueeze(-1) * (_norm(beta1) + self.tau1).unsqueeze(-2)
+        return _linear(x_ND, beta1) / denom + params["beta0"].unsqueeze(-2)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PerturbedCosineGate(CosineGate):
+    """Perturbed cosine router (arXiv 2405.14131): the cosine router with fixed noise
+    tau1, tau2 > 0 added to both L2 norms, which restores polynomial estimation rates.
+    The defaults 0.1 are gatelab's choice; the paper only requires positivity."""
+
+    tau1: float = 0.1
+    tau2: float = 0.1
+    name: ClassVar[str] = "perturbed_cosine"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        fix = "The perturbed cosine router needs positive perturbations; use 'cosine' for 0."
+        check_positive("tau1", self.tau1, fix)
+        check_positive("tau2", self.tau2, fix)
+
+
+@dataclass(frozen=True, kw_only=True)
+class QuadraticGate(Gate):
+    """Quadratic gate (arXiv 2410.11222, form unverified):
+    polynomial s_i(x) = x^T A_i x + beta1_i . x + beta0_i, or with ``monomial=True``
+    s_i(x) = x^T A_i x + beta0_i. Only the symmetric part of A_i affects the scores;
+    ``normalise`` symmetrises it. Blocks: A (E, D, D), [beta1 (E, D)], beta0 (E,).
+    """
+
+    monomial: bool = False
+    name: ClassVar[str] = "quadratic"
+
+    @property
+    def shift_blocks(self) -> tuple[str, ...]:  # type: ignore[override]
+        return ("A", "beta0") if self.monomial else ("A", "beta1", "beta0")
+
+    def param_shapes(self, n_experts: int, dim: int) -> Shapes:
+        shapes = {"A": (n_experts, dim, dim), "beta1": (n_experts, dim), "beta0": (n_experts,)}
+        if self.monomial:
+            del shapes["beta1"]
+        return shapes
+
+    def scores(self, x_ND: Tensor, params: Params) -> Tensor:
+        x_1ND = x_ND.unsqueeze(-3)
+        quad_EN = ((x_1ND @ params["A"]) * x_1ND).sum(-1)
+        s = quad_EN.transpose(-1, -2) + params["beta0"].unsqueeze(-2)
+        return s if self.monomial else s + _linear(x_ND, params["beta1"])
+
+    def normalise(self, params: Params) -> Params:
+        out = dict(params)
+        out["A"] = 0.5 * (params["A"] + params["A"].transpose(-1, -2))
+        return super().normalise(out)
+
+
+@dataclass(frozen=True, kw_only=True)
+class LaplaceGate(Gate):
+    """Laplace gate (FuseMoE, arXiv 2402.03226): s_i(x) = -||W_i - x|| + beta0_i.
+    Blocks: W (E, D), beta0 (E,)."""
+
+    name: ClassVar[str] = "laplace"
+
+    def param_shapes(self, n_experts: int, dim: int) -> Shapes:
+        return {"W": (n_experts, dim), "beta0": (n_experts,)}
+
+    def scores(self, x_ND: Tensor, params: Params) -> Tensor:
+        sq = _sq_dist(x_ND, params["W"])
+        return -sq.clamp_min(torch.finfo(sq.dtype).tiny).sqrt() + params["beta0"].unsqueeze(-2)
+
+
+@dataclass(frozen=True, kw_only=True)
+class GaussianGate(Gate):
+    """Gaussian gate (FuseMoE / HMoE code, arXiv 2402.03226): s_i(x) = -||W_i - x||^2 + beta0_i.
+    Blocks: W (E, D), beta0 (E,)."""
+
+    name: ClassVar[str] = "gaussian"
+
+    def param_shapes(self, n_experts: int, dim: int) -> Shapes:
+        return {"W": (n_experts, dim), "beta0": (n_experts,)}
+
+    def scores(self, x_ND: Tensor, params: Params) -> Tensor:
+        return -_sq_dist(x_ND, params["W"]) + params["beta0"].unsqueeze(-2)
+
+
+@dataclass(frozen=True, kw_only=True)
+class InputFreeGate(Gate):
+    """Covariate-free gate s_i(x) = beta0_i: constant mixing proportions, as in the
+    deviated (arXiv 2402.05220) and contaminated (arXiv 2410.12258) MoE. Blocks: beta0 (E,)."""
+
+    name: ClassVar[str] = "input_free"
+
+    def param_shapes(self, n_experts: int, dim: int) -> Shapes:
+        return {"beta0": (n_experts,)}
+
+    def scores(self, x_ND: Tensor, params: Params) -> Tensor:
+        beta0 = params["beta0"].unsqueeze(-2)
+        return beta0.expand(*torch.broadcast_shapes(beta0.shape[:-2], x_ND.shape[:-2]),
+                            x_ND.shape[-2], beta0.shape[-1])
+
+
+@dataclass(frozen=True, kw_only=True)
+class HierarchicalGate(Gate):
+    """Two-level gate (HMoE, arXiv 2410.02935): an outer gate over ``n_groups`` groups and,
+    per group, an inner gate over ``n_inner`` experts; expert (g, j) has weight
+    w_outer_g(x) * w_inner_{j|g}(x). Experts are numbered g * n_inner + j.
+
+    Each level chooses its own gate (e.g. softmax outer, Laplace inner = "SL") and may use
+    top-K; both levels must be normalised (softmax). The scores returned are the log
+    weights, so the softmax normaliser reproduces the product exactly.
+    Blocks: ``outer.<block>`` with E = n_groups, ``inner.<block>`` with shape
+    (n_groups, n_inner, ...).
+    """
+
+    outer: Gate
+    inner: Gate
+    n_groups: int
+    n_inner: int
+    name: ClassVar[str] = "hierarchical"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_int("n_groups", self.n_groups, 1)
+        check_int("n_inner", self.n_inner, 1)
+        for level, gate in (("outer", self.outer), ("inner", self.inner)):
+            if not isinstance(gate, Gate) or not gate.sums_to_one:
+                raise ValueError(f"The {level} gate of a hierarchical gate must be a softmax-"
+                                 f"normalised Gate instance; got {gate!r}.")
+        self.outer.check(self.n_groups)
+        self.inner.check(self.n_inner)
+
+    def check(self, n_experts: int) -> None:
+        if n_experts != self.n_groups * self.n_inner:
+            raise ValueError(f"A hierarchical gate with n_groups={self.n_groups} and n_inner="
+                             f"{self.n_inner} routes over {self.n_groups * self.n_inner} experts; "
+                             f"got n_experts={n_experts}. Set n_experts = n_groups * n_inner.")
+        super().check(n_experts)
+
+    def param_shapes(self, n_experts: int, dim: int) -> Shapes:
+        inner = {k: (self.n_groups, *v) for k, v in self.inner.param_shapes(self.n_inner, dim).items()}
+        return {**with_prefix("outer.", self.outer.param_shapes(self.n_groups, dim)),
+                **with_prefix("inner.", inner)}
+
+    def scores(self, x_ND: Tensor, params: Params) -> Tensor:
+        log_outer_NG = self.outer.log_weights(x_ND, take_prefix("outer.", params))
+        # The group axis of the inner blocks acts as one more batch axis of the inner gate.
+        log_inner_GNJ = self.inner.log_weights(x_ND.unsqueeze(-3), take_prefix("inner.", params))
+        log_inner_NGJ = log_inner_GNJ.movedim(-3, -2)
+        return (log_outer_NG.unsqueeze(-1) + log_inner_NGJ).flatten(-2)
+
+    def normalise(self, params: Params) -> Params:
+        outer = self.outer.normalise(take_prefix("outer.", params))
+        inner = self.inner.normalise(take_prefix("inner.", params))
+        return {**with_prefix("outer.", outer), **with_prefix("inner.", inner)}
+
+
+# --- the registry --------------------------------------------------------------------
+
+def _topk(**kwargs: Any) -> Gate:
+    if kwargs.get("top_k") is None:
+        raise ValueError("The 'topk' gate needs top_k: e.g. make_gate('topk', top_k=2).")
+    return LinearGate(**kwargs)
+
+
+GATES: dict[str, Any] = {
+    "softmax": LinearGate,
+    "topk": _topk,
+    "sigmoid": lambda **kw: LinearGate(normaliser="sigmoid", **kw),
+    "cosine": CosineGate,
+    "perturbed_cosine": PerturbedCosineGate,
+    "quadratic": QuadraticGate,
+    "quadratic_monomial": lambda **kw: QuadraticGate(monomial=True, **kw),
+    "laplace": LaplaceGate,
+    "gaussian": GaussianGate,
+    "input_free": InputFreeGate,
+}
+
+
+def make_gate(gate: str | Gate, **options: Any) -> Gate:
+    """Resolve a gate name from ``GATES`` (with its options, e.g. ``top_k=2``,
+    ``tau1=0.1``) or return a ``Gate`` instance unchanged."""
+    if isinstance(gate, Gate):
+        if options:
+            return dataclasses.replace(gate, **options)
+        return gate
+    factory = choose("gate", gate, GATES)
+    try:
+        return factory(**options)
+    except TypeError as err:
+        raise TypeError(f"Bad options for gate {gate!r}: {err}. Common options: top_k; "
+                        f"cosine gates take tau1, tau2.") from None

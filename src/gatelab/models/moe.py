@@ -1,0 +1,164 @@
+"""Gated mixtures of experts: the Gaussian MoE (a conditional density, fitted by maximum
+likelihood), its hierarchical form, and MoE regression (fitted by least squares).
+
+Shape legend: N samples, D features, E experts; ``...`` are batch (replicate) dims.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .._checks import check_int
+from ..covariates import Covariates
+from ..experts import Expert, make_expert
+from ..gates import Gate, HierarchicalGate, make_gate
+from ..params import Params, Shapes, pick
+from .base import DensityModel, normal_cdf, normal_log_prob, sample_categorical
+
+__all__ = ["GatedExperts", "GaussianMoE", "HierarchicalGaussianMoE", "MoERegression"]
+
+
+class GatedExperts(DensityModel):
+    """The part shared by every gated MoE: a gate over ``n_experts`` experts of one family.
+
+    Parameter blocks are the gate's blocks, the experts' blocks, and the model's own
+    (noise) blocks, all in one flat dict.
+    """
+
+    def __init__(self, n_experts: int, dim: int = 1, gate: str | Gate = "softmax",
+                 expert: str | Expert = "linear",
+                 covariates: Covariates | str | None = None) -> None:
+        super().__init__(dim, covariates)
+        self.n_experts = check_int("n_experts", n_experts, 1,
+                                   fix="A mixture needs at least one expert.")
+        self.gate, self.expert = make_gate(gate), make_expert(expert)
+        self.gate.check(self.n_experts)
+        clash = set(self._gate_shapes()) & set(self._expert_shapes())
+        if clash:
+            raise ValueError(f"Gate {self.gate!r} and expert {self.expert!r} both name blocks "
+                             f"{sorted(clash)}; rename the blocks of one of them.")
+
+    def _gate_shapes(self) -> Shapes:
+        return self.gate.param_shapes(self.n_experts, self.dim)
+
+    def _expert_shapes(self) -> Shapes:
+        return self.expert.param_shapes(self.n_experts, self.dim)
+
+    def log_gate(self, x_ND: Tensor, params: Params) -> Tensor:
+        """Log gate weights log w_i(x): (..., N, E)."""
+        return self.gate.log_weights(x_ND, pick(params, self._gate_shapes()))
+
+    def expert_means(self, x_ND: Tensor, params: Params) -> Tensor:
+        """Expert means h(x; eta_i): (..., N, E)."""
+        return self.expert.mean(x_ND, pick(params, self._expert_shapes()))
+
+    def _regression(self, x_ND: Tensor, params: Params) -> Tensor:
+        return (self.log_gate(x_ND, params).exp() * self.expert_means(x_ND, params)).sum(-1)
+
+    def predict(self, x: Tensor, params: Params) -> Tensor:
+        """E[y | x] = f(x) = sum_i w_i(x) h(x; eta_i): (..., N)."""
+        x, _ = self._prepare(x, params)
+        return self._regression(x, params)
+
+    def normalise(self, params: Params) -> Params:
+        """Gate blocks in their identifiable form (last expert's shift blocks at zero)."""
+        gate = self.gate.normalise(pick(params, self._gate_shapes()))
+        return {**params, **gate}
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(n_experts={self.n_experts}, dim={self.dim}, "
+                f"gate={self.gate!r}, expert={self.expert!r}, covariates={self.covariates!r})")
+
+
+class GaussianMoE(GatedExperts):
+    """Gaussian mixture of experts (arXiv 2305.03288, 2309.13850, 2402.03226):
+
+        p(y | x) = sum_i w_i(x) N(y | h(x; eta_i), var_i),
+
+    with w(x) from any normalised gate (softmax, top-K, cosine, quadratic, Laplace,
+    hierarchical, ...). Blocks: the gate's, the expert's, and ``var`` (E,), the expert
+    variances. Sigmoid gates do not give a density (weights need not sum to one): use
+    ``MoERegression`` for them.
+    """
+
+    positive_blocks = ("var",)
+
+    def __init__(self, n_experts: int, dim: int = 1, gate: str | Gate = "softmax",
+                 expert: str | Expert = "linear",
+                 covariates: Covariates | str | None = None) -> None:
+        super().__init__(n_experts, dim, gate, expert, covariates)
+        if not self.gate.sums_to_one:
+            raise ValueError(f"GaussianMoE needs gate weights that sum to one; {self.gate!r} does "
+                             f"not. Use a softmax-type gate, or MoERegression for sigmoid gating.")
+
+    def param_shapes(self) -> Shapes:
+        return {**self._gate_shapes(), **self._expert_shapes(), "var": (self.n_experts,)}
+
+    def component_log_probs(self, x_ND: Tensor, y_N: Tensor, params: Params) -> Tensor:
+        """log w_i(x_n) + log N(y_n | h(x_n; eta_i), var_i): (..., N, E)."""
+        log_dens = normal_log_prob(y_N.unsqueeze(-1), self.expert_means(x_ND, params),
+                                   params["var"].unsqueeze(-2))
+        return self.log_gate(x_ND, params) + log_dens
+
+    def responsibilities(self, x: Tensor, y: Tensor, params: Params) -> Tensor:
+        """Posterior probability of each expert given (x_n, y_n): (..., N, E)."""
+        x, y = self._prepare(x, params, y)
+        return torch.softmax(self.component_log_probs(x, y, params), dim=-1)
+
+    def _log_prob(self, x_ND: Tensor, y_N: Tensor, params: Params) -> Tensor:
+        return torch.logsumexp(self.component_log_probs(x_ND, y_N, params), dim=-1)
+
+    def _cdf(self, x_ND: Tensor, y_N: Tensor, params: Params) -> Tensor:
+        cdfs = normal_cdf(y_N.unsqueeze(-1), self.expert_means(x_ND, params),
+                          params["var"].unsqueeze(-2))
+        return (self.log_gate(x_ND, params).exp() * cdfs).sum(-1)
+
+    def _sample_y(self, x_ND: Tensor, params: Params, generator: torch.Generator | None) -> Tensor:
+        log_w = self.log_gate(x_ND, params)
+        z = sample_categorical(log_w, generator).unsqueeze(-1)
+        means = self.expert_means(x_ND, params).expand_as(log_w)
+        var = params["var"].unsqueeze(-2).expand_as(log_w)
+        noise = torch.randn(z.shape[:-1], generator=generator, dtype=x_ND.dtype)
+        return means.gather(-1, z).squeeze(-1) + var.gather(-1, z).sqrt().squeeze(-1) * noise
+
+
+class HierarchicalGaussianMoE(GaussianMoE):
+    """Hierarchical Gaussian MoE (arXiv 2410.02935): a Gaussian MoE whose weights come from
+    a two-level gate, w_(g,j)(x) = w_outer_g(x) w_inner_{j|g}(x), with ``n_groups`` groups
+    of ``n_inner`` experts. Each level picks its own gate: ``outer="softmax",
+    inner="laplace"`` is the paper's "SL". Expert (g, j) is expert number g * n_inner + j.
+    """
+
+    def __init__(self, n_groups: int, n_inner: int, dim: int = 1, outer: str | Gate = "softmax",
+                 inner: str | Gate = "softmax", expert: str | Expert = "linear",
+                 covariates: Covariates | str | None = None) -> None:
+        gate = HierarchicalGate(outer=make_gate(outer), inner=make_gate(inner),
+                                n_groups=n_groups, n_inner=n_inner)
+        super().__init__(n_groups * n_inner, dim, gate, expert, covariates)
+
+
+class MoERegression(GatedExperts):
+    """MoE regression, estimated by least squares (arXiv 2402.02952, 2405.13997, 2405.14131):
+
+        y = f(x) + eps,  f(x) = sum_i w_i(x) h(x; eta_i),  eps ~ N(0, nu).
+
+    Any gate works, sigmoid included (then w_i(x) = sigmoid(s_i(x)) need not sum to one).
+    Blocks: the gate's, the expert's, and ``nu`` (scalar noise variance).
+    """
+
+    positive_blocks = ("nu",)
+
+    def param_shapes(self) -> Shapes:
+        return {**self._gate_shapes(), **self._expert_shapes(), "nu": ()}
+
+    def _log_prob(self, x_ND: Tensor, y_N: Tensor, params: Params) -> Tensor:
+        return normal_log_prob(y_N, self._regression(x_ND, params), params["nu"].unsqueeze(-1))
+
+    def _cdf(self, x_ND: Tensor, y_N: Tensor, params: Params) -> Tensor:
+        return normal_cdf(y_N, self._regression(x_ND, params), params["nu"].unsqueeze(-1))
+
+    def _sample_y(self, x_ND: Tensor, params: Params, generator: torch.Generator | None) -> Tensor:
+        f = self._regression(x_ND, params)
+        noise = torch.randn(f.shape, generator=generator, dtype=f.dtype)
+        return f + params["nu"].unsqueeze(-1).sqrt() * noise
