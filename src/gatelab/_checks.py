@@ -15,10 +15,10 @@ def check_int(name: str, value: Any, low: int, high: int | None = None, fix: str
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"The '{name}' parameter must be an int. Got {value!r} of type "
                         f"{type(value).__name__} instead.")
-    upper = "inf" if high is None else str(high)
+    upper = "inf)" if high is None else f"{high}]"
     if value < low or (high is not None and value > high):
         hint = f" {fix}" if fix else ""
-        raise ValueError(f"The '{name}' parameter must be an int in the range [{low}, {upper}]. "
+        raise ValueError(f"The '{name}' parameter must be an int in the range [{low}, {upper}. "
                          f"Got {value} instead.{hint}")
     return value
 

@@ -22,7 +22,7 @@ def random_blocks(shapes: Mapping[str, tuple[int, ...]], generator: torch.Genera
                   batch_shape: tuple[int, ...] = (), dtype: torch.dtype = torch.float64,
                   scale: float = 1.0) -> Params:
     """Independent N(0, scale^2) draws for each block, with leading ``batch_shape``."""
-    return {name: scale * torch.randn(*batch_shape, *event, generator=generator, dtype=dtype)
+    return {name: scale * torch.randn((*batch_shape, *event), generator=generator, dtype=dtype)
             for name, event in shapes.items()}
 
 

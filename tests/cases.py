@@ -1,0 +1,86 @@
+"""Registries of test problems, parametrised with readable ids."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import gatelab as gl
+
+GATE_CASES = {
+    "softmax": lambda: gl.make_gate("softmax"),
+    "topk2": lambda: gl.make_gate("topk", top_k=2),
+    "sigmoid": lambda: gl.make_gate("sigmoid"),
+    "sigmoid-top1": lambda: gl.make_gate("sigmoid", top_k=1),
+    "cosine": lambda: gl.make_gate("cosine"),
+    "perturbed_cosine": lambda: gl.make_gate("perturbed_cosine", tau1=0.3, tau2=0.7),
+    "quadratic": lambda: gl.make_gate("quadratic"),
+    "quadratic_monomial": lambda: gl.make_gate("quadratic_monomial"),
+    "laplace": lambda: gl.make_gate("laplace"),
+    "laplace-top2": lambda: gl.make_gate("laplace", top_k=2),
+    "gaussian": lambda: gl.make_gate("gaussian"),
+    "input_free": lambda: gl.make_gate("input_free"),
+    "hier-SL": lambda: gl.HierarchicalGate(outer=gl.make_gate("softmax"),
+                                           inner=gl.make_gate("laplace"), n_groups=2, n_inner=2),
+    "hier-LS-top1inner": lambda: gl.HierarchicalGate(
+        outer=gl.make_gate("laplace"), inner=gl.make_gate("softmax", top_k=1),
+        n_groups=2, n_inner=2),
+}
+N_EXPERTS = 4  # every gate case routes over 4 experts (hierarchical: 2 groups x 2)
+
+EXPERT_CASES = {
+    "linear": lambda: gl.make_expert("linear"),
+    "poly3": lambda: gl.make_expert("polynomial", degree=3),
+    "ffn-relu": lambda: gl.make_expert("ffn", activation="relu"),
+    "ffn-gelu": lambda: gl.make_expert("ffn", activation="gelu"),
+    "ffn-tanh": lambda: gl.make_expert("ffn", activation="tanh"),
+    "ffn-sigmoid": lambda: gl.make_expert("ffn", activation="sigmoid"),
+    "constant": lambda: gl.make_expert("constant"),
+}
+
+DENSITY_GATES = [k for k in GATE_CASES if not k.startswith("sigmoid")]
+
+
+def gate_params(gate: gl.Gate, dim: int, seed: int = 0, batch_shape=()) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return gate.random_params(N_EXPERTS, dim, g, batch_shape)
+
+
+def cases(registry: dict, keys=None):
+    keys = list(registry) if keys is None else keys
+    return pytest.mark.parametrize("case", keys, ids=keys)
+
+
+def _g0(dim: int):
+    """A known density for deviated/contaminated models: a fixed 2-expert Gaussian MoE."""
+    base = gl.GaussianMoE(2, dim)
+    return base.freeze(base.random_params(torch.Generator().manual_seed(99)))
+
+
+def _gmoe(gate_case, expert="linear", dim=2):
+    return lambda: gl.GaussianMoE(N_EXPERTS, dim, GATE_CASES[gate_case](), expert,
+                                  covariates=gl.GaussianCovariates(dim=dim))
+
+
+MODEL_CASES = {
+    **{f"gmoe-{g}": _gmoe(g) for g in DENSITY_GATES},
+    "gmoe-softmax-ffn": _gmoe("softmax", gl.make_expert("ffn", activation="gelu")),
+    "gmoe-laplace-poly2": _gmoe("laplace", gl.make_expert("polynomial", degree=2)),
+    "gmoe-1d-uniform": lambda: gl.GaussianMoE(3, 1),
+    "gmoe-grid": lambda: gl.GaussianMoE(2, 1, covariates=gl.Grid(dim=1, low=-1, high=1)),
+    "hier-SL": lambda: gl.HierarchicalGaussianMoE(2, 3, dim=2, outer="softmax", inner="laplace"),
+    "hier-LL": lambda: gl.HierarchicalGaussianMoE(3, 2, dim=1, outer="laplace", inner="laplace"),
+    "reg-sigmoid-relu": lambda: gl.MoERegression(3, 2, "sigmoid", gl.make_expert("ffn")),
+    "reg-softmax-linear": lambda: gl.MoERegression(3, 2, "softmax", "linear"),
+    "reg-cosine-poly": lambda: gl.MoERegression(2, 2, "perturbed_cosine",
+                                                gl.make_expert("polynomial", degree=2)),
+    "deviated": lambda: gl.DeviatedGaussianMoE(_g0(2), 2, dim=2),
+    "contaminated-input_free": lambda: gl.ContaminatedMoE(_g0(2), dim=2, expert="linear"),
+    "contaminated-softmax-ffn": lambda: gl.ContaminatedMoE(
+        _g0(2), dim=2, expert=gl.make_expert("ffn", activation="tanh"), gate="softmax"),
+}
+
+
+def model_and_params(case: str, seed: int = 0, batch_shape=()):
+    model = MODEL_CASES[case]()
+    return model, model.random_params(torch.Generator().manual_seed(seed), batch_shape)
