@@ -143,6 +143,16 @@ class Gate(ABC):
         """Standard-normal draws for every block (tests and random starts)."""
         return random_blocks(self.param_shapes(n_experts, dim), generator, batch_shape, dtype)
 
+    def free_mask(self, n_experts: int, dim: int) -> dict[str, Tensor]:
+        """Boolean masks of the entries an estimator may move: all but, for softmax-type
+        gates, the last expert's shift blocks, which ``normalise`` fixes at zero."""
+        masks = {k: torch.ones(v, dtype=torch.bool)
+                 for k, v in self.param_shapes(n_experts, dim).items()}
+        if self.normaliser == "softmax":
+            for name in self.shift_blocks:
+                masks[name][-1] = False
+        return masks
+
 
 def _norm(v: Tensor) -> Tensor:
     """Euclidean norm over the last axis, floored so 0/0 and its gradient stay finite."""
@@ -353,6 +363,12 @@ class HierarchicalGate(Gate):
         log_inner_GNJ = self.inner.log_weights(x_ND.unsqueeze(-3), take_prefix("inner.", params))
         log_inner_NGJ = log_inner_GNJ.movedim(-3, -2)
         return (log_outer_NG.unsqueeze(-1) + log_inner_NGJ).flatten(-2)
+
+    def free_mask(self, n_experts: int, dim: int) -> dict[str, Tensor]:
+        inner = {k: m.expand(self.n_groups, *m.shape)
+                 for k, m in self.inner.free_mask(self.n_inner, dim).items()}
+        return {**with_prefix("outer.", self.outer.free_mask(self.n_groups, dim)),
+                **with_prefix("inner.", inner)}
 
     def normalise(self, params: Params) -> Params:
         outer = self.outer.normalise(take_prefix("outer.", params))

@@ -39,3 +39,24 @@ def take_prefix(prefix: str, blocks: Mapping[str, object]) -> dict:
 def pick(params: Mapping[str, Tensor], names) -> Params:
     """The sub-dict of ``params`` holding ``names`` (keys a sub-model knows)."""
     return {name: params[name] for name in names}
+
+
+def pack(params: Mapping[str, Tensor], shapes: Mapping[str, tuple[int, ...]]) -> Tensor:
+    """Flatten the blocks named in ``shapes`` (each (B, *event)) into one (B, P) matrix."""
+    first = params[next(iter(shapes))]
+    batch = first.shape[: first.dim() - len(shapes[next(iter(shapes))])]
+    return torch.cat([params[k].reshape(*batch, -1) for k in shapes], dim=-1)
+
+
+def unpack(theta: Tensor, shapes: Mapping[str, tuple[int, ...]]) -> Params:
+    """Inverse of ``pack``: split (..., P) into blocks of shape (..., *event)."""
+    sizes = [_numel(event) for event in shapes.values()]
+    parts = theta.split(sizes, dim=-1)
+    return {k: p.reshape(*theta.shape[:-1], *event) for (k, event), p in zip(shapes.items(), parts)}
+
+
+def _numel(event: tuple[int, ...]) -> int:
+    out = 1
+    for s in event:
+        out *= s
+    return out
