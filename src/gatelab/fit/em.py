@@ -14,8 +14,12 @@ space. M-step (an ECM/GEM step: each part never lowers the expected log-likeliho
   gate (top-K, cosine, quadratic, Laplace, ...): the same Newton step by autograd.
 Stopping: |l_t - l_{t-1}| <= tol |l_{t-1}| on the log-likelihood l, or ``max_iter``.
 ``accelerate=True`` uses SQUAREM extrapolation (Varadhan & Roland 2008) with a fall-back
-to the plain EM step whenever the extrapolated point has a lower likelihood, so the
-log-likelihood still never decreases.
+to plain EM steps whenever the extrapolated cycle ends lower, so the log-likelihood still
+never decreases; it matters most for over-specified fits, where plain EM crawls.
+
+Two kernels implement the same steps: ``_GeneralKernel`` (any gate and expert; the
+reference) and ``_SoftmaxLinearKernel`` (softmax gate with experts linear in their
+parameters, the common case, several times faster). Tests check that they agree.
 
 Shape legend: B problems, N samples, D features, E experts, P parameters.
 """
@@ -190,13 +194,205 @@ def m_step(model: GaussianMoE, x_BND: Tensor, y_BN: Tensor, resp_BNE: Tensor, pa
     return new, degenerate
 
 
+# --- kernels: one E-step / update interface, a general and a fast implementation ----------
+
+def _rows(state, idx):
+    """Rows ``idx`` of a tensor or a tuple of tensors (batch axis first)."""
+    return tuple(t[idx] for t in state) if isinstance(state, tuple) else state[idx]
+
+
+def _where_rows(mask: Tensor, a, b):
+    """Row-wise choice between two tensors or tuples of tensors."""
+    if isinstance(a, tuple):
+        return tuple(_where_rows(mask, u, v) for u, v in zip(a, b))
+    return torch.where(mask.view(-1, *[1] * (a.dim() - 1)), a, b)
+
+
+def _set_rows(state, idx, value):
+    if isinstance(state, tuple):
+        for t, v in zip(state, value):
+            t[idx] = v
+    else:
+        state[idx] = value
+
+
+class _GeneralKernel:
+    """Any gate, any expert: the reference path, in the (B, N, E) layout of the models.
+    Its update is m_step then e_step; m_step's parts never lower Q, so the likelihood
+    never decreases."""
+
+    def __init__(self, model: GaussianMoE, x: Tensor, y: Tensor, floor: Tensor, gate_steps: int):
+        self.model, self.x, self.y, self.floor, self.gate_steps = model, x, y, floor, gate_steps
+
+    def e_step(self, params: Params):
+        return e_step(self.model, self.x, self.y, params)
+
+    def update(self, params: Params, resp: Tensor, ll: Tensor):
+        new, degenerate = m_step(self.model, self.x, self.y, resp, params, self.floor, self.gate_steps)
+        ll_new, resp_new = self.e_step(new)
+        return new, ll_new, resp_new, degenerate
+
+    def subset(self, idx: Tensor) -> _GeneralKernel:
+        return _GeneralKernel(self.model, self.x[idx], self.y[idx], self.floor[idx], self.gate_steps)
+
+
+class _SoftmaxLinearKernel:
+    """The common case, fast: softmax gate (no top-K) and experts linear in their
+    parameters. Same mathematics as the general path, organised for speed:
+
+    - experts-first layout (B, E, N) and in-place operations (reductions over a short
+      expert axis are slow in the last position);
+    - the M-step of experts and variances from sufficient statistics, one batched matmul
+      resp @ [f f^T, f y, y^2] per iteration (f = (1, features(x)));
+    - the gate's Newton/IRLS step is taken in full and verified by the next E-step's
+      log-likelihood; rows where it lowered the likelihood halve the gate step (down to
+      no gate move, a plain ECM step), so the likelihood never decreases.
+    """
+
+    def __init__(self, model: GaussianMoE, x: Tensor, y: Tensor, floor: Tensor, gate_steps: int):
+        ones = torch.ones_like(x[..., :1])
+        f = torch.cat([ones, model.expert.features(x)], dim=-1)       # (B, N, Q)
+        z = torch.cat([ones, x], dim=-1)                               # (B, N, P)
+        self.model, self.floor, self.has_a = model, floor, "a" in model._expert_shapes()
+        self.q, self.p = f.shape[-1], z.shape[-1]
+        self.f_T = f.transpose(-1, -2).contiguous()                   # (B, Q, N)
+        self.z_T = z.transpose(-1, -2).contiguous()                   # (B, P, N)
+        self.z = z
+        self.zz = _outer(z)                                            # (B, N, P*P)
+        self.design = torch.cat([_outer(f), f * y.unsqueeze(-1), y.unsqueeze(-1).square()], -1)
+        self.y = y.unsqueeze(-2)                                       # (B, 1, N)
+
+    def subset(self, idx: Tensor) -> _SoftmaxLinearKernel:
+        new = object.__new__(_SoftmaxLinearKernel)
+        new.__dict__.update(self.__dict__)
+        for name in ("floor", "f_T", "z_T", "z", "zz", "design", "y"):
+            setattr(new, name, getattr(self, name)[idx])
+        return new
+
+    def _coef(self, params: Params) -> Tensor:
+        parts = [params["b"].unsqueeze(-1)] + ([params["a"]] if self.has_a else [])
+        return torch.cat(parts, dim=-1)                                # (B, E, Q)
+
+    def e_step(self, params: Params):
+        """Log-likelihood (B,) and state (responsibilities, gate weights), both (B, E, N)."""
+        gate = torch.cat([params["beta0"].unsqueeze(-1), params["beta1"]], dim=-1)
+        var = params["var"].unsqueeze(-1)
+        s = _combine(gate, self.z_T)                                   # scores
+        comp = _combine(self._coef(params), self.f_T)                  # expert means
+        comp.sub_(self.y).square_().mul_(-0.5 / var).add_(s).sub_(0.5 * torch.log(_TWO_PI * var))
+        top = _max_over_experts(comp)
+        resp = comp.sub_(top).exp_()
+        total = resp.sum(1, keepdim=True)
+        resp.div_(total)
+        ll_n = total.log_().add_(top)                                  # log sum_i e^{s_i} N_i
+        top_s = _max_over_experts(s)
+        w = s.sub_(top_s).exp_()
+        total_s = w.sum(1, keepdim=True)
+        w.div_(total_s)
+        ll = (ll_n - total_s.log_().add_(top_s)).sum((-1, -2))
+        return ll, (resp, w)
+
+    def _experts_and_variances(self, params: Params, resp: Tensor):
+        q = self.q
+        stats = resp @ self.design                                     # (B, E, Q*Q + Q + 1)
+        gram, rhs, syy = stats[..., : q * q].unflatten(-1, (q, q)), stats[..., q * q: -1], stats[..., -1]
+        coef = _solve_ridge(gram, rhs.unsqueeze(-1), self._coef(params)).squeeze(-1)
+        rss = syy - 2 * (coef * rhs).sum(-1) + (coef.unsqueeze(-2) @ gram @ coef.unsqueeze(-1))[..., 0, 0]
+        nk = gram[..., 0, 0]
+        var = torch.where(nk > 1e-10, rss.clamp_min(0) / nk.clamp_min(1e-300), params["var"])
+        low = (var < self.floor.unsqueeze(-1)) | (nk < 1.0)
+        out = {"b": coef[..., 0], "var": torch.maximum(var, self.floor.unsqueeze(-1))}
+        if self.has_a:
+            out["a"] = coef[..., 1:]
+        return out, low.any(-1)
+
+    def _gate_direction(self, resp: Tensor, w: Tensor) -> Tensor:
+        """IRLS direction for the free experts' (beta0, beta1): (B, E-1, P).
+        gradient_i = sum_n (r_ni - w_ni) z_n; -Hessian_ij = sum_n w_ni (d_ij - w_nj) z_n z_n^T."""
+        b, e, p = resp.shape[0], resp.shape[1], self.p
+        w_m = w[:, :-1]
+        grad = ((resp[:, :-1] - w_m) @ self.z).reshape(b, -1)
+        diag = (w_m @ self.zz).unflatten(-1, (p, p))
+        pairs = (w_m.unsqueeze(2) * w_m.unsqueeze(1)).flatten(1, 2)   # (B, (E-1)^2, N)
+        cross = (pairs @ self.zz).view(b, e - 1, e - 1, p, p)
+        neg_h = (_block_diag(diag) - cross.permute(0, 1, 3, 2, 4)).reshape(b, (e - 1) * p, -1)
+        return newton_direction(grad, neg_h).view(b, e - 1, p)
+
+    def _with_gate_step(self, params: Params, direction: Tensor, t: Tensor) -> Params:
+        beta0 = params["beta0"].clone()
+        beta1 = params["beta1"].clone()
+        step = t.view(-1, 1, 1) * direction
+        beta0[:, :-1] += step[..., 0]
+        beta1[:, :-1] += step[..., 1:]
+        return {**params, "beta0": beta0, "beta1": beta1}
+
+    def update(self, params: Params, state, ll: Tensor):
+        resp, w = state
+        experts, degenerate = self._experts_and_variances(params, resp)
+        new = {**params, **experts}
+        if resp.shape[1] == 1:
+            ll_new, state_new = self.e_step(new)
+            return new, ll_new, state_new, degenerate
+        direction = self._gate_direction(resp, w)
+        ones = torch.ones_like(ll)
+        cand = self._with_gate_step(new, direction, ones)
+        ll_new, state_new = self.e_step(cand)
+        bad = ~(ll_new >= ll - 1e-12 * ll.abs())
+        if bool(bad.any()):
+            self._halve(bad, new, direction, ll, cand, ll_new, state_new)
+        return cand, ll_new, state_new, degenerate
+
+    def _halve(self, bad, new, direction, ll, cand, ll_new, state_new) -> None:
+        """Halve the gate step on rows ``bad`` until the likelihood does not decrease;
+        the last try (t = 0) is the ECM step with the gate unchanged. Writes in place."""
+        idx = bad.nonzero().squeeze(-1)
+        sub = self.subset(idx)
+        sub_new = {k: v[idx] for k, v in new.items()}
+        sub_dir, sub_ll = direction[idx], ll[idx]
+        pending = torch.ones_like(sub_ll, dtype=torch.bool)
+        for t in [0.5 ** h for h in range(1, 11)] + [0.0]:
+            trial = sub._with_gate_step(sub_new, sub_dir, torch.full_like(sub_ll, t))
+            ll_t, state_t = sub.e_step(trial)
+            ok = pending & ((ll_t >= sub_ll - 1e-12 * sub_ll.abs()) | (t == 0.0))
+            rows = idx[ok]
+            for k in cand:
+                cand[k][rows] = trial[k][ok]
+            ll_new[rows] = ll_t[ok]
+            _set_rows(state_new, rows, _rows(state_t, ok))
+            pending &= ~ok
+            if not bool(pending.any()):
+                break
+
+
+_TWO_PI = 2 * torch.pi
+
+
+def _combine(coef_BEK: Tensor, design_BKN: Tensor) -> Tensor:
+    """coef @ design, (B, E, N). With few columns K, fused multiply-adds beat a batched
+    matmul whose inner dimension is tiny."""
+    if coef_BEK.shape[-1] > 4:
+        return coef_BEK @ design_BKN
+    out = coef_BEK[..., :1] * design_BKN[:, :1]
+    for k in range(1, coef_BEK.shape[-1]):
+        out.addcmul_(coef_BEK[..., k:k + 1], design_BKN[:, k:k + 1])
+    return out
+
+
+def _max_over_experts(t_BEN: Tensor) -> Tensor:
+    """max over the expert axis, (B, 1, N): pairwise maxima beat a reduction over a short
+    middle axis."""
+    top = t_BEN[:, :1].clone()
+    for i in range(1, t_BEN.shape[1]):
+        torch.maximum(top, t_BEN[:, i:i + 1], out=top)
+    return top
+
+
+def _make_kernel(model: GaussianMoE, x, y, floor, gate_steps):
+    fast = _is_plain_softmax(model.gate) and model.expert.linear_in_params and gate_steps == 1
+    return (_SoftmaxLinearKernel if fast else _GeneralKernel)(model, x, y, floor, gate_steps)
+
+
 # --- the fitting loop --------------------------------------------------------------------
-
-def _em_update(model, x, y, params, resp, floor, gate_steps):
-    new, degenerate = m_step(model, x, y, resp, params, floor, gate_steps)
-    ll, resp = e_step(model, x, y, new)
-    return new, ll, resp, degenerate, 1
-
 
 def _to_vector(params: Params, shapes) -> Tensor:
     """Parameters as one vector per problem, variances on the log scale (unconstrained)."""
@@ -209,24 +405,38 @@ def _from_vector(theta: Tensor, shapes, floor_B: Tensor) -> Params:
     return params
 
 
-def _squarem_update(model, x, y, params, resp, floor, gate_steps):
-    """One SQUAREM cycle (scheme S3): two EM updates, an extrapolation along them, and a
-    stabilising EM update from the extrapolated point, or from the second EM update where
-    the extrapolation lowered the likelihood. Never decreases the log-likelihood."""
-    p1, _, r1, d1, _ = _em_update(model, x, y, params, resp, floor, gate_steps)
-    p2, ll2, r2, d2, _ = _em_update(model, x, y, p1, r1, floor, gate_steps)
-    shapes = model.param_shapes()
+def _plain_update(kernel, shapes, params, state, ll, aux):
+    new, ll_new, state_new, degenerate = kernel.update(params, state, ll)
+    return new, ll_new, state_new, degenerate, 1
+
+
+_STEP_GROWTH = 4.0
+
+
+def _squarem_update(kernel, shapes, params, state, ll, aux):
+    """One SQUAREM cycle (Varadhan & Roland 2008, scheme S3, with the adaptive step bound
+    of their R package): two EM updates p1, p2, the extrapolation
+    p' = p0 + 2 a (p1 - p0) + a^2 (p2 - 2 p1 + p0) with a = |r| / |v| clamped to
+    [1, step_max], then a stabilising EM update from p'. If that ends below the cycle's
+    start (or is not finite), the cycle returns p2 instead and step_max shrinks; when a
+    reaches step_max it grows 4x. The log-likelihood never decreases across cycles."""
+    p1, ll1, s1, d1 = kernel.update(params, state, ll)
+    p2, ll2, s2, d2 = kernel.update(p1, s1, ll1)
     v0, v1, v2 = (_to_vector(p, shapes) for p in (params, p1, p2))
     r, v = v1 - v0, v2 - 2 * v1 + v0
-    alpha = -(r.norm(dim=-1) / v.norm(dim=-1).clamp_min(1e-300)).clamp_min(1.0)
-    px = _from_vector(v0 - 2 * alpha.unsqueeze(-1) * r + alpha.square().unsqueeze(-1) * v,
-                      shapes, floor)
-    llx, rx = e_step(model, x, y, px)
-    good = torch.isfinite(llx) & (llx >= ll2) & torch.isfinite(rx).all((-1, -2))
-    pick_ = lambda a, b: torch.where(good.view(-1, *[1] * (a.dim() - 1)), a, b)  # noqa: E731
-    base = {k: pick_(px[k], p2[k]) for k in p2}
-    p3, ll3, r3, d3, _ = _em_update(model, x, y, base, pick_(rx, r2), floor, gate_steps)
-    return p3, ll3, r3, d1 | d2 | d3, 3
+    step_max = aux["step_max"]
+    alpha = (r.norm(dim=-1) / v.norm(dim=-1).clamp_min(1e-300)).clamp(min=1.0).minimum(step_max)
+    px = _from_vector(v0 + 2 * alpha.unsqueeze(-1) * r + alpha.square().unsqueeze(-1) * v,
+                      shapes, kernel.floor)
+    llx, sx = kernel.e_step(px)
+    p3, ll3, s3, d3 = kernel.update(px, sx, llx)
+    good = torch.isfinite(ll3) & (ll3 >= ll)
+    at_max = alpha >= step_max
+    aux["step_max"] = torch.where(good, torch.where(at_max, step_max * _STEP_GROWTH, step_max),
+                                  torch.where(at_max, (step_max / _STEP_GROWTH).clamp_min(1.0),
+                                              step_max))
+    out = {k: _where_rows(good, p3[k], p2[k]) for k in p2}
+    return (out, torch.where(good, ll3, ll2), _where_rows(good, s3, s2), d1 | d2 | (d3 & good), 3)
 
 
 def _broadcast_problem(model: GaussianMoE, x, y, init: Params):
@@ -244,6 +454,7 @@ def _broadcast_problem(model: GaussianMoE, x, y, init: Params):
     return x, y, params, lead
 
 
+@torch.no_grad()
 def fit_em(model: GaussianMoE, x: Tensor, y: Tensor, init: Params, *, tol: float = 1e-6,
            max_iter: int = 2000, var_floor: float = 1e-8, gate_steps: int = 1,
            accelerate: bool = False, record: bool = False) -> FitResult:
@@ -256,39 +467,52 @@ def fit_em(model: GaussianMoE, x: Tensor, y: Tensor, init: Params, *, tol: float
     log-likelihood after every update (for monotonicity checks).
     """
     from .._checks import check_int, check_positive
+    from .._runtime import keep_freed_memory
+    keep_freed_memory()
     check_positive("tol", tol)
     check_int("max_iter", max_iter, 1)
     check_int("gate_steps", gate_steps, 1)
     x, y, params, lead = _broadcast_problem(model, x, y, model.normalise(init))
-    floor = var_floor * y.var(-1)
+    kernel = _make_kernel(model, x, y, var_floor * y.var(-1), gate_steps)
+    shapes = model.param_shapes()
     b = x.shape[0]
+    del x, y
     out = {k: v.clone() for k, v in params.items()}
-    out_ll = x.new_full((b,), float("nan"))
+    out_ll = params["var"].new_full((b,), float("nan"))
     n_iter = torch.zeros(b, dtype=torch.long)
     converged, degenerate = torch.zeros(b, dtype=torch.bool), torch.zeros(b, dtype=torch.bool)
-    history = x.new_full((b, max_iter + 1), float("nan")) if record else None
-    update = _squarem_update if accelerate else _em_update
-    idx = torch.arange(b)
-    ll, resp = e_step(model, x, y, params)
+    history = out_ll.new_full((b, max_iter + 1), float("nan")) if record else None
+    update = _squarem_update if accelerate else _plain_update
+    idx = torch.arange(b)                       # problems in the kernel's rows
+    live = torch.ones(b, dtype=torch.bool)      # rows still iterating
+    ll, state = kernel.e_step(params)
+    aux = {"step_max": torch.ones_like(ll)}   # per-problem state of the update scheme
     if history is not None:
         history[:, 0] = ll
-    while idx.numel():
-        params, ll_new, resp, deg, k = update(model, x, y, params, resp, floor, gate_steps)
-        n_iter[idx] += k
-        degenerate[idx] |= deg
+    while bool(live.any()):
+        params, ll_new, state, deg, k = update(kernel, shapes, params, state, ll, aux)
+        rows = idx[live]
+        n_iter[rows] += k
+        degenerate[rows] |= deg[live]
         if history is not None:
-            history[idx, n_iter[idx].clamp_max(max_iter)] = ll_new
+            history[rows, n_iter[rows].clamp_max(max_iter)] = ll_new[live]
         done = (ll_new - ll).abs() <= tol * ll.abs()
-        stop = done | (n_iter[idx] >= max_iter)
+        stop = live & (done | (n_iter[idx] >= max_iter))
         ll = ll_new
         if bool(stop.any()):
             fin = idx[stop]
             for name in out:
                 out[name][fin] = params[name][stop]
             out_ll[fin], converged[fin] = ll[stop], done[stop]
-            keep = ~stop
-            idx, x, y, floor, ll, resp = idx[keep], x[keep], y[keep], floor[keep], ll[keep], resp[keep]
-            params = {name: v[keep] for name, v in params.items()}
+            live &= ~stop
+        # Finished rows keep riding along (their results are saved) until they are a
+        # quarter of the batch; then the batch is compacted.
+        if 4 * int((~live).sum()) >= live.numel() and bool(live.any()):
+            keep = live.nonzero().squeeze(-1)
+            kernel, idx, ll = kernel.subset(keep), idx[keep], ll[keep]
+            state, params = _rows(state, keep), {n: v[keep] for n, v in params.items()}
+            aux = {n: v[keep] for n, v in aux.items()}
+            live = torch.ones(keep.numel(), dtype=torch.bool)
     shape = lambda t: t.reshape(tuple(lead) + tuple(t.shape[1:]))  # noqa: E731
     return FitResult({k: shape(v) for k, v in out.items()}, shape(out_ll), shape(n_iter),
                      shape(converged), shape(degenerate),

@@ -17,7 +17,7 @@ from ..models import GatedExperts, GaussianMoE
 from ..params import Params
 from .em import _broadcast_problem, m_step
 
-__all__ = ["covering_assignment", "near_truth", "random_starts"]
+__all__ = ["covering_assignment", "from_responsibilities", "near_truth", "random_starts"]
 
 
 def covering_assignment(k: int, k_star: int, generator: torch.Generator | None = None) -> Tensor:
@@ -65,6 +65,22 @@ def near_truth(model: GatedExperts, truth: Params, n: int, n_starts: int = 1,
             for k in starts[0]}
 
 
+def from_responsibilities(model: GaussianMoE, x: Tensor, y: Tensor, resp: Tensor,
+                          gate_init: Params | None = None) -> Params:
+    """Parameters from one M-step on given responsibilities (N, E) or (..., N, E), e.g.
+    one-hot cluster labels; the gate starts flat (or at ``gate_init``) and takes one
+    Newton step. Returns blocks with the leading shape of ``resp``."""
+    x, y = check_inputs(x, model.dim, y)
+    lead = resp.shape[:-2]
+    base = model.random_params(None, lead, x.dtype)
+    for name in model._gate_shapes():
+        base[name] = torch.zeros_like(base[name]) if gate_init is None else gate_init[name]
+    xb, yb, params, _ = _broadcast_problem(model, x, y, base)
+    resp_b = resp.to(xb.dtype).expand(*lead, *resp.shape[-2:]).reshape(xb.shape[0], *resp.shape[-2:])
+    new, _ = m_step(model, xb, yb, resp_b, params, 1e-8 * yb.var(-1))
+    return {k: v.reshape(*lead, *v.shape[1:]) for k, v in new.items()}
+
+
 def random_starts(model: GaussianMoE, x: Tensor, y: Tensor, n_starts: int = 1,
                   generator: torch.Generator | None = None) -> Params:
     """Data-driven random starts: random soft responsibilities (softmax of N(0, 3^2)
@@ -74,16 +90,11 @@ def random_starts(model: GaussianMoE, x: Tensor, y: Tensor, n_starts: int = 1,
     x, y = check_inputs(x, model.dim, y)
     check_int("n_starts", n_starts, 1)
     lead = (n_starts, *x.shape[:-2])
-    base = model.random_params(generator, lead, x.dtype)
-    for name in model._gate_shapes():
-        base[name] = torch.zeros_like(base[name])
-    if "W" in base:
-        n = x.shape[-2]
-        rows = torch.randint(n, (*lead, model.n_experts), generator=generator)
+    gate = {k: torch.zeros((*lead, *v), dtype=x.dtype) for k, v in model._gate_shapes().items()}
+    if "W" in gate:
+        rows = torch.randint(x.shape[-2], (*lead, model.n_experts), generator=generator)
         xs = x.expand(*lead, *x.shape[-2:])
-        base["W"] = xs.gather(-2, rows.unsqueeze(-1).expand(*rows.shape, model.dim))
-    xb, yb, params, _ = _broadcast_problem(model, x, y, base)
-    logits = 3.0 * torch.randn((*xb.shape[:-1], model.n_experts), generator=generator,
-                               dtype=xb.dtype)
-    new, _ = m_step(model, xb, yb, torch.softmax(logits, -1), params, 1e-8 * yb.var(-1))
-    return {k: v.reshape(*lead, *v.shape[1:]) for k, v in new.items()}
+        gate["W"] = xs.gather(-2, rows.unsqueeze(-1).expand(*rows.shape, model.dim))
+    logits = 3.0 * torch.randn((*lead, x.shape[-2], model.n_experts), generator=generator,
+                               dtype=x.dtype)
+    return from_responsibilities(model, x, y, torch.softmax(logits, -1), gate)
