@@ -172,6 +172,8 @@ def _block_diag(diag_BEPP: Tensor) -> Tensor:
 def _gate_step(model: GaussianMoE, x_BND, resp_BNE, params, steps: int) -> Params:
     gate = model.gate
     shapes = model._gate_shapes()
+    if model.n_experts == 1:  # one expert: the normalised weight is 1 whatever the gate
+        return pick(params, shapes)
     if _is_plain_softmax(gate):
         return _irls_softmax(x_BND, resp_BNE, params, steps)
     free = pack({k: m.expand(params[k].shape[:1] + m.shape)
@@ -387,8 +389,12 @@ def _max_over_experts(t_BEN: Tensor) -> Tensor:
     return top
 
 
-def _make_kernel(model: GaussianMoE, x, y, floor, gate_steps):
-    fast = _is_plain_softmax(model.gate) and model.expert.linear_in_params and gate_steps == 1
+ENGINES = ("auto", "general")
+
+
+def _make_kernel(model: GaussianMoE, x, y, floor, gate_steps, engine: str = "auto"):
+    fast = (engine == "auto" and _is_plain_softmax(model.gate) and model.expert.linear_in_params
+            and gate_steps == 1)
     return (_SoftmaxLinearKernel if fast else _GeneralKernel)(model, x, y, floor, gate_steps)
 
 
@@ -457,14 +463,15 @@ def _broadcast_problem(model: GaussianMoE, x, y, init: Params):
 @torch.no_grad()
 def fit_em(model: GaussianMoE, x: Tensor, y: Tensor, init: Params, *, tol: float = 1e-6,
            max_iter: int = 2000, var_floor: float = 1e-8, gate_steps: int = 1,
-           accelerate: bool = False, record: bool = False) -> FitResult:
+           accelerate: bool = False, record: bool = False, engine: str = "auto") -> FitResult:
     """Fit a Gaussian MoE by EM from ``init``, batched over its leading dimensions.
 
     ``init`` blocks have shape (*batch, ...) (e.g. (starts, replicates, ...)); x and y
     broadcast against them ((replicates, N, D) or one data set (N, D)). Each problem stops
     on its own when the relative change of its log-likelihood falls to ``tol``, or after
     ``max_iter`` EM updates. Results have the batch shape; ``record`` keeps the
-    log-likelihood after every update (for monotonicity checks).
+    log-likelihood after every update (for monotonicity checks). ``engine="general"``
+    forces the reference kernel (the fast one is used by default where it applies).
     """
     from .._checks import check_int, check_positive
     from .._runtime import keep_freed_memory
@@ -472,8 +479,10 @@ def fit_em(model: GaussianMoE, x: Tensor, y: Tensor, init: Params, *, tol: float
     check_positive("tol", tol)
     check_int("max_iter", max_iter, 1)
     check_int("gate_steps", gate_steps, 1)
+    if engine not in ENGINES:
+        raise ValueError(f"Unknown engine {engine!r}. Valid: {', '.join(ENGINES)}.")
     x, y, params, lead = _broadcast_problem(model, x, y, model.normalise(init))
-    kernel = _make_kernel(model, x, y, var_floor * y.var(-1), gate_steps)
+    kernel = _make_kernel(model, x, y, var_floor * y.var(-1), gate_steps, engine)
     shapes = model.param_shapes()
     b = x.shape[0]
     del x, y

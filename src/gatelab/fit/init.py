@@ -66,13 +66,15 @@ def near_truth(model: GatedExperts, truth: Params, n: int, n_starts: int = 1,
 
 
 def from_responsibilities(model: GaussianMoE, x: Tensor, y: Tensor, resp: Tensor,
-                          gate_init: Params | None = None) -> Params:
+                          gate_init: Params | None = None,
+                          generator: torch.Generator | None = None) -> Params:
     """Parameters from one M-step on given responsibilities (N, E) or (..., N, E), e.g.
     one-hot cluster labels; the gate starts flat (or at ``gate_init``) and takes one
     Newton step. Returns blocks with the leading shape of ``resp``."""
     x, y = check_inputs(x, model.dim, y)
     lead = resp.shape[:-2]
-    base = model.random_params(None, lead, x.dtype)
+    # Experts that are not linear in their parameters take Newton steps from random values.
+    base = model.random_params(generator, lead, x.dtype)
     for name in model._gate_shapes():
         base[name] = torch.zeros_like(base[name]) if gate_init is None else gate_init[name]
     xb, yb, params, _ = _broadcast_problem(model, x, y, base)
@@ -97,4 +99,4 @@ def random_starts(model: GaussianMoE, x: Tensor, y: Tensor, n_starts: int = 1,
         gate["W"] = xs.gather(-2, rows.unsqueeze(-1).expand(*rows.shape, model.dim))
     logits = 3.0 * torch.randn((*lead, x.shape[-2], model.n_experts), generator=generator,
                                dtype=x.dtype)
-    return from_responsibilities(model, x, y, torch.softmax(logits, -1), gate)
+    return from_responsibilities(model, x, y, torch.softmax(logits, -1), gate, generator)
