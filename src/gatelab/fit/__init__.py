@@ -8,3 +8,6 @@ from .init import from_responsibilities, near_truth, random_starts  # noqa: E402
 
 __all__ += ["GaussianMoERegressor", "NotFittedError", "from_responsibilities", "near_truth",
             "random_starts"]
+from .lsq import LSQResult, fit_lsq  # noqa: E402
+
+__all__ += ["LSQResult", "fit_lsq"]

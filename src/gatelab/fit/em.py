@@ -454,7 +454,8 @@ def _broadcast_problem(model: GaussianMoE, x, y, init: Params):
     x, y = x.to(dtype), y.to(dtype)
     lead = torch.broadcast_shapes(batch, x.shape[:-2])
     shapes = model.param_shapes()
-    params = {k: init[k].expand(*lead, *shapes[k]).reshape(-1, *shapes[k]).clone() for k in shapes}
+    params = {k: init[k].expand(tuple(lead) + tuple(shapes[k])).reshape(-1, *shapes[k]).clone()
+              for k in shapes}
     x = x.expand(*lead, *x.shape[-2:]).reshape(-1, *x.shape[-2:])
     y = y.expand(*lead, y.shape[-1]).reshape(-1, y.shape[-1])
     return x, y, params, lead

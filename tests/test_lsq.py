@@ -1,0 +1,85 @@
+import numpy as np
+import pytest
+import torch
+
+import gatelab as gl
+from gatelab.fit.lsq import fit_lsq
+
+GEN = lambda s: torch.Generator().manual_seed(s)  # noqa: E731
+
+LSQ_CASES = {
+    "softmax-linear": ("softmax", "linear"),
+    "sigmoid-relu": ("sigmoid", gl.make_expert("ffn", activation="relu")),
+    "sigmoid-gelu": ("sigmoid", gl.make_expert("ffn", activation="gelu")),
+    "perturbed_cosine-linear": ("perturbed_cosine", "linear"),
+    "quadratic-poly2": ("quadratic", gl.make_expert("polynomial", degree=2)),
+    "laplace-linear": ("laplace", "linear"),
+}
+
+
+def _problem(gate, expert, n=800, reps=2, seed=0, noise=0.3):
+    g = GEN(seed)
+    model = gl.MoERegression(2, 2, gate, expert, covariates=gl.GaussianCovariates(dim=2))
+    truth = model.random_params(g)
+    truth["nu"] = torch.tensor(0.01, dtype=torch.float64)
+    x, y = model.sample(truth, n, g, replicates=reps)
+    init = {k: v + noise * torch.randn((reps, *v.shape), generator=g, dtype=v.dtype)
+            for k, v in truth.items() if k != "nu"}
+    init["nu"] = torch.ones(reps, dtype=torch.float64)
+    return model, truth, x, y, init
+
+
+@pytest.mark.parametrize("case", list(LSQ_CASES), ids=list(LSQ_CASES))
+def test_rss_never_increases(case):
+    model, truth, x, y, init = _problem(*LSQ_CASES[case])   # far starts: local optima allowed
+    res = fit_lsq(model, x, y, init, max_iter=60, record=True)
+    steps = torch.diff(res.history, dim=-1)
+    assert steps[torch.isfinite(steps)].max() <= 0
+    assert torch.all(res.rss <= res.history[..., 0])
+
+
+@pytest.mark.parametrize("case", list(LSQ_CASES), ids=list(LSQ_CASES))
+def test_near_start_fits_at_least_as_well_as_the_truth(case):
+    model, truth, x, y, init = _problem(*LSQ_CASES[case], noise=0.05)
+    res = fit_lsq(model, x, y, init, max_iter=300)
+    truth_rss = (y - model.predict(x, truth)).square().sum(-1)
+    assert torch.all(res.rss <= truth_rss * (1 + 1e-9))
+    torch.testing.assert_close(res.params["nu"], res.rss / x.shape[-2])
+
+
+def test_one_expert_softmax_lse_is_linear_regression():
+    model = gl.MoERegression(1, 2, "softmax", "linear")
+    g = GEN(1)
+    x = torch.randn(300, 2, generator=g, dtype=torch.float64)
+    y = x @ torch.tensor([0.5, -1.0], dtype=torch.float64) + 2 + torch.randn(300, generator=g,
+                                                                             dtype=torch.float64)
+    res = fit_lsq(model, x, y, model.random_params(g))
+    design = np.column_stack([np.ones(300), x.numpy()])
+    coef, rss, *_ = np.linalg.lstsq(design, y.numpy(), rcond=None)
+    np.testing.assert_allclose(res.params["b"].numpy(), coef[:1], rtol=1e-9)
+    np.testing.assert_allclose(res.params["a"][0].numpy(), coef[1:], rtol=1e-9)
+    np.testing.assert_allclose(res.rss.item(), rss[0], rtol=1e-9)
+
+
+def test_batched_equals_single():
+    model, _, x, y, init = _problem("sigmoid", gl.make_expert("ffn"), reps=3, seed=2)
+    batched = fit_lsq(model, x, y, init)
+    for r in range(3):
+        alone = fit_lsq(model, x[r], y[r], {k: v[r] for k, v in init.items()})
+        assert alone.n_iter.item() == batched.n_iter[r].item()
+        torch.testing.assert_close(alone.rss, batched.rss[r], rtol=1e-10, atol=1e-12)
+
+
+def test_large_sample_recovers_the_regression_function():
+    model, truth, x, y, init = _problem("softmax", "linear", n=20_000, reps=1, seed=3, noise=0.1)
+    res = fit_lsq(model, x, y, init)
+    grid = model.covariates.sample(500, GEN(4))
+    err = (model.predict(grid, {k: v[0] for k, v in res.params.items()})
+           - model.predict(grid, truth)).abs().max()
+    assert err < 0.05 and bool(res.converged.all())
+
+
+def test_fixed_gate_entries_stay_fixed():
+    model, _, x, y, init = _problem("softmax", "linear", seed=5)
+    res = fit_lsq(model, x, y, init)
+    assert torch.all(res.params["beta1"][:, -1] == 0) and torch.all(res.params["beta0"][:, -1] == 0)
