@@ -100,9 +100,15 @@ def part_a_b(n: int, reps: int, tol: float) -> None:
     print(f"\n(a) one fit, n = {n}, k = 2, tol = {tol}")
     secs, res = timed(lambda: gatelab_fit(x[0], y[0], labels[0], tol), repeats=5)
     ll = float(res.loglik)
-    print(f"    flexmix: loglik {fm_ll[0]:.10f}  iterations {fm[0]['iter']}  {fm_secs[0] * 1e3:.1f} ms")
-    print(f"    gatelab: loglik {ll:.10f}  iterations {int(res.n_iter)}  {secs * 1e3:.1f} ms")
-    ratio = fm_secs[0] / secs
+    # flexmix's first fit in a fresh R session includes warm-up, so the per-fit time is
+    # the median over the 40 replicates of (b) (same design, same n).
+    fm_fit = float(np.median(fm_secs))
+    print(f"    flexmix: loglik {fm_ll[0]:.10f}  iterations {fm[0]['iter']}  {fm_fit * 1e3:.1f} ms "
+          f"per fit (median over {reps}; this replicate, first in the session: "
+          f"{fm_secs[0] * 1e3:.1f} ms)")
+    print(f"    gatelab: loglik {ll:.10f}  iterations {int(res.n_iter)}  {secs * 1e3:.1f} ms "
+          f"(median of 5 runs, start from the labels included)")
+    ratio = fm_fit / secs
     print(f"    loglik >= flexmix's (tol 1e-10): {verdict(ll >= fm_ll[0] - 1e-10)} "
           f"(difference {ll - fm_ll[0]:+.3e})")
     print(f"    speed-up {ratio:.1f}x; target >= 50x: {verdict(ratio >= 50)}")

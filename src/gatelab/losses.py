@@ -1,0 +1,210 @@
+"""Voronoi losses between an estimated and a true mixing measure, driven by exponent
+tables (data, not code), and the generalized Wasserstein distance as a baseline.
+
+A mixing measure G = sum_i m_i delta(omega_i) collects, per expert, a mass m_i (from the
+gate intercept: exp(beta0_i) for softmax-type gates, sigmoid(beta0_i) for sigmoid) and
+an atom omega_i (every other parameter block of expert i). The Voronoi cell of true atom
+j is A_j = {i : ||omega_i - omega*_j|| <= ||omega_i - omega*_l|| for all l} (ties to the
+lowest j). A loss (arXiv 2305.03288, 2309.13850, 2402.03226, 2402.05220) is
+
+  D(G, G*) = sum_j |sum_{i in A_j} m_i - m*_j|
+           + sum_j sum_{i in A_j} m_i sum_blocks ||Delta block_ij||^{r(block, |A_j|)}
+
+with the exponent r looked up in an ``ExponentTable`` by block name and cell size. A new
+paper's loss is a new table row. Both measures should be in identifiable form
+(``model.normalise``) so that masses compare.
+
+Shape legend: K fitted experts, J true atoms; leading ``...`` are replicate dims.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from ._checks import choose
+
+__all__ = ["ExponentTable", "TABLES", "LossResult", "atoms", "masses", "voronoi_cells",
+           "voronoi_loss", "wasserstein"]
+
+
+@dataclass(frozen=True)
+class ExponentTable:
+    """Per-block exponents of a Voronoi loss as a function of cell size.
+
+    ``single`` applies to cells with one fitted atom, ``shared`` to cells with more. An
+    exponent is a number, or a rule in terms of ``rbar`` ("rbar", "rbar/2", "2*rbar"), with
+    rbar(m) looked up in ``rbar`` by cell size m. Blocks not listed get the defaults.
+    """
+
+    name: str
+    source: str
+    single: Mapping[str, float | str] = field(default_factory=dict)
+    shared: Mapping[str, float | str] = field(default_factory=dict)
+    rbar: Mapping[int, float] = field(default_factory=dict)
+    default_single: float = 1.0
+    default_shared: float = 1.0
+
+    def exponent(self, block: str, cell_size: int) -> float:
+        """The exponent of ``block`` in a cell of ``cell_size`` fitted atoms."""
+        if cell_size <= 1:
+            return float(self.single.get(block, self.default_single))
+        rule = self.shared.get(block, self.default_shared)
+        if isinstance(rule, (int, float)):
+            return float(rule)
+        if cell_size not in self.rbar:
+            raise ValueError(f"Loss table {self.name!r} defines rbar only for cells of size "
+                             f"{sorted(self.rbar)}; a cell has {cell_size} fitted atoms. Fit fewer "
+                             f"experts or add rbar({cell_size}) to the table.")
+        return _rbar_rule(rule, self.rbar[cell_size])
+
+
+def _rbar_rule(rule: str, rbar: float) -> float:
+    """Evaluate "rbar", "rbar/c" or "c*rbar"."""
+    text = rule.replace(" ", "")
+    if text == "rbar":
+        return rbar
+    if text.startswith("rbar/"):
+        return rbar / float(text[5:])
+    if text.endswith("*rbar"):
+        return float(text[:-5]) * rbar
+    raise ValueError(f"Exponent rule {rule!r} is not understood; use a number, 'rbar', "
+                     f"'rbar/c' or 'c*rbar'.")
+
+
+# r-bar(m) of arXiv 2305.03288: the least r for which a polynomial system has no non-trivial
+# solution; known values r(2) = 4, r(3) = 6.
+_RBAR = {2: 4.0, 3: 6.0}
+
+TABLES: dict[str, ExponentTable] = {
+    "D1": ExponentTable("D1", "exact-specified (any model): exponent 1 on every block"),
+    "D2-softmax": ExponentTable(
+        "D2-softmax", "softmax Gaussian MoE, over-specified (arXiv 2305.03288); var is a variance",
+        shared={"beta1": "rbar", "b": "rbar", "a": "rbar/2", "var": "rbar/2"}, rbar=_RBAR),
+    "D2-laplace": ExponentTable(
+        "D2-laplace", "Laplace-gated Gaussian MoE, over-specified (FuseMoE, arXiv 2402.03226)",
+        shared={"W": 2.0, "a": 2.0, "b": "rbar", "var": "rbar/2"}, rbar=_RBAR),
+    "D2-strong": ExponentTable(
+        "D2-strong", "strongly identifiable experts (least-squares papers): exponent 2",
+        default_shared=2.0),
+}
+
+
+class LossResult(NamedTuple):
+    """A loss per replicate, with its parts."""
+
+    total: Tensor                 # (...,)
+    mass: Tensor                  # (...,) the mass-mismatch term
+    blocks: dict[str, Tensor]     # per block: max over fitted atoms of ||Delta block|| (...,)
+    cells: Tensor                 # (..., K) the true atom each fitted atom belongs to
+
+
+def masses(params: Mapping[str, Tensor], normaliser: str = "softmax") -> Tensor:
+    """m_i = exp(beta0_i) (softmax-type gates) or sigmoid(beta0_i) (sigmoid): (..., K)."""
+    beta0 = params["beta0"]
+    return torch.sigmoid(beta0) if normaliser == "sigmoid" else torch.exp(beta0)
+
+
+def _block_rows(params: Mapping[str, Tensor], blocks: list[str], event_ndim: Mapping[str, int],
+                k: int) -> dict[str, Tensor]:
+    """Each block as (..., K, size): one row per expert (the expert axis leads the event)."""
+    rows = {}
+    for name in blocks:
+        t = params[name]
+        batch = t.dim() - event_ndim[name]
+        rows[name] = t.reshape(*t.shape[:batch], k, -1)
+    return rows
+
+
+def atoms(params: Mapping[str, Tensor], blocks: list[str], event_ndim: Mapping[str, int]) -> Tensor:
+    """The atoms omega_i: the named blocks of each expert flattened and joined, (..., K, P)."""
+    k = params["beta0"].shape[-1]
+    return torch.cat(list(_block_rows(params, blocks, event_ndim, k).values()), dim=-1)
+
+
+def _atom_blocks(truth: Mapping[str, Tensor], blocks: list[str] | None) -> list[str]:
+    """Default atom: every block of the (unbatched) truth with an expert axis, but beta0."""
+    return blocks or [b for b in truth if b != "beta0" and truth[b].dim() >= 1]
+
+
+def voronoi_cells(atoms_KP: Tensor, true_JP: Tensor) -> Tensor:
+    """Index of the nearest true atom for every fitted atom: (..., K)."""
+    dist = (atoms_KP.unsqueeze(-2) - true_JP.unsqueeze(-3)).square().sum(-1)
+    return dist.argmin(-1)
+
+
+def voronoi_loss(estimate: Mapping[str, Tensor], truth: Mapping[str, Tensor],
+                 table: str | ExponentTable = "D1", normaliser: str = "softmax",
+                 blocks: list[str] | None = None) -> LossResult:
+    """The Voronoi loss of ``estimate`` (blocks (..., K, ...)) against ``truth`` (blocks
+    (J, ...), unbatched), batched over the estimate's leading dimensions.
+
+    ``blocks``: the atom's blocks (default: every block of ``truth`` with an expert axis
+    except the intercept beta0). Also returns each block's own error, the max over fitted
+    atoms of ||Delta block||, for per-parameter rates.
+    """
+    table = choose("loss table", table, TABLES) if isinstance(table, str) else table
+    k, j = estimate["beta0"].shape[-1], truth["beta0"].shape[-1]
+    blocks = _atom_blocks(truth, blocks)
+    ndim = {b: truth[b].dim() for b in blocks}
+    est_rows = _block_rows(estimate, blocks, ndim, k)                # (..., K, size)
+    true_rows = _block_rows(truth, blocks, ndim, j)                  # (J, size)
+    cells = voronoi_cells(torch.cat(list(est_rows.values()), -1),
+                          torch.cat(list(true_rows.values()), -1))
+    m, m_true = masses(estimate, normaliser), masses(truth, normaliser)
+    onehot = torch.nn.functional.one_hot(cells, j).to(m.dtype)      # (..., K, J)
+    cell_mass = (onehot * m.unsqueeze(-1)).sum(-2)                   # (..., J)
+    mass_term = (cell_mass - m_true).abs().sum(-1)
+    sizes = onehot.sum(-2).long()                                    # (..., J)
+    size_of_atom = sizes.gather(-1, cells)                           # (..., K)
+    total, block_err = mass_term.clone(), {}
+    for name in blocks:
+        target = true_rows[name][cells]                              # (..., K, size)
+        dist = (est_rows[name] - target).norm(dim=-1)                # (..., K)
+        power = _exponents(table, name, size_of_atom).to(dist.dtype)
+        total = total + (m * dist.pow(power)).sum(-1)
+        block_err[name] = dist.amax(-1)
+    return LossResult(total, mass_term, block_err, cells)
+
+
+def _exponents(table: ExponentTable, block: str, sizes: Tensor) -> Tensor:
+    """Exponent per fitted atom from its cell's size (looked up once per distinct size)."""
+    out = torch.empty(sizes.shape, dtype=torch.float64)
+    for size in sizes.unique().tolist():
+        out[sizes == size] = table.exponent(block, int(size))
+    return out
+
+
+def wasserstein(estimate: Mapping[str, Tensor], truth: Mapping[str, Tensor], order: float = 1.0,
+                normaliser: str = "softmax", blocks: list[str] | None = None) -> Tensor:
+    """Generalized Wasserstein distance of order r between the mixing measures (the
+    baseline of arXiv 2402.05220): W_r = (min over couplings q of sum_ij q_ij
+    ||omega_i - omega*_j||^r)^(1/r), couplings with marginals the normalised masses.
+    Solved exactly as a small linear programme per replicate (scipy), so it is meant for
+    reports, not inner loops. Returns (...,)."""
+    import numpy as np
+    from scipy.optimize import linprog
+
+    k, j = estimate["beta0"].shape[-1], truth["beta0"].shape[-1]
+    blocks = _atom_blocks(truth, blocks)
+    ndim = {b: truth[b].dim() for b in blocks}
+    est, tru = atoms(estimate, blocks, ndim), atoms(truth, blocks, ndim)
+    cost = (est.unsqueeze(-2) - tru.unsqueeze(-3)).norm(dim=-1).pow(order)   # (..., K, J)
+    p = masses(estimate, normaliser)
+    p = p / p.sum(-1, keepdim=True)
+    q = masses(truth, normaliser)
+    q = (q / q.sum()).numpy()
+    flat_cost = cost.reshape(-1, k * j).detach().numpy()
+    flat_p = p.reshape(-1, k).detach().numpy()
+    eq = np.zeros((k + j, k * j))
+    for i in range(k):
+        eq[i, i * j:(i + 1) * j] = 1
+    for jj in range(j):
+        eq[k + jj, jj::j] = 1
+    out = [linprog(c, A_eq=eq, b_eq=np.concatenate([pi, q]), bounds=(0, None), method="highs").fun
+           for c, pi in zip(flat_cost, flat_p)]
+    return torch.tensor(out, dtype=cost.dtype).reshape(cost.shape[:-2]) ** (1.0 / order)

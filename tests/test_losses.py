@@ -1,0 +1,114 @@
+import math
+
+import pytest
+import torch
+
+from gatelab.losses import TABLES, ExponentTable, voronoi_cells, voronoi_loss, wasserstein
+
+T = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
+
+# Truth: 2 experts in d = 1, blocks as in a softmax Gaussian MoE (last gate at zero).
+TRUTH = {"beta1": T([[2.0], [0.0]]), "beta0": T([0.5, 0.0]), "a": T([[-1.0], [1.0]]),
+         "b": T([1.0, -1.0]), "var": T([0.5, 0.25])}
+
+
+def _estimate(**changes):
+    est = {k: v.clone() for k, v in TRUTH.items()}
+    est.update({k: T(v) for k, v in changes.items()})
+    return est
+
+
+def test_zero_at_the_truth():
+    for table in TABLES:
+        res = voronoi_loss(TRUTH, TRUTH, table)
+        assert res.total.item() == 0 and all(v.item() == 0 for v in res.blocks.values())
+
+
+def test_d1_by_hand_exact_specified():
+    est = _estimate(beta0=[0.6, 0.0], a=[[-1.1], [1.0]], b=[1.0, -0.8])
+    res = voronoi_loss(est, TRUTH, "D1")
+    mass = abs(math.exp(0.6) - math.exp(0.5))
+    atoms = math.exp(0.6) * 0.1 + math.exp(0.0) * 0.2   # |Delta a| of expert 1, |Delta b| of 2
+    assert res.total.item() == pytest.approx(mass + atoms)
+    assert res.mass.item() == pytest.approx(mass)
+    assert res.blocks["a"].item() == pytest.approx(0.1) and res.blocks["b"].item() == pytest.approx(0.2)
+    assert res.cells.tolist() == [0, 1]
+
+
+def test_d2_softmax_by_hand_over_specified():
+    # Three fitted experts: two split the first true atom, one sits on the second.
+    est = {"beta1": T([[2.1], [1.9], [0.0]]), "beta0": T([math.log(0.8), math.log(0.9), 0.0]),
+           "a": T([[-1.0], [-0.8], [1.0]]), "b": T([1.2, 1.0, -1.0]), "var": T([0.5, 0.6, 0.25])}
+    res = voronoi_loss(est, TRUTH, "D2-softmax")
+    assert res.cells.tolist() == [0, 0, 1]
+    mass = abs(0.8 + 0.9 - math.exp(0.5)) + 0.0
+    # Cell of size 2: rbar = 4, so beta1 and b get 4, a and var get 2.
+    first = 0.8 * (0.1 ** 4 + 0.0 ** 2 + 0.2 ** 4 + 0.0 ** 2)
+    second = 0.9 * (0.1 ** 4 + 0.2 ** 2 + 0.0 ** 4 + 0.1 ** 2)
+    assert res.total.item() == pytest.approx(mass + first + second)
+    assert res.blocks["a"].item() == pytest.approx(0.2)
+
+
+def test_d2_laplace_and_strong_tables():
+    assert TABLES["D2-laplace"].exponent("W", 3) == 2.0
+    assert TABLES["D2-laplace"].exponent("b", 3) == 6.0
+    assert TABLES["D2-laplace"].exponent("var", 2) == 2.0
+    assert TABLES["D2-strong"].exponent("kappa1", 5) == 2.0
+    assert TABLES["D2-softmax"].exponent("a", 1) == 1.0
+
+
+def test_a_new_paper_is_a_new_table_row():
+    table = ExponentTable("mine", "example", shared={"a": "3*rbar", "b": 1.5}, rbar={2: 4.0})
+    assert table.exponent("a", 2) == 12.0 and table.exponent("b", 2) == 1.5
+    est = {k: torch.cat([v[:1], v]) for k, v in TRUTH.items()}
+    est["a"] = T([[-1.1], [-0.9], [1.0]])
+    est["beta0"] = T([0.0, 0.0, 0.0])
+    res = voronoi_loss(est, TRUTH, table)
+    assert res.cells.tolist() == [0, 0, 1]
+
+
+def test_missing_rbar_is_an_error_with_a_fix():
+    est = {k: torch.cat([v[:1]] * 4 + [v[1:]]) for k, v in TRUTH.items()}
+    with pytest.raises(ValueError, match="rbar only for cells of size \\[2, 3\\]; a cell has 4"):
+        voronoi_loss(est, TRUTH, "D2-softmax")
+    with pytest.raises(ValueError, match="Unknown loss table 'D3'. Valid names: D1, D2-laplace"):
+        voronoi_loss(TRUTH, TRUTH, "D3")
+
+
+def test_batched_equals_loop_and_label_switching_does_not_matter():
+    g = torch.Generator().manual_seed(0)
+    est = {k: v + 0.1 * torch.randn((5, 3, *v.shape[1:]), generator=g, dtype=v.dtype)
+           if k != "beta0" else torch.randn(5, 3, generator=g, dtype=v.dtype)
+           for k, v in {k: torch.cat([v[:1], v]) for k, v in TRUTH.items()}.items()}
+    est["var"] = est["var"].abs()
+    batched = voronoi_loss(est, TRUTH, "D2-softmax")
+    perm = torch.tensor([2, 0, 1])
+    for r in range(5):
+        one = voronoi_loss({k: v[r] for k, v in est.items()}, TRUTH, "D2-softmax")
+        torch.testing.assert_close(batched.total[r], one.total)
+        permuted = voronoi_loss({k: v[r][perm] for k, v in est.items()}, TRUTH, "D2-softmax")
+        torch.testing.assert_close(permuted.total, one.total)
+
+
+def test_cells_by_nearest_atom():
+    cells = voronoi_cells(T([[0.0], [0.9], [2.2], [5.0]]), T([[0.0], [1.0], [2.0]]))
+    assert cells.tolist() == [0, 1, 2, 2]
+
+
+def test_sigmoid_masses():
+    est = _estimate(beta0=[0.0, 0.0])
+    res = voronoi_loss(est, TRUTH, "D1", normaliser="sigmoid")
+    assert res.mass.item() == pytest.approx(abs(0.5 - 1 / (1 + math.exp(-0.5))))
+
+
+def test_wasserstein_by_hand():
+    pytest.importorskip("scipy")
+    assert wasserstein(TRUTH, TRUTH).item() == pytest.approx(0.0, abs=1e-12)
+    # Equal masses, atoms moved by 0.1 and 0.3 in one block: W1 = (0.1 + 0.3) / 2.
+    truth = {"beta0": T([0.0, 0.0]), "a": T([[0.0], [10.0]])}
+    est = {"beta0": T([0.0, 0.0]), "a": T([[0.1], [10.3]])}
+    assert wasserstein(est, truth).item() == pytest.approx(0.2)
+    assert wasserstein(est, truth, order=2).item() == pytest.approx(math.sqrt((0.01 + 0.09) / 2))
+    # Batched: one value per replicate.
+    both = {k: torch.stack([v, truth[k]]) for k, v in est.items()}
+    torch.testing.assert_close(wasserstein(both, truth), T([0.2, 0.0]), atol=1e-9, rtol=0)
