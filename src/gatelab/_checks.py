@@ -43,6 +43,17 @@ def choose(kind: str, name: str, registry: Mapping[str, Any]) -> Any:
         raise ValueError(f"Unknown {kind} {name!r}. Valid names: {valid}.") from None
 
 
+def build(kind: str, name: str, registry: Mapping[str, Any], options: Mapping[str, Any],
+          hint: str = "") -> Any:
+    """Look ``name`` up in a registry and call it with ``options``; bad options get an
+    error that names the variant and, via ``hint``, the options it takes."""
+    factory = choose(kind, name, registry)
+    try:
+        return factory(**options)
+    except TypeError as err:
+        raise TypeError(f"Bad options for {kind} {name!r}: {err}. {hint}".rstrip()) from None
+
+
 def as_tensor(name: str, value: Any, dtype: torch.dtype | None = None) -> Tensor:
     """Convert array-likes to a floating tensor; keep the dtype of floating tensors."""
     if isinstance(value, Tensor):

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._checks import check_int, check_positive, choose
+from ._checks import build, check_int, check_positive
 
 __all__ = ["Covariates", "UniformBox", "GaussianCovariates", "Grid", "COVARIATES", "make_covariates"]
 
@@ -95,4 +95,5 @@ def make_covariates(spec: str | Covariates, **options: Any) -> Covariates:
     an instance unchanged."""
     if isinstance(spec, Covariates):
         return spec
-    return choose("covariate distribution", spec, COVARIATES)(**options)
+    return build("covariate distribution", spec, COVARIATES, options,
+                 "All take dim; 'uniform' and 'grid' take low, high; 'gaussian' mean, std.")

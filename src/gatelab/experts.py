@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._checks import check_int, choose
+from ._checks import build, check_int, choose
 from .params import Params, Shapes, random_blocks
 
 __all__ = ["Expert", "LinearExpert", "PolynomialExpert", "FFNExpert", "ConstantExpert",
@@ -161,9 +161,5 @@ def make_expert(expert: str | Expert, **options: Any) -> Expert:
     ``activation="gelu"``), or return an ``Expert`` instance unchanged."""
     if isinstance(expert, Expert):
         return expert
-    factory = choose("expert", expert, EXPERTS)
-    try:
-        return factory(**options)
-    except TypeError as err:
-        raise TypeError(f"Bad options for expert {expert!r}: {err}. 'polynomial' takes degree; "
-                        f"'ffn' takes activation.") from None
+    return build("expert", expert, EXPERTS, options,
+                 "'polynomial' takes degree; 'ffn' takes activation.")

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._checks import check_int, check_positive, choose
+from ._checks import build, check_int, check_positive, choose
 from .params import Params, Shapes, random_blocks, take_prefix, with_prefix
 
 __all__ = [
@@ -405,9 +405,5 @@ def make_gate(gate: str | Gate, **options: Any) -> Gate:
         if options:
             return dataclasses.replace(gate, **options)
         return gate
-    factory = choose("gate", gate, GATES)
-    try:
-        return factory(**options)
-    except TypeError as err:
-        raise TypeError(f"Bad options for gate {gate!r}: {err}. Common options: top_k; "
-                        f"cosine gates take tau1, tau2.") from None
+    return build("gate", gate, GATES, options,
+                 "Common options: top_k; cosine gates take tau1, tau2.")
