@@ -10,7 +10,7 @@ STAMP := $(VENV)/.gatelab-installed
 .PHONY: demo test install clean
 
 demo: $(STAMP)
-	$(VENV)/bin/gatelab demo
+	$(VENV)/bin/gatelab reproduce softmax-gaussian --quick
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -188,10 +188,14 @@ def test_select_best_keeps_the_highest_likelihood_start():
 
 # --- starts ------------------------------------------------------------------------------
 
-def test_covering_assignment_covers_every_true_atom():
-    for seed in range(20):
+def test_covering_assignment_covers_every_true_atom_and_pins_the_reference():
+    seen = set()
+    for seed in range(40):
         atoms = covering_assignment(5, 3, GEN(seed))
         assert sorted(set(atoms.tolist())) == [0, 1, 2] and atoms.numel() == 5
+        assert atoms[-1] == 2   # the reference experts correspond
+        seen.add(tuple(atoms.tolist()))
+    assert len(seen) > 5        # and the rest is random
 
 
 def test_near_truth_starts_sit_near_the_truth_with_split_masses():

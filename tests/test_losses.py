@@ -31,6 +31,7 @@ def test_d1_by_hand_exact_specified():
     atoms = math.exp(0.6) * 0.1 + math.exp(0.0) * 0.2   # |Delta a| of expert 1, |Delta b| of 2
     assert res.total.item() == pytest.approx(mass + atoms)
     assert res.mass.item() == pytest.approx(mass)
+    # Per-block errors: one atom per cell, so each is that atom's distance; max over cells.
     assert res.blocks["a"].item() == pytest.approx(0.1) and res.blocks["b"].item() == pytest.approx(0.2)
     assert res.cells.tolist() == [0, 1]
 
@@ -46,7 +47,15 @@ def test_d2_softmax_by_hand_over_specified():
     first = 0.8 * (0.1 ** 4 + 0.0 ** 2 + 0.2 ** 4 + 0.0 ** 2)
     second = 0.9 * (0.1 ** 4 + 0.2 ** 2 + 0.0 ** 4 + 0.1 ** 2)
     assert res.total.item() == pytest.approx(mass + first + second)
-    assert res.blocks["a"].item() == pytest.approx(0.2)
+    # Cell 0's mass-weighted mean |Delta a| = (0.8 * 0 + 0.9 * 0.2) / 1.7; cell 1's is 0.
+    assert res.blocks["a"].item() == pytest.approx(0.9 * 0.2 / 1.7)
+    assert res.blocks["var"].item() == pytest.approx(0.9 * 0.1 / 1.7)
+
+
+def test_a_diverged_gate_gives_an_infinite_loss_not_nan():
+    est = _estimate(beta0=[1000.0, 0.0])
+    res = voronoi_loss(est, TRUTH, "D1")
+    assert res.total.item() == float("inf") and res.blocks["a"].item() == float("inf")
 
 
 def test_d2_laplace_and_strong_tables():

@@ -100,6 +100,83 @@ def cmd_fit(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_studies(args: argparse.Namespace) -> int:
+    """List the built-in studies, one line each."""
+    from .studies import catalogue
+    for name in catalogue.names():
+        study = catalogue.get(name)
+        print(f"{name:<20} arXiv {study.paper:<11} {study.description}")
+    return 0
+
+
+def _print_rates(table: list[dict]) -> None:
+    print(f"{'setting':<22} {'loss':<11} {'block':<7} {'slope':>7}  {'95% CI':<18} "
+          f"{'theory':>7}  verdict")
+    for r in table:
+        theory = "" if r["theory"] is None else f"{r['theory']:+.3f}"
+        ci = f"[{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]"
+        note = f" ({r['excluded']} diverged fits left out)" if r["excluded"] else ""
+        print(f"{r['setting']:<22} {r['loss']:<11} {r['block']:<7} {r['slope']:+7.3f}  {ci:<18} "
+              f"{theory:>7}  {r['verdict']}{note}")
+
+
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    """Run (or resume) a study, then print its rates and where the report is."""
+    import json
+    from pathlib import Path
+
+    from .studies import Store, catalogue, rate_table, reproduce
+    from .studies.report import write_report
+    study = catalogue.get(args.name)
+    if args.backend != "local":
+        raise UsageError("only --backend local is available in this version; the Ray backend "
+                         "is planned (see the studies issue).")
+    db = Path(args.db or f"runs/{study.name}.sqlite")
+    out = Path(args.out or f"runs/{study.name}")
+    with Store(db) as store:
+        stats = reproduce(study, store, quick=args.quick, workers=args.workers,
+                          progress=not args.json)
+        sizes, reps = study.grid(args.quick)
+        rows = [r for r in store.rows(study.name) if r.n in set(sizes) and r.replicate < reps]
+        table = rate_table(study, rows)
+        report = write_report(study, rows, table, out, stats)
+    if args.json:
+        print(json.dumps({"study": study.name, "seconds": stats.seconds, "fits": stats.fits,
+                          "skipped": stats.skipped, "db": str(db), "report": str(report),
+                          "rates": table}))
+        return 0
+    print(f"{study.name}: {stats.fits} fits run, {stats.skipped} already in {db}, "
+          f"{stats.seconds:.1f} s")
+    _print_rates(table)
+    print(f"report: {report}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """Rates and report of every study in a results store."""
+    from pathlib import Path
+
+    from .studies import Store, Study, rate_table
+    from .studies.report import write_report
+    if not Path(args.db).exists():
+        raise UsageError(f"{args.db} does not exist; run 'gatelab reproduce NAME --db {args.db}' "
+                         f"first.")
+    with Store(args.db) as store:
+        names = store.studies()
+        if not names:
+            raise UsageError(f"{args.db} holds no study.")
+        for name in names:
+            study = Study.from_dict(store.study_spec(name))
+            rows = store.rows(name)
+            table = rate_table(study, rows)
+            out = Path(args.out or Path(args.db).with_suffix("")) / name
+            report = write_report(study, rows, table, out, None)
+            print(f"{name}: {len(rows)} fits")
+            _print_rates(table)
+            print(f"report: {report}")
+    return 0
+
+
 def _gate_options(args: argparse.Namespace) -> dict:
     return {} if args.top_k is None else {"top_k": args.top_k}
 
@@ -129,6 +206,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(run=cmd_fit)
+    p = sub.add_parser("studies", help="list the built-in convergence-rate studies")
+    p.set_defaults(run=cmd_studies)
+    p = sub.add_parser("reproduce", help="run or resume a study; print rates; write a report")
+    p.add_argument("name", help="a built-in study (see 'gatelab studies') or a .toml file")
+    p.add_argument("--quick", action="store_true", help="the reduced grid (minutes)")
+    p.add_argument("--workers", type=int, default=1, help="local worker processes")
+    p.add_argument("--backend", default="local", choices=["local", "ray"])
+    p.add_argument("--db", help="results store (default runs/NAME.sqlite)")
+    p.add_argument("--out", help="report folder (default runs/NAME)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(run=cmd_reproduce)
+    p = sub.add_parser("report", help="rates and reports of the studies in a results store")
+    p.add_argument("db", help="a results store written by 'gatelab reproduce'")
+    p.add_argument("--out", help="report folder (default: next to the store)")
+    p.set_defaults(run=cmd_report)
     return parser
 
 

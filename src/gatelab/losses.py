@@ -99,7 +99,8 @@ class LossResult(NamedTuple):
 
     total: Tensor                 # (...,)
     mass: Tensor                  # (...,) the mass-mismatch term
-    blocks: dict[str, Tensor]     # per block: max over fitted atoms of ||Delta block|| (...,)
+    blocks: dict[str, Tensor]     # per block: max over cells of the cell's mass-weighted
+                                  # mean ||Delta block|| (...,)
     cells: Tensor                 # (..., K) the true atom each fitted atom belongs to
 
 
@@ -144,8 +145,10 @@ def voronoi_loss(estimate: Mapping[str, Tensor], truth: Mapping[str, Tensor],
     (J, ...), unbatched), batched over the estimate's leading dimensions.
 
     ``blocks``: the atom's blocks (default: every block of ``truth`` with an expert axis
-    except the intercept beta0). Also returns each block's own error, the max over fitted
-    atoms of ||Delta block||, for per-parameter rates.
+    except the intercept beta0). Also returns each block's own error for per-parameter
+    rates: for every cell the mass-weighted mean of ||Delta block|| over its fitted atoms,
+    then the max over cells (weighting by mass keeps a vanishing extra expert, whose
+    parameters are free to drift, from dominating).
     """
     table = choose("loss table", table, TABLES) if isinstance(table, str) else table
     k, j = estimate["beta0"].shape[-1], truth["beta0"].shape[-1]
@@ -156,19 +159,30 @@ def voronoi_loss(estimate: Mapping[str, Tensor], truth: Mapping[str, Tensor],
     cells = voronoi_cells(torch.cat(list(est_rows.values()), -1),
                           torch.cat(list(true_rows.values()), -1))
     m, m_true = masses(estimate, normaliser), masses(truth, normaliser)
-    onehot = torch.nn.functional.one_hot(cells, j).to(m.dtype)      # (..., K, J)
-    cell_mass = (onehot * m.unsqueeze(-1)).sum(-2)                   # (..., J)
+    member = torch.nn.functional.one_hot(cells, j).bool()           # (..., K, J)
+    # where, not a product: a diverged gate (m = inf) must give an infinite loss, not 0 * inf.
+    cell_mass = torch.where(member, m.unsqueeze(-1), 0.0).sum(-2)   # (..., J)
     mass_term = (cell_mass - m_true).abs().sum(-1)
-    sizes = onehot.sum(-2).long()                                    # (..., J)
+    sizes = member.sum(-2)                                           # (..., J)
     size_of_atom = sizes.gather(-1, cells)                           # (..., K)
     total, block_err = mass_term.clone(), {}
     for name in blocks:
         target = true_rows[name][cells]                              # (..., K, size)
         dist = (est_rows[name] - target).norm(dim=-1)                # (..., K)
         power = _exponents(table, name, size_of_atom).to(dist.dtype)
-        total = total + (m * dist.pow(power)).sum(-1)
-        block_err[name] = dist.amax(-1)
+        # An atom at zero distance adds nothing, even with a diverged (infinite) mass.
+        total = total + torch.where(dist > 0, m * dist.pow(power), 0.0).sum(-1)
+        block_err[name] = _worst_cell(dist, m, member, cell_mass)
     return LossResult(total, mass_term, block_err, cells)
+
+
+def _worst_cell(dist_K: Tensor, m_K: Tensor, member_KJ: Tensor, cell_mass_J: Tensor) -> Tensor:
+    """max over non-empty cells of sum_{i in A_j} m_i d_i / sum_{i in A_j} m_i; infinite
+    where a mass diverged."""
+    weighted = torch.where(member_KJ, (m_K * dist_K).unsqueeze(-1), 0.0).sum(-2)
+    per_cell = torch.where(member_KJ.any(-2), weighted / cell_mass_J, float("-inf"))
+    worst = per_cell.amax(-1)
+    return torch.where(torch.isfinite(worst), worst, float("inf"))
 
 
 def _exponents(table: ExponentTable, block: str, sizes: Tensor) -> Tensor:

@@ -22,11 +22,15 @@ __all__ = ["covering_assignment", "from_responsibilities", "near_truth", "random
 
 def covering_assignment(k: int, k_star: int, generator: torch.Generator | None = None) -> Tensor:
     """Assign k fitted experts to k* true atoms at random so that every atom gets at
-    least one: a random permutation of the atoms, padded with uniform draws, shuffled."""
+    least one. The last fitted expert always takes the last true atom: softmax-type gates
+    are compared relative to the last expert (fixed at zero on both sides), so the two
+    reference experts must correspond. The other k - 1 experts cover atoms 0..k*-2 by a
+    random permutation, padded with uniform draws over all atoms, shuffled."""
     check_int("k", k, k_star, fix="Fit at least as many experts as the truth has.")
     pad = torch.randint(k_star, (k - k_star,), generator=generator)
-    atoms = torch.cat([torch.randperm(k_star, generator=generator), pad])
-    return atoms[torch.randperm(k, generator=generator)]
+    rest = torch.cat([torch.randperm(k_star - 1, generator=generator), pad])
+    rest = rest[torch.randperm(k - 1, generator=generator)]
+    return torch.cat([rest, torch.tensor([k_star - 1])])
 
 
 def near_truth(model: GatedExperts, truth: Params, n: int, n_starts: int = 1,

@@ -1,0 +1,11 @@
+"""Convergence-rate studies: specifications, the built-in catalogue, the runner, the
+results store and the rates."""
+
+from .rates import Rate, rate, rate_table, verdict
+from .runner import RunStats, plan, reproduce, run_unit, seed_for
+from .spec import Setting, SpecError, Study, TruthSpec, load_study
+from .store import FitRow, Store
+
+__all__ = ["Rate", "rate", "rate_table", "verdict", "RunStats", "plan", "reproduce", "run_unit",
+           "seed_for", "Setting", "SpecError", "Study", "TruthSpec", "load_study", "FitRow",
+           "Store"]

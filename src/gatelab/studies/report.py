@@ -1,0 +1,131 @@
+"""Study outputs: log-log plots (PNG) and one self-contained HTML report per study."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .rates import slope
+from .spec import Study
+from .store import FitRow
+
+__all__ = ["plot_setting", "write_report"]
+
+
+def _series(rows: Sequence[FitRow], block: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(n, mean, standard error) of the finite losses of one block, by n."""
+    by_n: dict[int, list[float]] = defaultdict(list)
+    for r in rows:
+        value = r.loss if block == "total" else r.blocks[block]
+        if np.isfinite(value):
+            by_n[r.n].append(value)
+    ns = np.array(sorted(n for n, v in by_n.items() if np.mean(v) > 0))
+    means = np.array([np.mean(by_n[n]) for n in ns])
+    ses = np.array([np.std(by_n[n]) / np.sqrt(len(by_n[n])) for n in ns])
+    return ns, means, ses
+
+
+def plot_setting(study: Study, setting_name: str, rows: Sequence[FitRow], path: Path) -> Path:
+    """One PNG: the total loss and each block's error against n, log-log, with the fitted
+    line (solid) and the theoretical slope (dashed) through the first point."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    setting = next(s for s in study.settings if s.name == setting_name)
+    blocks = ["total"] + sorted(rows[0].blocks) if rows else ["total"]
+    fig, axes = plt.subplots(1, len(blocks), figsize=(3.2 * len(blocks), 3.0), squeeze=False)
+    for ax, block in zip(axes[0], blocks):
+        ns, means, ses = _series(rows, block)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_title(f"{setting.loss if block == 'total' else block}", fontsize=10)
+        ax.set_xlabel("n")
+        if len(ns) < 2:
+            continue
+        lower = np.minimum(ses, means * 0.999)
+        ax.errorbar(ns, means, yerr=[lower, ses], fmt="o", ms=3, capsize=2, color="C0")
+        fitted = float(slope(ns, means))
+        logn = np.log(ns)
+        intercept = np.log(means).mean() - fitted * logn.mean()
+        ax.plot(ns, np.exp(intercept + fitted * logn), "-", color="C0", label=f"fit {fitted:+.2f}")
+        theory = setting.theory if block == "total" else setting.theory_blocks.get(block)
+        if theory is not None:
+            ax.plot(ns, means[0] * (ns / ns[0]) ** theory, "--", color="C3",
+                    label=f"theory {theory:+.2f}")
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{study.name}: {setting_name}", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def _table_html(table: list[dict]) -> str:
+    head = ("<tr><th>setting</th><th>k</th><th>loss</th><th>block</th><th>slope</th>"
+            "<th>95% CI</th><th>theory</th><th>verdict</th><th>left out</th></tr>")
+    rows = []
+    for r in table:
+        theory = "" if r["theory"] is None else f"{r['theory']:+.3f}"
+        rows.append(f"<tr><td>{html.escape(r['setting'])}</td><td>{r['fitted_k']}</td>"
+                    f"<td>{r['loss']}</td><td>{r['block']}</td><td>{r['slope']:+.3f}</td>"
+                    f"<td>[{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]</td><td>{theory}</td>"
+                    f"<td class='{r['verdict'].replace(' ', '-')}'>{r['verdict']}</td>"
+                    f"<td>{r['excluded']}</td></tr>")
+    return f"<table>{head}{''.join(rows)}</table>"
+
+
+def write_report(study: Study, rows: Sequence[FitRow], table: list[dict], out: Path,
+                 stats=None) -> Path:
+    """Write the plots and ``report.html`` (plots inlined, so the file stands alone)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    images = []
+    for setting in study.settings:
+        mine = [r for r in rows if r.setting == setting.name]
+        if not mine:
+            continue
+        png = plot_setting(study, setting.name, mine, out / f"{_slug(setting.name)}.png")
+        images.append((setting.name, base64.b64encode(png.read_bytes()).decode()))
+    n_deg = sum(r.degenerate for r in rows)
+    n_unconv = sum(not r.converged for r in rows)
+    fit_seconds = sum(r.seconds for r in rows)
+    run = "" if stats is None else (f"<li>this run: {stats.fits} fits in {stats.seconds:.1f} s "
+                                    f"({stats.skipped} already in the store)</li>")
+    body = io.StringIO()
+    body.write(f"<!doctype html><html><head><meta charset='utf-8'><title>{study.name}</title>"
+               "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}"
+               "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 8px}"
+               ".faster{color:#06c}.slower{color:#c60}.within-CI{color:#080}"
+               "pre{background:#f6f6f6;padding:1em;overflow:auto}</style></head><body>")
+    body.write(f"<h1>{html.escape(study.name)}</h1><p>{html.escape(study.description)} "
+               f"(arXiv {html.escape(study.paper)})</p>")
+    body.write(f"<pre>{html.escape(study.notes.strip())}</pre>" if study.notes else "")
+    body.write("<h2>Rates</h2><p>Slope of log(mean loss over replicates) against log(n), "
+               "95% bootstrap interval over replicates; the verdict compares it with the "
+               "theoretical slope. Fits whose loss is not finite (a gate that diverged) are "
+               "left out of the slope and counted.</p>")
+    body.write(_table_html(table))
+    body.write("<h2>Run</h2><ul>"
+               f"<li>{len(rows)} fits in the store; {n_unconv} stopped at max_iter; "
+               f"{n_deg} degenerate (variance floored, expert emptied or diverged)</li>"
+               f"<li>{fit_seconds:.1f} s of fitting in all</li>{run}</ul>")
+    body.write("<h2>Plots</h2>")
+    for name, data in images:
+        body.write(f"<h3>{html.escape(name)}</h3><img src='data:image/png;base64,{data}'>")
+    body.write(f"<h2>Specification</h2><pre>{html.escape(json.dumps(study.to_dict(), indent=2))}"
+               "</pre></body></html>")
+    path = out / "report.html"
+    path.write_text(body.getvalue())
+    return path
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in text).strip("-").lower()

@@ -1,0 +1,175 @@
+"""Running a study: work units, seeds, batched fits, a local process pool, progress.
+
+A work unit is one (setting, n) and a list of replicates; its replicates are sampled,
+started and fitted as one batch (``fit_em`` over a (starts, replicates) batch), their
+losses computed, and the rows returned to the parent, which commits them to the store in
+one transaction. Seeds depend on (study seed, study, setting, n, replicate) only, so
+results do not depend on worker count, order or chunking.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import time
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import dataclass
+from multiprocessing import get_context
+from typing import NamedTuple, TextIO
+
+import torch
+
+from .. import __version__
+from ..fit import fit_em, near_truth, select_best
+from ..losses import voronoi_loss
+from .spec import Study
+from .store import FitRow, Store
+
+__all__ = ["seed_for", "Unit", "plan", "run_unit", "RunStats", "reproduce"]
+
+# Largest (starts x replicates x n x experts) batch one unit fits at once (memory bound).
+_MAX_BATCH_ELEMENTS = 20_000_000
+
+
+def seed_for(study: Study, setting: str, n: int, replicate: int) -> int:
+    """A 63-bit seed from (study seed, study name, setting, n, replicate) alone."""
+    key = f"{study.seed}|{study.name}|{setting}|{n}|{replicate}".encode()
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
+
+
+@dataclass(frozen=True)
+class Unit:
+    setting: str
+    n: int
+    replicates: tuple[int, ...]
+
+
+def plan(study: Study, quick: bool = False, done: set | frozenset = frozenset()) -> list[Unit]:
+    """The work units still to run: missing replicates of every (setting, n), in chunks
+    small enough to fit in memory, smallest n first."""
+    sizes, replicates = study.grid(quick)
+    units = []
+    for n in sizes:
+        for setting in study.settings:
+            todo = [r for r in range(replicates) if (setting.name, n, r) not in done]
+            per = max(1, _MAX_BATCH_ELEMENTS // (setting.n_starts * n * setting.fitted_k))
+            units += [Unit(setting.name, n, tuple(todo[i:i + per])) for i in range(0, len(todo), per)]
+    return units
+
+
+def run_unit(study: Study, unit: Unit) -> list[FitRow]:
+    """Sample, start, fit and score the replicates of one unit (one batched fit)."""
+    setting = next(s for s in study.settings if s.name == unit.setting)
+    truth_model, truth = study.truth.model(), study.truth.tensors()
+    model = study.truth.model(setting.fitted_k, setting.gate, setting.gate_options or None)
+    seeds = [seed_for(study, unit.setting, unit.n, r) for r in unit.replicates]
+    xs, ys, starts = [], [], []
+    for seed in seeds:
+        g = torch.Generator().manual_seed(seed)
+        x, y = truth_model.sample(truth, unit.n, g)
+        xs.append(x)
+        ys.append(y)
+        starts.append(near_truth(model, truth, unit.n, setting.n_starts, generator=g))
+    init = {k: torch.stack([s[k] for s in starts], dim=1) for k in starts[0]}   # (S, R, ...)
+    start = time.perf_counter()
+    res = select_best(fit_em(model, torch.stack(xs), torch.stack(ys), init, **study.estimator))
+    seconds = (time.perf_counter() - start) / len(seeds)
+    loss = voronoi_loss(res.params, truth, setting.loss, normaliser=model.gate.normaliser)
+    # A gate that ran off to infinity (separation at small n) gives an infinite loss: the
+    # row is kept, flagged degenerate, and left out of the rate fit by the report.
+    degenerate = res.degenerate | ~torch.isfinite(loss.total)
+    return [FitRow(study.name, unit.setting, unit.n, r, seed, float(loss.total[i]),
+                   float(loss.mass[i]), {k: float(v[i]) for k, v in loss.blocks.items()},
+                   float(res.loglik[i]), int(res.n_iter[i]), bool(res.converged[i]),
+                   bool(degenerate[i]), seconds, __version__)
+            for i, (r, seed) in enumerate(zip(unit.replicates, seeds))]
+
+
+class Progress:
+    """Fits done, rate and ETA on one updating line (a line every 5 s when not a TTY)."""
+
+    def __init__(self, total: int, stream: TextIO | None = None, enabled: bool = True) -> None:
+        self.total, self.done, self.start = total, 0, time.perf_counter()
+        self.stream, self.enabled, self.last = stream or sys.stderr, enabled and total > 0, 0.0
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+
+    def update(self, k: int) -> None:
+        self.done += k
+        now = time.perf_counter()
+        if not self.enabled or (now - self.last < (0.2 if self.tty else 5.0) and self.done < self.total):
+            return
+        self.last = now
+        rate = self.done / max(now - self.start, 1e-9)
+        eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+        bar = "#" * int(30 * self.done / self.total)
+        line = (f"[{bar:<30}] {self.done}/{self.total} fits  {rate:.1f} fits/s  "
+                f"ETA {eta:,.0f} s")
+        self.stream.write(("\r" + line) if self.tty else (line + "\n"))
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.enabled and self.tty:
+            self.stream.write("\n")
+
+
+class RunStats(NamedTuple):
+    fits: int          # fits run now
+    skipped: int       # fits already in the store
+    seconds: float
+
+
+def _init_worker(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def reproduce(study: Study, store: Store, quick: bool = False, workers: int = 1,
+              progress: bool = True, on_rows: Callable[[list[FitRow]], None] | None = None
+              ) -> RunStats:
+    """Run every missing fit of ``study`` and commit each unit's rows as it finishes.
+
+    ``workers`` > 1 uses a local process pool (spawned workers, torch threads split
+    between them). Interrupting (Ctrl-C, SIGKILL) loses only the units in flight; a rerun
+    skips every committed row.
+    """
+    store.save_study(study.name, study.to_dict())
+    sizes, replicates = study.grid(quick)
+    done = store.done(study.name)
+    units = plan(study, quick, done)
+    todo = sum(len(u.replicates) for u in units)
+    skipped = len(study.settings) * len(sizes) * replicates - todo
+    bar = Progress(todo, enabled=progress)
+    start = time.perf_counter()
+
+    def commit(rows: list[FitRow]) -> None:
+        store.add(rows)
+        bar.update(len(rows))
+        if on_rows is not None:
+            on_rows(rows)
+
+    try:
+        if workers <= 1:
+            for unit in units:
+                commit(run_unit(study, unit))
+        else:
+            _run_pool(study, units, workers, commit)
+    finally:
+        bar.close()
+    return RunStats(todo, skipped, time.perf_counter() - start)
+
+
+def _run_pool(study: Study, units: list[Unit], workers: int, commit) -> None:
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_init_worker,
+                             initargs=(threads,)) as pool:
+        pending = {pool.submit(run_unit, study, u) for u in units}
+        try:
+            while pending:
+                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in finished:
+                    commit(fut.result())
+        except BaseException:
+            for fut in pending:
+                fut.cancel()
+            raise

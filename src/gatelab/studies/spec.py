@@ -1,0 +1,223 @@
+"""Study specifications: a true model, covariates, fitted settings, the n grid, replicates,
+losses and a seed, as frozen dataclasses loadable from TOML (or a dict).
+
+Validation errors name the offending key, e.g. ``settings[1].fitted_k: must be an int >= 1,
+got 0``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..covariates import make_covariates
+from ..experts import make_expert
+from ..gates import make_gate
+from ..losses import TABLES
+from ..models import GaussianMoE
+from ..params import Params
+
+__all__ = ["SpecError", "TruthSpec", "Setting", "Study", "load_study"]
+
+
+class SpecError(ValueError):
+    """A study specification that does not validate; the message names the key."""
+
+
+def _fields(cls) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def _from_dict(cls, data: Any, path: str):
+    """Build a spec dataclass from a mapping, checking unknown and missing keys."""
+    if not isinstance(data, Mapping):
+        raise SpecError(f"{path or 'study'}: must be a table of keys, got {type(data).__name__}.")
+    fields = _fields(cls)
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise SpecError(f"{path or 'study'}: unknown key(s) {unknown}; valid keys: {sorted(fields)}.")
+    missing = [name for name, f in fields.items() if name not in data
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise SpecError(f"{path or 'study'}: missing key(s) {missing}.")
+    return cls(**{k: data[k] for k in data}, _path=path) if "_path" in fields else cls(**data)
+
+
+def _need(cond: bool, path: str, what: str, got: Any) -> None:
+    if not cond:
+        raise SpecError(f"{path}: must be {what}, got {got!r}.")
+
+
+def _is_int(v: Any, low: int = 1) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+
+@dataclass(frozen=True)
+class TruthSpec:
+    """The true model: a Gaussian MoE given by gate, expert, covariates and parameters."""
+
+    n_experts: int
+    params: Mapping[str, Any]
+    dim: int = 1
+    gate: str = "softmax"
+    gate_options: Mapping[str, Any] = field(default_factory=dict)
+    expert: str = "linear"
+    expert_options: Mapping[str, Any] = field(default_factory=dict)
+    covariates: Mapping[str, Any] = field(default_factory=lambda: {"kind": "uniform"})
+    _path: str = "truth"
+
+    def __post_init__(self) -> None:
+        _need(_is_int(self.n_experts), f"{self._path}.n_experts", "an int >= 1", self.n_experts)
+        _need(_is_int(self.dim), f"{self._path}.dim", "an int >= 1", self.dim)
+        try:
+            model = self.model()
+            model.check_params(self.tensors())
+        except (ValueError, TypeError) as err:
+            raise SpecError(f"{self._path}: {err}") from None
+
+    def model(self, n_experts: int | None = None, gate: str | None = None,
+              gate_options: Mapping[str, Any] | None = None) -> GaussianMoE:
+        """The true model, or the same family with another number of experts / gate."""
+        cov = dict(self.covariates)
+        kind = cov.pop("kind", "uniform")
+        return GaussianMoE(n_experts or self.n_experts, self.dim,
+                           make_gate(gate or self.gate, **dict(gate_options if gate_options
+                                                               is not None else self.gate_options)),
+                           make_expert(self.expert, **dict(self.expert_options)),
+                           make_covariates(kind, dim=self.dim, **cov))
+
+    def tensors(self) -> Params:
+        """The true parameters as float64 tensors, in identifiable form."""
+        raw = {k: torch.tensor(v, dtype=torch.float64) for k, v in self.params.items()}
+        return self.model().normalise(raw) if set(raw) == set(self.model().param_shapes()) else raw
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One fitted configuration of a study: its own number of experts, gate, starts, loss,
+    and the theoretical slope of the loss (and optionally of each block) against n."""
+
+    name: str
+    fitted_k: int
+    loss: str = "D1"
+    theory: float = -0.5
+    theory_blocks: Mapping[str, float] = field(default_factory=dict)
+    gate: str | None = None
+    gate_options: Mapping[str, Any] = field(default_factory=dict)
+    start: str = "near_truth"
+    n_starts: int = 1
+    _path: str = "settings"
+
+    def __post_init__(self) -> None:
+        p = self._path
+        _need(isinstance(self.name, str) and self.name, f"{p}.name", "a non-empty string", self.name)
+        _need(_is_int(self.fitted_k), f"{p}.fitted_k", "an int >= 1", self.fitted_k)
+        _need(self.loss in TABLES, f"{p}.loss", f"one of {sorted(TABLES)}", self.loss)
+        _need(self.start in ("near_truth",), f"{p}.start", "'near_truth'", self.start)
+        _need(_is_int(self.n_starts), f"{p}.n_starts", "an int >= 1", self.n_starts)
+        _need(isinstance(self.theory, (int, float)), f"{p}.theory", "a number (a slope)", self.theory)
+
+
+@dataclass(frozen=True)
+class Study:
+    """A convergence-rate study: every (setting, n, replicate) is one fit."""
+
+    name: str
+    truth: TruthSpec
+    settings: tuple[Setting, ...]
+    sizes: tuple[int, ...]
+    replicates: int = 40
+    quick_sizes: tuple[int, ...] = ()
+    quick_replicates: int = 10
+    seed: int = 0
+    paper: str = ""
+    description: str = ""
+    notes: str = ""
+    estimator: Mapping[str, Any] = field(default_factory=lambda: {"tol": 1e-6, "max_iter": 2000,
+                                                                   "accelerate": True})
+
+    def __post_init__(self) -> None:
+        _need(isinstance(self.name, str) and self.name, "name", "a non-empty string", self.name)
+        _need(len(self.settings) > 0, "settings", "a non-empty list", self.settings)
+        names = [s.name for s in self.settings]
+        _need(len(set(names)) == len(names), "settings", "uniquely named", names)
+        for key, sizes in (("sizes", self.sizes), ("quick_sizes", self.quick_sizes)):
+            _need(all(_is_int(n, 2) for n in sizes), key, "a list of ints >= 2", sizes)
+        _need(len(self.sizes) >= 2, "sizes", "at least two sample sizes (a slope)", self.sizes)
+        _need(_is_int(self.replicates), "replicates", "an int >= 1", self.replicates)
+        _need(_is_int(self.quick_replicates), "quick_replicates", "an int >= 1",
+              self.quick_replicates)
+        unknown = sorted(set(self.estimator) - {"tol", "max_iter", "accelerate"})
+        _need(not unknown, "estimator", "a table of tol, max_iter, accelerate", unknown)
+
+    def grid(self, quick: bool = False) -> tuple[tuple[int, ...], int]:
+        """(sample sizes, replicates) of the full or the quick run."""
+        if quick:
+            return (self.quick_sizes or self.sizes), self.quick_replicates
+        return self.sizes, self.replicates
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Study:
+        """Build and validate a study from a mapping (e.g. parsed TOML)."""
+        data = dict(data)
+        if "truth" not in data or "settings" not in data:
+            raise SpecError("study: missing key(s) " + str([k for k in ("truth", "settings")
+                                                             if k not in data]) + ".")
+        data["truth"] = _from_dict(TruthSpec, data["truth"], "truth")
+        if not isinstance(data["settings"], list):
+            raise SpecError("settings: must be a list of tables ([[settings]] in TOML).")
+        data["settings"] = tuple(_from_dict(Setting, s, f"settings[{i}]")
+                                 for i, s in enumerate(data["settings"]))
+        for key in ("sizes", "quick_sizes"):
+            if key in data:
+                data[key] = tuple(_sizes(data[key], key))
+        return _from_dict(cls, data, "")
+
+    def to_dict(self) -> dict:
+        """A plain-data form (for the results store and reports)."""
+        def clean(obj):
+            if dataclasses.is_dataclass(obj):
+                return {f.name: clean(getattr(obj, f.name)) for f in dataclasses.fields(obj)
+                        if not f.name.startswith("_")}
+            if isinstance(obj, (list, tuple)):
+                return [clean(v) for v in obj]
+            if isinstance(obj, Mapping):
+                return {k: clean(v) for k, v in obj.items()}
+            return obj
+        return clean(self)
+
+
+def _sizes(value: Any, key: str) -> list[int]:
+    """A list of ints, or {start, stop, num} for a log-spaced grid (rounded, de-duplicated)."""
+    if isinstance(value, Mapping):
+        try:
+            start, stop, num = float(value["start"]), float(value["stop"]), int(value["num"])
+        except (KeyError, TypeError, ValueError):
+            raise SpecError(f"{key}: a grid table needs numbers start, stop and an int num; "
+                            f"got {dict(value)!r}.") from None
+        _need(2 <= start < stop and num >= 2, key, "start >= 2, stop > start, num >= 2", value)
+        step = (math.log(stop) - math.log(start)) / (num - 1)
+        return sorted({round(math.exp(math.log(start) + i * step)) for i in range(num)})
+    _need(isinstance(value, list), key, "a list of ints or a {start, stop, num} table", value)
+    return list(value)
+
+
+def load_study(path: str | Path) -> Study:
+    """Load a study from a TOML file."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib  # type: ignore[no-redef]
+    try:
+        data = tomllib.loads(Path(path).read_text())
+    except OSError as err:
+        raise SpecError(f"cannot read study file {path}: {err.strerror}.") from None
+    except tomllib.TOMLDecodeError as err:
+        raise SpecError(f"{path} is not valid TOML: {err}.") from None
+    return Study.from_dict(data)

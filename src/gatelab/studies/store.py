@@ -1,0 +1,112 @@
+"""The results store: SQLite, one row per finished fit, written in transactions.
+
+The primary key (study, setting, n, replicate) makes reruns idempotent: finished rows
+are skipped, and a run killed mid-way (even with SIGKILL) loses only the fits in flight,
+because each work unit's rows are committed together after the unit finishes. The WAL
+journal keeps readers (reports) and the writer apart.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["FitRow", "Store"]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS fits (
+    study TEXT NOT NULL, setting TEXT NOT NULL, n INTEGER NOT NULL, replicate INTEGER NOT NULL,
+    seed INTEGER NOT NULL, loss REAL, mass REAL, blocks TEXT NOT NULL, loglik REAL,
+    n_iter INTEGER, converged INTEGER, degenerate INTEGER, seconds REAL,
+    version TEXT, created REAL,
+    PRIMARY KEY (study, setting, n, replicate)
+);
+CREATE TABLE IF NOT EXISTS studies (name TEXT PRIMARY KEY, spec TEXT NOT NULL, updated REAL);
+"""
+
+
+@dataclass(frozen=True)
+class FitRow:
+    """One finished fit: its losses, per-block errors and diagnostics."""
+
+    study: str
+    setting: str
+    n: int
+    replicate: int
+    seed: int
+    loss: float
+    mass: float
+    blocks: dict[str, float]
+    loglik: float
+    n_iter: int
+    converged: bool
+    degenerate: bool
+    seconds: float
+    version: str
+
+
+class Store:
+    """A SQLite file of fit rows. Open with ``Store(path)``; close with ``close()`` (or use
+    it as a context manager)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.conn = sqlite3.connect(self.path, timeout=60)
+            self.conn.execute("PRAGMA journal_mode=WAL")
+            self.conn.executescript(_SCHEMA)
+        except sqlite3.DatabaseError as err:
+            raise ValueError(f"{self.path} is not a gatelab results store ({err}). Pass another "
+                             f"--db path.") from None
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def save_study(self, name: str, spec: dict) -> None:
+        with self.conn:
+            self.conn.execute("INSERT OR REPLACE INTO studies VALUES (?, ?, ?)",
+                              (name, json.dumps(spec), time.time()))
+
+    def study_spec(self, name: str) -> dict | None:
+        row = self.conn.execute("SELECT spec FROM studies WHERE name = ?", (name,)).fetchone()
+        return None if row is None else json.loads(row[0])
+
+    def studies(self) -> list[str]:
+        return [r[0] for r in self.conn.execute("SELECT name FROM studies ORDER BY name")]
+
+    def done(self, study: str) -> set[tuple[str, int, int]]:
+        """(setting, n, replicate) of every finished fit of ``study``."""
+        cur = self.conn.execute("SELECT setting, n, replicate FROM fits WHERE study = ?", (study,))
+        return set(cur.fetchall())
+
+    def add(self, rows: Iterable[FitRow]) -> int:
+        """Insert rows in one transaction; rows already present are left as they are."""
+        values = [(r.study, r.setting, r.n, r.replicate, r.seed, r.loss, r.mass,
+                   json.dumps(r.blocks), r.loglik, r.n_iter, int(r.converged), int(r.degenerate),
+                   r.seconds, r.version, time.time()) for r in rows]
+        with self.conn:
+            cur = self.conn.executemany(
+                "INSERT OR IGNORE INTO fits VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                values)
+        return cur.rowcount
+
+    def rows(self, study: str) -> list[FitRow]:
+        cur = self.conn.execute(
+            "SELECT study, setting, n, replicate, seed, loss, mass, blocks, loglik, n_iter, "
+            "converged, degenerate, seconds, version FROM fits WHERE study = ? "
+            "ORDER BY setting, n, replicate", (study,))
+        nan = float("nan")  # SQLite stores NaN as NULL
+        return [FitRow(*r[:5], nan if r[5] is None else r[5], nan if r[6] is None else r[6],
+                       json.loads(r[7]), nan if r[8] is None else r[8], r[9], bool(r[10]),
+                       bool(r[11]), r[12], r[13]) for r in cur]

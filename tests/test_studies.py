@@ -1,0 +1,221 @@
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import gatelab.cli as cli
+from gatelab.studies import (SpecError, Store, Study, catalogue, load_study, plan, rate,
+                             rate_table, reproduce, seed_for, verdict)
+from gatelab.studies.rates import Rate
+
+TINY = """
+name = "tiny"
+paper = "2305.03288"
+description = "a small softmax study for tests"
+seed = 7
+replicates = 3
+quick_replicates = 2
+sizes = [300, 600, 1200]
+quick_sizes = [300, 600]
+
+[truth]
+n_experts = 2
+dim = 1
+covariates = { kind = "uniform", low = 0.0, high = 1.0 }
+
+[truth.params]
+beta1 = [[25.0], [0.0]]
+beta0 = [-8.0, 0.0]
+a = [[-20.0], [20.0]]
+b = [15.0, -5.0]
+var = [0.09, 0.16]
+
+[[settings]]
+name = "exact"
+fitted_k = 2
+loss = "D1"
+
+[[settings]]
+name = "over"
+fitted_k = 3
+loss = "D2-softmax"
+n_starts = 2
+"""
+
+
+@pytest.fixture
+def tiny_path(tmp_path):
+    path = tmp_path / "tiny.toml"
+    path.write_text(TINY)
+    return path
+
+
+@pytest.fixture
+def tiny(tiny_path):
+    return load_study(tiny_path)
+
+
+# --- specifications ------------------------------------------------------------------
+
+def test_catalogue_studies_load_and_validate():
+    assert "softmax-gaussian" in catalogue.names()
+    study = catalogue.get("softmax-gaussian")
+    assert len(study.sizes) > 150 and study.sizes[0] == 100 and study.sizes[-1] == 100_000
+    assert [s.fitted_k for s in study.settings] == [2, 3, 4]
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda d: d["settings"][1].update(fitted_k=0), r"settings\[1\]\.fitted_k: must be an int >= 1"),
+    (lambda d: d["settings"][0].update(loss="D9"), r"settings\[0\]\.loss: must be one of"),
+    (lambda d: d["settings"][0].update(colour="red"), r"settings\[0\]: unknown key\(s\) \['colour'\]"),
+    (lambda d: d["truth"]["params"].pop("var"), r"truth: .*missing \['var'\]"),
+    (lambda d: d.update(sizes=[300]), r"sizes: must be at least two sample sizes"),
+    (lambda d: d.pop("truth"), r"study: missing key\(s\) \['truth'\]"),
+    (lambda d: d["estimator"].update(lr=0.1), r"estimator: must be a table of tol"),
+])
+def test_spec_errors_name_the_key(change, message):
+    import tomllib
+    data = tomllib.loads(TINY)
+    data.setdefault("estimator", {"tol": 1e-6})
+    change(data)
+    with pytest.raises(SpecError, match=message):
+        Study.from_dict(data)
+
+
+def test_bad_toml_and_unknown_study(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("name = \n")
+    with pytest.raises(SpecError, match="is not valid TOML"):
+        load_study(bad)
+    with pytest.raises(ValueError, match="Unknown study 'nope'. Built-in studies: softmax-gaussian"):
+        catalogue.get("nope")
+
+
+def test_log_spaced_grid():
+    data = {"name": "g", "truth": {"n_experts": 1, "params": {"beta1": [[0.0]], "beta0": [0.0],
+                                                            "a": [[1.0]], "b": [0.0], "var": [1.0]}},
+            "settings": [{"name": "s", "fitted_k": 1}], "sizes": {"start": 100, "stop": 10000, "num": 3}}
+    assert Study.from_dict(data).sizes == (100, 1000, 10000)
+
+
+# --- seeds and planning ------------------------------------------------------------------
+
+def test_seeds_depend_on_the_unit_only(tiny):
+    a = seed_for(tiny, "exact", 300, 1)
+    assert a == seed_for(tiny, "exact", 300, 1)
+    others = {seed_for(tiny, s, n, r) for s in ("exact", "over") for n in (300, 600) for r in range(3)}
+    assert len(others) == 12 and 0 <= a < 2 ** 63
+
+
+def test_plan_skips_finished_replicates(tiny):
+    units = plan(tiny)
+    assert sum(len(u.replicates) for u in units) == 2 * 3 * 3
+    done = {("exact", 300, 0), ("exact", 300, 2)}
+    left = [u for u in plan(tiny, done=done) if u.setting == "exact" and u.n == 300]
+    assert [u.replicates for u in left] == [(1,)]
+
+
+# --- running, resuming, rates ------------------------------------------------------------
+
+def test_rerun_skips_finished_rows_and_results_do_not_depend_on_workers(tiny, tmp_path):
+    with Store(tmp_path / "a.sqlite") as store:
+        first = reproduce(tiny, store, quick=True, progress=False)
+        again = reproduce(tiny, store, quick=True, progress=False)
+        rows_a = store.rows("tiny")
+    assert first.fits == 2 * 2 * 2 and again.fits == 0 and again.skipped == 8
+    with Store(tmp_path / "b.sqlite") as store:
+        reproduce(tiny, store, quick=True, workers=2, progress=False)
+        rows_b = store.rows("tiny")
+    key = lambda r: (r.setting, r.n, r.replicate)  # noqa: E731
+    assert [(key(r), r.seed, r.loss, r.loglik) for r in rows_a] == \
+           [(key(r), r.seed, r.loss, r.loglik) for r in sorted(rows_b, key=key)]
+
+
+def test_rate_recovers_a_known_slope():
+    rng = np.random.default_rng(0)
+    ns = [100, 300, 1000, 3000, 10000]
+    losses = [3.0 * n ** -0.5 * rng.lognormal(0, 0.3, size=200) for n in ns]
+    r = rate(ns, losses)
+    assert abs(r.slope + 0.5) < 0.03 and r.ci_low < -0.5 < r.ci_high
+    assert r.ci_high - r.ci_low < 0.1
+
+
+def test_verdicts():
+    assert verdict(-0.5, Rate(-0.45, -0.6, -0.4)) == "within CI"
+    assert verdict(-0.5, Rate(-0.9, -1.0, -0.8)) == "faster"
+    assert verdict(-0.5, Rate(-0.2, -0.3, -0.1)) == "slower"
+    assert verdict(None, Rate(-0.2, -0.3, -0.1)) == "n/a"
+
+
+def test_rate_table_covers_every_setting_and_block(tiny, tmp_path):
+    with Store(tmp_path / "t.sqlite") as store:
+        reproduce(tiny, store, progress=False)
+        table = rate_table(tiny, store.rows("tiny"), n_boot=200)
+    keys = {(r["setting"], r["block"]) for r in table}
+    assert keys == {(s, b) for s in ("exact", "over") for b in ("total", "beta1", "a", "b", "var")}
+    exact = next(r for r in table if r["setting"] == "exact" and r["block"] == "total")
+    assert exact["theory"] == -0.5 and exact["ci_low"] <= exact["slope"] <= exact["ci_high"]
+
+
+def test_sigkill_mid_run_loses_only_fits_in_flight(tiny_path, tmp_path):
+    db = tmp_path / "kill.sqlite"
+    cmd = [sys.executable, "-m", "gatelab.cli", "reproduce", str(tiny_path), "--db", str(db),
+           "--out", str(tmp_path / "out"), "--json"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    count = 0
+    while time.time() < deadline and proc.poll() is None:
+        if db.exists():
+            try:
+                count = sqlite3.connect(db).execute("SELECT COUNT(*) FROM fits").fetchone()[0]
+            except sqlite3.OperationalError:
+                count = 0
+            if count >= 3:
+                break
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert 0 < count
+    with Store(db) as store:
+        before = {(r.setting, r.n, r.replicate): r.loss for r in store.rows("tiny")}
+    assert len(before) < 18 or proc.returncode == 0
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    conn = sqlite3.connect(db)
+    total, distinct = conn.execute(
+        "SELECT COUNT(*), COUNT(DISTINCT setting || n || '/' || replicate) FROM fits").fetchone()
+    assert total == distinct == 2 * 3 * 3
+    with Store(db) as store:
+        after = {(r.setting, r.n, r.replicate): r.loss for r in store.rows("tiny")}
+    assert all(after[k] == v for k, v in before.items())
+
+
+# --- command line and report ---------------------------------------------------------------
+
+def test_cli_studies_lists_the_catalogue(capsys):
+    assert cli.main(["studies"]) == 0
+    assert "softmax-gaussian" in capsys.readouterr().out
+
+
+def test_cli_reproduce_json_and_report(tiny_path, tmp_path, capsys):
+    db, out = tmp_path / "r.sqlite", tmp_path / "report"
+    assert cli.main(["reproduce", str(tiny_path), "--quick", "--db", str(db), "--out", str(out),
+                     "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["study"] == "tiny" and result["seconds"] > 0
+    entry = result["rates"][0]
+    for key in ("setting", "fitted_k", "loss", "block", "slope", "ci_low", "ci_high", "theory"):
+        assert key in entry
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 2 and "Rates" in html
+    assert cli.main(["report", str(db), "--out", str(tmp_path / "again")]) == 0
+    assert (tmp_path / "again" / "tiny" / "report.html").exists()
+
+
+def test_cli_report_on_a_missing_store_exits_2(tmp_path):
+    assert cli.main(["report", str(tmp_path / "none.sqlite")]) == 2
