@@ -40,6 +40,7 @@ var = [0.09, 0.16]
 name = "exact"
 fitted_k = 2
 loss = "D1"
+theory = -0.5
 
 [[settings]]
 name = "over"
@@ -64,7 +65,9 @@ def tiny(tiny_path):
 # --- specifications ------------------------------------------------------------------
 
 def test_catalogue_studies_load_and_validate():
-    assert "softmax-gaussian" in catalogue.names()
+    assert {"softmax-gaussian", "laplace-gaussian"} <= set(catalogue.names())
+    for name in catalogue.names():
+        catalogue.get(name).truth.tensors()
     study = catalogue.get("softmax-gaussian")
     assert len(study.sizes) > 150 and study.sizes[0] == 100 and study.sizes[-1] == 100_000
     assert [s.fitted_k for s in study.settings] == [2, 3, 4]
@@ -93,7 +96,7 @@ def test_bad_toml_and_unknown_study(tmp_path):
     bad.write_text("name = \n")
     with pytest.raises(SpecError, match="is not valid TOML"):
         load_study(bad)
-    with pytest.raises(ValueError, match="Unknown study 'nope'. Built-in studies: softmax-gaussian"):
+    with pytest.raises(ValueError, match="Unknown study 'nope'. Built-in studies: laplace-gaussian, softmax-gaussian"):
         catalogue.get("nope")
 
 

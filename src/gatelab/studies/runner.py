@@ -71,12 +71,14 @@ def run_unit(study: Study, unit: Unit) -> list[FitRow]:
         x, y = truth_model.sample(truth, unit.n, g)
         xs.append(x)
         ys.append(y)
-        starts.append(near_truth(model, truth, unit.n, setting.n_starts, generator=g))
+        starts.append(near_truth(model, _start_truth(truth, model), unit.n, setting.n_starts,
+                                 generator=g))
     init = {k: torch.stack([s[k] for s in starts], dim=1) for k in starts[0]}   # (S, R, ...)
     start = time.perf_counter()
     res = select_best(fit_em(model, torch.stack(xs), torch.stack(ys), init, **study.estimator))
     seconds = (time.perf_counter() - start) / len(seeds)
-    loss = voronoi_loss(res.params, truth, setting.loss, normaliser=model.gate.normaliser)
+    loss = voronoi_loss(res.params, truth, setting.loss, normaliser=model.gate.normaliser,
+                        blocks=list(setting.loss_blocks) or None)
     # A gate that ran off to infinity (separation at small n) gives an infinite loss: the
     # row is kept, flagged degenerate, and left out of the rate fit by the report.
     degenerate = res.degenerate | ~torch.isfinite(loss.total)
@@ -85,6 +87,20 @@ def run_unit(study: Study, unit: Unit) -> list[FitRow]:
                    float(res.loglik[i]), int(res.n_iter[i]), bool(res.converged[i]),
                    bool(degenerate[i]), seconds, __version__)
             for i, (r, seed) in enumerate(zip(unit.replicates, seeds))]
+
+
+def _start_truth(truth: dict, model) -> dict:
+    """The truth's blocks in the fitted model's terms. A fitted gate of another family (e.g.
+    softmax fitted to a Laplace truth) has no true gate blocks: it starts flat at the
+    truth's experts, with the truth's intercepts (masses) kept."""
+    gate_shapes = model._gate_shapes()
+    if all(name in truth for name in gate_shapes):
+        return truth
+    k_star = truth["beta0"].shape[-1]
+    flat = {name: torch.zeros(k_star, *shape[1:], dtype=truth["beta0"].dtype)
+            for name, shape in gate_shapes.items() if name != "beta0"}
+    experts = {k: v for k, v in truth.items() if k not in flat and k in model.param_shapes()}
+    return {**experts, **flat}
 
 
 class Progress:

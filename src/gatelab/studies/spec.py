@@ -101,17 +101,21 @@ class TruthSpec:
 @dataclass(frozen=True)
 class Setting:
     """One fitted configuration of a study: its own number of experts, gate, starts, loss,
-    and the theoretical slope of the loss (and optionally of each block) against n."""
+    and the theoretical slope of the loss (and optionally of each block) against n, where
+    the paper claims one.
+    ``loss_blocks`` restricts the Voronoi atoms to some blocks, e.g. the experts' (a, b,
+    var) when the fitted gate differs from the true one."""
 
     name: str
     fitted_k: int
     loss: str = "D1"
-    theory: float = -0.5
+    theory: float | None = None
     theory_blocks: Mapping[str, float] = field(default_factory=dict)
     gate: str | None = None
     gate_options: Mapping[str, Any] = field(default_factory=dict)
     start: str = "near_truth"
     n_starts: int = 1
+    loss_blocks: tuple[str, ...] = ()
     _path: str = "settings"
 
     def __post_init__(self) -> None:
@@ -121,7 +125,10 @@ class Setting:
         _need(self.loss in TABLES, f"{p}.loss", f"one of {sorted(TABLES)}", self.loss)
         _need(self.start in ("near_truth",), f"{p}.start", "'near_truth'", self.start)
         _need(_is_int(self.n_starts), f"{p}.n_starts", "an int >= 1", self.n_starts)
-        _need(isinstance(self.theory, (int, float)), f"{p}.theory", "a number (a slope)", self.theory)
+        _need(self.theory is None or isinstance(self.theory, (int, float)), f"{p}.theory",
+              "a number (a slope) or absent", self.theory)
+        _need(isinstance(self.loss_blocks, (list, tuple)) and all(isinstance(b, str) for b in
+              self.loss_blocks), f"{p}.loss_blocks", "a list of block names", self.loss_blocks)
 
 
 @dataclass(frozen=True)
