@@ -222,3 +222,21 @@ def test_cli_reproduce_json_and_report(tiny_path, tmp_path, capsys):
 
 def test_cli_report_on_a_missing_store_exits_2(tmp_path):
     assert cli.main(["report", str(tmp_path / "none.sqlite")]) == 2
+
+
+def test_ray_backend_gives_the_same_rows_as_local(tiny, tmp_path):
+    pytest.importorskip("ray")
+    with Store(tmp_path / "local.sqlite") as store:
+        reproduce(tiny, store, quick=True, progress=False)
+        local = store.rows("tiny")
+    with Store(tmp_path / "ray.sqlite") as store:
+        stats = reproduce(tiny, store, quick=True, progress=False, backend="ray", workers=2)
+        remote = store.rows("tiny")
+    assert stats.fits == len(local) == len(remote) == 8
+    assert [(r.setting, r.n, r.replicate, r.seed, r.loss, r.loglik) for r in local] == \
+           [(r.setting, r.n, r.replicate, r.seed, r.loss, r.loglik) for r in remote]
+
+
+def test_unknown_backend(tiny, tmp_path):
+    with Store(tmp_path / "x.sqlite") as store, pytest.raises(ValueError, match="Unknown backend"):
+        reproduce(tiny, store, backend="dask")

@@ -128,14 +128,11 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     from .studies import Store, catalogue, rate_table, reproduce
     from .studies.report import write_report
     study = catalogue.get(args.name)
-    if args.backend != "local":
-        raise UsageError("only --backend local is available in this version; the Ray backend "
-                         "is planned (see the studies issue).")
     db = Path(args.db or f"runs/{study.name}.sqlite")
     out = Path(args.out or f"runs/{study.name}")
     with Store(db) as store:
         stats = reproduce(study, store, quick=args.quick, workers=args.workers,
-                          progress=not args.json)
+                          progress=not args.json, backend=args.backend, address=args.address)
         sizes, reps = study.grid(args.quick)
         rows = [r for r in store.rows(study.name) if r.n in set(sizes) and r.replicate < reps]
         table = rate_table(study, rows)
@@ -212,7 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", help="a built-in study (see 'gatelab studies') or a .toml file")
     p.add_argument("--quick", action="store_true", help="the reduced grid (minutes)")
     p.add_argument("--workers", type=int, default=1, help="local worker processes")
-    p.add_argument("--backend", default="local", choices=["local", "ray"])
+    p.add_argument("--backend", default="local", choices=["local", "ray"],
+                   help="local processes, or Ray tasks (pip install 'gatelab[ray]')")
+    p.add_argument("--address", help="Ray cluster address (default: a local Ray instance)")
     p.add_argument("--db", help="results store (default runs/NAME.sqlite)")
     p.add_argument("--out", help="report folder (default runs/NAME)")
     p.add_argument("--json", action="store_true", help="print one JSON object")

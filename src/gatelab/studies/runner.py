@@ -140,15 +140,23 @@ def _init_worker(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
+BACKENDS = ("local", "ray")
+
+
 def reproduce(study: Study, store: Store, quick: bool = False, workers: int = 1,
-              progress: bool = True, on_rows: Callable[[list[FitRow]], None] | None = None
-              ) -> RunStats:
+              progress: bool = True, on_rows: Callable[[list[FitRow]], None] | None = None,
+              backend: str = "local", address: str | None = None) -> RunStats:
     """Run every missing fit of ``study`` and commit each unit's rows as it finishes.
 
-    ``workers`` > 1 uses a local process pool (spawned workers, torch threads split
-    between them). Interrupting (Ctrl-C, SIGKILL) loses only the units in flight; a rerun
-    skips every committed row.
+    ``backend="local"``: in this process, or with ``workers`` > 1 a local process pool
+    (spawned workers, torch threads split between them). ``backend="ray"``: the same work
+    units as Ray tasks, on the cluster at ``address`` (``ray.init(address=...)``) or, with
+    no address, on a local Ray instance of ``workers`` CPUs. Either way only this process
+    writes the store. Interrupting (Ctrl-C, SIGKILL) loses only the units in flight; a
+    rerun skips every committed row.
     """
+    if backend not in BACKENDS:
+        raise ValueError(f"Unknown backend {backend!r}. Valid: {', '.join(BACKENDS)}.")
     store.save_study(study.name, study.to_dict())
     sizes, replicates = study.grid(quick)
     done = store.done(study.name)
@@ -165,7 +173,9 @@ def reproduce(study: Study, store: Store, quick: bool = False, workers: int = 1,
             on_rows(rows)
 
     try:
-        if workers <= 1:
+        if backend == "ray":
+            _run_ray(study, units, max(workers, 1), address, commit)
+        elif workers <= 1:
             for unit in units:
                 commit(run_unit(study, unit))
         else:
@@ -189,3 +199,35 @@ def _run_pool(study: Study, units: list[Unit], workers: int, commit) -> None:
             for fut in pending:
                 fut.cancel()
             raise
+
+
+def _run_unit_one_thread(study: Study, unit: Unit) -> list[FitRow]:
+    """A Ray task: one CPU, so one torch thread."""
+    torch.set_num_threads(1)
+    return run_unit(study, unit)
+
+
+def _run_ray(study: Study, units: list[Unit], cpus: int, address: str | None, commit) -> None:
+    try:
+        import ray
+    except ImportError:
+        raise ValueError("--backend ray needs Ray: pip install 'gatelab[ray]' (or pip install "
+                         "ray), then start or point at a cluster with --address.") from None
+    started = not ray.is_initialized()
+    if started:
+        options = {"address": address} if address else {"num_cpus": cpus}
+        ray.init(include_dashboard=False, log_to_driver=False, **options)
+    task = ray.remote(num_cpus=1)(_run_unit_one_thread)
+    pending = [task.remote(study, u) for u in units]
+    try:
+        while pending:
+            finished, pending = ray.wait(pending, num_returns=1)
+            for ref in finished:
+                commit(ray.get(ref))
+    except BaseException:
+        for ref in pending:
+            ray.cancel(ref, force=True)
+        raise
+    finally:
+        if started:
+            ray.shutdown()
