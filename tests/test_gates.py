@@ -131,6 +131,14 @@ def test_normalise_keeps_the_weights(case):
     torch.testing.assert_close(gate.weights(x, q), gate.weights(x, p), rtol=1e-12, atol=1e-13)
 
 
+def test_plain_cosine_normalise_puts_beta1_on_the_unit_sphere():
+    gate, perturbed = gl.make_gate("cosine"), gl.make_gate("perturbed_cosine")
+    p = gate_params(gate, dim=3)
+    norms = gate.normalise(p)["beta1"].norm(dim=-1)
+    torch.testing.assert_close(norms, torch.ones_like(norms))
+    assert torch.equal(perturbed.normalise(p)["beta1"], p["beta1"])  # the norm matters there
+
+
 def test_normalise_fixes_the_last_expert_at_zero():
     gate = gl.make_gate("softmax")
     q = gate.normalise(gate_params(gate, dim=2, batch_shape=(3,)))

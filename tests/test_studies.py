@@ -65,7 +65,7 @@ def tiny(tiny_path):
 # --- specifications ------------------------------------------------------------------
 
 def test_catalogue_studies_load_and_validate():
-    assert {"softmax-gaussian", "laplace-gaussian"} <= set(catalogue.names())
+    assert {"softmax-gaussian", "laplace-gaussian", "cosine-vs-perturbed"} <= set(catalogue.names())
     for name in catalogue.names():
         catalogue.get(name).truth.tensors()
     study = catalogue.get("softmax-gaussian")
@@ -80,7 +80,8 @@ def test_catalogue_studies_load_and_validate():
     (lambda d: d["truth"]["params"].pop("var"), r"truth: .*missing \['var'\]"),
     (lambda d: d.update(sizes=[300]), r"sizes: must be at least two sample sizes"),
     (lambda d: d.pop("truth"), r"study: missing key\(s\) \['truth'\]"),
-    (lambda d: d["estimator"].update(lr=0.1), r"estimator: must be a table of tol"),
+    (lambda d: d["estimator"].update(lr=0.1), r"estimator: must be a table of method, tol"),
+    (lambda d: d["estimator"].update(method="adam"), r"estimator.method: must be .em. or .lsq."),
 ])
 def test_spec_errors_name_the_key(change, message):
     import tomllib
@@ -96,7 +97,7 @@ def test_bad_toml_and_unknown_study(tmp_path):
     bad.write_text("name = \n")
     with pytest.raises(SpecError, match="is not valid TOML"):
         load_study(bad)
-    with pytest.raises(ValueError, match="Unknown study 'nope'. Built-in studies: laplace-gaussian, softmax-gaussian"):
+    with pytest.raises(ValueError, match="Unknown study 'nope'. Built-in studies: cosine-vs-perturbed, laplace-gaussian"):
         catalogue.get("nope")
 
 
@@ -222,6 +223,18 @@ def test_cli_reproduce_json_and_report(tiny_path, tmp_path, capsys):
 
 def test_cli_report_on_a_missing_store_exits_2(tmp_path):
     assert cli.main(["report", str(tmp_path / "none.sqlite")]) == 2
+
+
+def test_least_squares_study_runs_with_its_own_truth_per_setting(tmp_path):
+    study = catalogue.get("cosine-vs-perturbed")
+    small = Study.from_dict({**study.to_dict(), "quick_sizes": [300, 600], "quick_replicates": 2})
+    with Store(tmp_path / "lsq.sqlite") as store:
+        reproduce(small, store, quick=True, progress=False)
+        rows = store.rows(small.name)
+    assert len(rows) == 2 * 2 * 2 and all(np.isfinite(r.loss) for r in rows)
+    # the two settings draw different data (different routers), from the same seeds' logic
+    by = {(r.setting, r.n, r.replicate): r.loglik for r in rows}
+    assert by[("plain cosine k=2", 300, 0)] != by[("perturbed cosine k=2", 300, 0)]
 
 
 def test_ray_backend_gives_the_same_rows_as_local(tiny, tmp_path):

@@ -219,6 +219,14 @@ class CosineGate(Gate):
         denom = (_norm(x_ND) + self.tau2).unsqueeze(-1) * (_norm(beta1) + self.tau1).unsqueeze(-2)
         return _linear(x_ND, beta1) / denom + params["beta0"].unsqueeze(-2)
 
+    def normalise(self, params: Params) -> Params:
+        """With tau1 = 0 the score depends on beta1_i only through its direction, so the
+        identifiable form puts every beta1_i on the unit sphere; then beta0 is shifted."""
+        out = dict(params)
+        if self.tau1 == 0:
+            out["beta1"] = params["beta1"] / _norm(params["beta1"]).unsqueeze(-1)
+        return super().normalise(out)
+
 
 @dataclass(frozen=True, kw_only=True)
 class PerturbedCosineGate(CosineGate):

@@ -55,6 +55,9 @@ def near_truth(model: GatedExperts, truth: Params, n: int, n_starts: int = 1,
         atoms = covering_assignment(model.n_experts, k_star, generator)
         start = {}
         for name, value in truth.items():
+            if value.dim() == 0:  # no expert axis (a noise variance): copied as it is
+                start[name] = value.clone()
+                continue
             sd = (0.005 if name in gate_names else 0.05) * n ** -0.083
             block = value[atoms]
             if name == "var":

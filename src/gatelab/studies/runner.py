@@ -22,7 +22,7 @@ from typing import NamedTuple, TextIO
 import torch
 
 from .. import __version__
-from ..fit import fit_em, near_truth, select_best
+from ..fit import FitResult, fit_em, fit_lsq, near_truth, select_best
 from ..losses import voronoi_loss
 from .spec import Study
 from .store import FitRow, Store
@@ -62,8 +62,11 @@ def plan(study: Study, quick: bool = False, done: set | frozenset = frozenset())
 def run_unit(study: Study, unit: Unit) -> list[FitRow]:
     """Sample, start, fit and score the replicates of one unit (one batched fit)."""
     setting = next(s for s in study.settings if s.name == unit.setting)
-    truth_model, truth = study.truth.model(), study.truth.tensors()
-    model = study.truth.model(setting.fitted_k, setting.gate, setting.gate_options or None)
+    truth = study.truth.tensors()
+    truth_model = study.truth.model(gate=setting.truth_gate,
+                                    gate_options=setting.truth_gate_options or None)
+    model = study.truth.model(setting.fitted_k, setting.gate or setting.truth_gate,
+                              setting.gate_options or setting.truth_gate_options or None)
     seeds = [seed_for(study, unit.setting, unit.n, r) for r in unit.replicates]
     xs, ys, starts = [], [], []
     for seed in seeds:
@@ -75,7 +78,7 @@ def run_unit(study: Study, unit: Unit) -> list[FitRow]:
                                  generator=g))
     init = {k: torch.stack([s[k] for s in starts], dim=1) for k in starts[0]}   # (S, R, ...)
     start = time.perf_counter()
-    res = select_best(fit_em(model, torch.stack(xs), torch.stack(ys), init, **study.estimator))
+    res = select_best(_fit(study, model, torch.stack(xs), torch.stack(ys), init))
     seconds = (time.perf_counter() - start) / len(seeds)
     loss = voronoi_loss(res.params, truth, setting.loss, normaliser=model.gate.normaliser,
                         blocks=list(setting.loss_blocks) or None)
@@ -87,6 +90,20 @@ def run_unit(study: Study, unit: Unit) -> list[FitRow]:
                    float(res.loglik[i]), int(res.n_iter[i]), bool(res.converged[i]),
                    bool(degenerate[i]), seconds, __version__)
             for i, (r, seed) in enumerate(zip(unit.replicates, seeds))]
+
+
+def _fit(study: Study, model, x: torch.Tensor, y: torch.Tensor, init: dict) -> FitResult:
+    """The study's estimator: EM (maximum likelihood) or least squares, whose residual sum
+    of squares is reported as the profile log-likelihood -n/2 (log(2 pi RSS / n) + 1)."""
+    options = {k: v for k, v in study.estimator.items() if k != "method"}
+    if study.estimator.get("method", "em") == "em":
+        return fit_em(model, x, y, init, **options)
+    options.pop("accelerate", None)
+    res = fit_lsq(model, x, y, init, **options)
+    n = x.shape[-2]
+    loglik = -0.5 * n * (torch.log(2 * torch.pi * res.rss / n) + 1)
+    return FitResult(res.params, loglik, res.n_iter, res.converged,
+                     torch.zeros_like(res.converged))
 
 
 def _start_truth(truth: dict, model) -> dict:

@@ -20,7 +20,7 @@ from ..covariates import make_covariates
 from ..experts import make_expert
 from ..gates import make_gate
 from ..losses import TABLES
-from ..models import GaussianMoE
+from ..models import GatedExperts, GaussianMoE, MoERegression
 from ..params import Params
 
 __all__ = ["SpecError", "TruthSpec", "Setting", "Study", "load_study"]
@@ -58,12 +58,18 @@ def _is_int(v: Any, low: int = 1) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= low
 
 
+_MODELS = {"gaussian_moe": GaussianMoE, "regression": MoERegression}
+
+
 @dataclass(frozen=True)
 class TruthSpec:
-    """The true model: a Gaussian MoE given by gate, expert, covariates and parameters."""
+    """The true model: a Gaussian MoE (``model = "gaussian_moe"``) or an MoE regression
+    (``model = "regression"``, with a noise variance ``nu``), given by gate, expert,
+    covariates and parameters."""
 
     n_experts: int
     params: Mapping[str, Any]
+    model_kind: str = "gaussian_moe"
     dim: int = 1
     gate: str = "softmax"
     gate_options: Mapping[str, Any] = field(default_factory=dict)
@@ -73,6 +79,8 @@ class TruthSpec:
     _path: str = "truth"
 
     def __post_init__(self) -> None:
+        _need(self.model_kind in _MODELS, f"{self._path}.model_kind", f"one of {sorted(_MODELS)}",
+              self.model_kind)
         _need(_is_int(self.n_experts), f"{self._path}.n_experts", "an int >= 1", self.n_experts)
         _need(_is_int(self.dim), f"{self._path}.dim", "an int >= 1", self.dim)
         try:
@@ -82,11 +90,11 @@ class TruthSpec:
             raise SpecError(f"{self._path}: {err}") from None
 
     def model(self, n_experts: int | None = None, gate: str | None = None,
-              gate_options: Mapping[str, Any] | None = None) -> GaussianMoE:
+              gate_options: Mapping[str, Any] | None = None) -> GatedExperts:
         """The true model, or the same family with another number of experts / gate."""
         cov = dict(self.covariates)
         kind = cov.pop("kind", "uniform")
-        return GaussianMoE(n_experts or self.n_experts, self.dim,
+        return _MODELS[self.model_kind](n_experts or self.n_experts, self.dim,
                            make_gate(gate or self.gate, **dict(gate_options if gate_options
                                                                is not None else self.gate_options)),
                            make_expert(self.expert, **dict(self.expert_options)),
@@ -104,7 +112,9 @@ class Setting:
     and the theoretical slope of the loss (and optionally of each block) against n, where
     the paper claims one.
     ``loss_blocks`` restricts the Voronoi atoms to some blocks, e.g. the experts' (a, b,
-    var) when the fitted gate differs from the true one."""
+    var) when the fitted gate differs from the true one. ``truth_gate`` makes this
+    setting's data come from the truth with another gate (same parameter values), e.g. a
+    plain vs a perturbed cosine router; the fitted gate defaults to it."""
 
     name: str
     fitted_k: int
@@ -116,6 +126,8 @@ class Setting:
     start: str = "near_truth"
     n_starts: int = 1
     loss_blocks: tuple[str, ...] = ()
+    truth_gate: str | None = None
+    truth_gate_options: Mapping[str, Any] = field(default_factory=dict)
     _path: str = "settings"
 
     def __post_init__(self) -> None:
@@ -160,8 +172,12 @@ class Study:
         _need(_is_int(self.replicates), "replicates", "an int >= 1", self.replicates)
         _need(_is_int(self.quick_replicates), "quick_replicates", "an int >= 1",
               self.quick_replicates)
-        unknown = sorted(set(self.estimator) - {"tol", "max_iter", "accelerate"})
-        _need(not unknown, "estimator", "a table of tol, max_iter, accelerate", unknown)
+        unknown = sorted(set(self.estimator) - {"method", "tol", "max_iter", "accelerate"})
+        _need(not unknown, "estimator", "a table of method, tol, max_iter, accelerate", unknown)
+        method = self.estimator.get("method", "em")
+        _need(method in ("em", "lsq"), "estimator.method", "'em' or 'lsq'", method)
+        _need(method == "lsq" or self.truth.model_kind == "gaussian_moe", "estimator.method",
+              "'lsq' for a regression truth (EM fits Gaussian MoE densities)", method)
 
     def grid(self, quick: bool = False) -> tuple[tuple[int, ...], int]:
         """(sample sizes, replicates) of the full or the quick run."""
