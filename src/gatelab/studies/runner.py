@@ -24,6 +24,7 @@ import torch
 from .. import __version__
 from ..fit import FitResult, fit_em, fit_lsq, near_truth, select_best
 from ..losses import voronoi_loss
+from ..params import pick
 from .spec import Study
 from .store import FitRow, Store
 
@@ -62,9 +63,11 @@ def plan(study: Study, quick: bool = False, done: set | frozenset = frozenset())
 def run_unit(study: Study, unit: Unit) -> list[FitRow]:
     """Sample, start, fit and score the replicates of one unit (one batched fit)."""
     setting = next(s for s in study.settings if s.name == unit.setting)
-    truth = study.truth.tensors()
     truth_model = study.truth.model(gate=setting.truth_gate,
                                     gate_options=setting.truth_gate_options or None)
+    # A setting's own truth gate may have fewer blocks (a monomial quadratic gate has no
+    # beta1): it takes the blocks it has, in its identifiable form.
+    truth = truth_model.normalise(pick(study.truth.tensors(), truth_model.param_shapes()))
     model = study.truth.model(setting.fitted_k, setting.gate or setting.truth_gate,
                               setting.gate_options or setting.truth_gate_options or None)
     seeds = [seed_for(study, unit.setting, unit.n, r) for r in unit.replicates]
