@@ -211,7 +211,9 @@ def test_cli_reproduce_json_and_report(tiny_path, tmp_path, capsys):
     assert cli.main(["reproduce", str(tiny_path), "--quick", "--db", str(db), "--out", str(out),
                      "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert result["study"] == "tiny" and result["seconds"] > 0
+    assert result["study"] == "tiny"
+    for key in ("seconds", "fits", "skipped", "db", "report", "rates"):
+        assert key in result
     entry = result["rates"][0]
     for key in ("setting", "fitted_k", "loss", "block", "slope", "ci_low", "ci_high", "theory"):
         assert key in entry

@@ -31,6 +31,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from .._checks import check_inputs, check_int, check_positive
+from .._runtime import keep_freed_memory
 from ..gates import LinearGate
 from ..models import GaussianMoE
 from ..params import Params, pack, pick, unpack
@@ -155,18 +157,20 @@ def _irls_softmax(x_BND: Tensor, resp_BNE: Tensor, params: Params, steps: int) -
         grad = ((resp_BNE - w_BNE)[..., :-1].transpose(-1, -2) @ z_BNP).reshape(b, -1)
         diag = (w_m.transpose(-1, -2) @ zz).unflatten(-1, (p, p))               # (B, E-1, P, P)
         cross = (_outer(w_m).transpose(-1, -2) @ zz).view(b, e - 1, e - 1, p, p)
-        neg_h = _block_diag(diag) - cross.permute(0, 1, 3, 2, 4)                # (B, i, p, j, q)
-        direction = newton_direction(grad, neg_h.reshape(b, (e - 1) * p, (e - 1) * p))
+        direction = newton_direction(grad, _softmax_neg_hessian(diag, cross))
         theta, _ = halving_step(q, theta, direction, q(theta))
     out = full(theta)
     return {"beta0": out[..., 0], "beta1": out[..., 1:]}
 
 
-def _block_diag(diag_BEPP: Tensor) -> Tensor:
-    """(B, E, P, P) blocks -> (B, E, P, E, P) with the blocks on the expert diagonal."""
+def _softmax_neg_hessian(diag_BEPP: Tensor, cross_BEEPP: Tensor) -> Tensor:
+    """-Hessian of the softmax gate's Q over the free experts, ((E-1) P, (E-1) P) per problem,
+    from diag_i = sum_n w_ni z_n z_n^T and cross_ij = sum_n w_ni w_nj z_n z_n^T:
+    -H_(ip),(jq) = d_ij diag_i[p, q] - cross_ij[p, q]."""
     b, e, p, _ = diag_BEPP.shape
     eye = torch.eye(e, dtype=diag_BEPP.dtype, device=diag_BEPP.device)
-    return diag_BEPP.unsqueeze(-2) * eye.view(1, e, 1, e, 1)
+    block_diag = diag_BEPP.unsqueeze(-2) * eye.view(1, e, 1, e, 1)          # (B, i, p, j, q)
+    return (block_diag - cross_BEEPP.permute(0, 1, 3, 2, 4)).reshape(b, e * p, e * p)
 
 
 def _gate_step(model: GaussianMoE, x_BND, resp_BNE, params, steps: int) -> Params:
@@ -317,8 +321,7 @@ class _SoftmaxLinearKernel:
         diag = (w_m @ self.zz).unflatten(-1, (p, p))
         pairs = (w_m.unsqueeze(2) * w_m.unsqueeze(1)).flatten(1, 2)   # (B, (E-1)^2, N)
         cross = (pairs @ self.zz).view(b, e - 1, e - 1, p, p)
-        neg_h = (_block_diag(diag) - cross.permute(0, 1, 3, 2, 4)).reshape(b, (e - 1) * p, -1)
-        return newton_direction(grad, neg_h).view(b, e - 1, p)
+        return newton_direction(grad, _softmax_neg_hessian(diag, cross)).view(b, e - 1, p)
 
     def _with_gate_step(self, params: Params, direction: Tensor, t: Tensor) -> Params:
         beta0 = params["beta0"].clone()
@@ -447,7 +450,6 @@ def _squarem_update(kernel, shapes, params, state, ll, aux):
 
 def _broadcast_problem(model: GaussianMoE, x, y, init: Params):
     """x (..., N, D), y (..., N) and parameters (*batch, ...) to one batch axis B."""
-    from .._checks import check_inputs
     batch = model.check_params(init)
     dtype = next(iter(init.values())).dtype
     x, y = check_inputs(x, model.dim, y)
@@ -474,8 +476,6 @@ def fit_em(model: GaussianMoE, x: Tensor, y: Tensor, init: Params, *, tol: float
     log-likelihood after every update (for monotonicity checks). ``engine="general"``
     forces the reference kernel (the fast one is used by default where it applies).
     """
-    from .._checks import check_int, check_positive
-    from .._runtime import keep_freed_memory
     keep_freed_memory()
     check_positive("tol", tol)
     check_int("max_iter", max_iter, 1)

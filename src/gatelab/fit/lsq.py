@@ -56,11 +56,10 @@ class _Problem:
         return new
 
     def params(self, theta: Tensor) -> Params:
-        full = self.full.clone() if not theta.requires_grad else self.full.detach().clone()
-        full = full.to(theta.dtype)
-        full = full.index_put((torch.arange(full.shape[0]).unsqueeze(-1),
-                               self.free.nonzero().squeeze(-1).unsqueeze(0)), theta)
-        return unpack(full, self.shapes)
+        """All blocks, with the free entries taken from ``theta`` (B, P)."""
+        rows = torch.arange(self.full.shape[0]).unsqueeze(-1)
+        cols = self.free.nonzero().squeeze(-1).unsqueeze(0)
+        return unpack(self.full.to(theta.dtype).index_put((rows, cols), theta), self.shapes)
 
     def residuals(self, theta: Tensor) -> Tensor:
         return self.y - self.model._regression(self.x, self.params(theta))
