@@ -13,6 +13,9 @@ space. M-step (an ECM/GEM step: each part never lowers the expected log-likeliho
 - the softmax gate: Newton/IRLS with the full Hessian and step halving; every other
   gate (top-K, cosine, quadratic, Laplace, ...): the same Newton step by autograd.
 Stopping: |l_t - l_{t-1}| <= tol |l_{t-1}| on the log-likelihood l, or ``max_iter``.
+Limitation: with top-K gates the gate step cannot move the selection boundaries (a sample
+whose kept experts change gets Q = -inf, so halving refuses the step); fits keep the
+selection regions of their start. Top-1 from a flat start never moves its gate.
 ``accelerate=True`` uses SQUAREM extrapolation (Varadhan & Roland 2008) with a fall-back
 to plain EM steps whenever the extrapolated cycle ends lower, so the log-likelihood still
 never decreases; it matters most for over-specified fits, where plain EM crawls.
