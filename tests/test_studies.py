@@ -223,6 +223,27 @@ def test_cli_reproduce_json_and_report(tiny_path, tmp_path, capsys):
     assert (tmp_path / "again" / "tiny" / "report.html").exists()
 
 
+def test_ctrl_c_says_how_to_resume(tiny_path, tmp_path):
+    db = tmp_path / "int.sqlite"
+    cmd = [sys.executable, "-m", "gatelab.cli", "reproduce", str(tiny_path), "--db", str(db),
+           "--out", str(tmp_path / "o")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if db.exists():
+            with sqlite3.connect(db) as conn:
+                try:
+                    if conn.execute("SELECT COUNT(*) FROM fits").fetchone()[0] >= 2:
+                        break
+                except sqlite3.OperationalError:
+                    pass
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    # The first unit commits 3 of 18 rows, so the signal lands mid-run.
+    assert proc.returncode == 130 and "run the same command again to resume" in err
+
+
 def test_cli_report_on_a_missing_store_exits_2(tmp_path):
     assert cli.main(["report", str(tmp_path / "none.sqlite")]) == 2
 

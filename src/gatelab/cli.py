@@ -230,6 +230,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, TypeError) as err:
         print(f"gatelab {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        hint = (" Finished fits are saved in the results store; run the same command again "
+                "to resume." if args.command == "reproduce" else "")
+        print(f"\ngatelab {args.command}: interrupted.{hint}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
