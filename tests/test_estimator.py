@@ -60,6 +60,18 @@ def test_sample_draws_from_the_fitted_conditional(fitted, data):
     assert np.median(err) < 2 and fitted.sample(X, 3).shape == (1500,)
 
 
+def test_fit_without_a_seed_follows_torch_manual_seed(data):
+    """No random_state: the start comes from torch's global generator, so a run after
+    torch.manual_seed repeats exactly, and the caller's later draws repeat too (a reseed
+    by torch.seed() inside fit would break both)."""
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(123)
+        est = GaussianMoERegressor(2).fit(*data)
+        runs.append((est.loglik_, torch.rand(3)))
+    assert runs[0][0] == runs[1][0] and torch.equal(runs[0][1], runs[1][1])
+
+
 def test_same_seed_same_fit(data):
     a = GaussianMoERegressor(2, random_state=5).fit(*data)
     b = GaussianMoERegressor(2, random_state=5).fit(*data)

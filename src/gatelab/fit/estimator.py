@@ -161,7 +161,10 @@ class GaussianMoERegressor(_Regressor, _Base):
             raise ValueError(f"n_samples={x.shape[0]} must exceed the number of free parameters "
                              f"({n_params} for n_experts={self.n_experts} with {x.shape[1]} "
                              f"feature(s)). Collect more data or fit fewer experts.")
-        seed = self.random_state if self.random_state is not None else torch.seed() % 2**31
+        # Without a random_state, draw a seed from torch's global generator (not torch.seed(),
+        # which would reseed the caller's generator as a side effect).
+        seed = self.random_state if self.random_state is not None else \
+            int(torch.randint(2 ** 31, ()).item())
         generator = torch.Generator().manual_seed(int(seed))
         init = random_starts(model, x, t, self.n_init, generator)
         res = select_best(fit_em(model, x, t, init, tol=self.tol, max_iter=self.max_iter,
