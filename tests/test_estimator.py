@@ -94,6 +94,26 @@ def test_errors(data):
         GaussianMoERegressor(2, gate="sigmoid").fit(X, y)
 
 
+def test_estimator_works_without_scikit_learn():
+    """scikit-learn is optional: with it blocked, the fallback base classes still give
+    get_params / set_params and an R^2 score."""
+    code = (
+        "import sys; sys.modules['sklearn'] = None\n"
+        "import torch\n"
+        "from gatelab.demo import reference_truth\n"
+        "from gatelab.fit import GaussianMoERegressor\n"
+        "m, t = reference_truth()\n"
+        "x, y = m.sample(t, 800, torch.Generator().manual_seed(0))\n"
+        "est = GaussianMoERegressor(2, random_state=0).set_params(n_init=2)\n"
+        "assert est.get_params()['n_init'] == 2\n"
+        "est.fit(x, y)\n"
+        "r2 = 1 - ((y.numpy() - est.predict(x)) ** 2).sum() / ((y.numpy() - y.numpy().mean()) ** 2).sum()\n"
+        "assert abs(est.score(x, y) - r2) < 1e-12 and r2 > 0.5\n"
+        "print('ok')\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr
+
+
 def _sklearn_checks(estimator, expected):
     from sklearn.utils.estimator_checks import check_estimator
     failed = []

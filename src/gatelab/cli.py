@@ -183,7 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("gates", help="list the gate catalogue")
     p.set_defaults(run=cmd_gates)
-    p = sub.add_parser("demo", help="sample every catalogue model and check it against its density")
+    p = sub.add_parser("demo", help="self-check: sample every catalogue model and test it "
+                                    "against its own density")
     p.add_argument("--n", type=int, default=10_000, help="samples per replicate")
     p.add_argument("--replicates", type=int, default=40, help="replicates, drawn as one batch")
     p.add_argument("--seed", type=int, default=0)

@@ -1,4 +1,5 @@
-"""The interim main job (until the studies land): sample the reference truth and every
+"""A self-check of the model catalogue (``gatelab demo``; the main job, ``make demo``, is
+``gatelab reproduce softmax-gaussian --quick``): sample the reference truth and every
 gate in the catalogue, in batches of replicates, and check that the samples follow each
 model's own density (probability integral transform + Kolmogorov-Smirnov statistic)."""
 
