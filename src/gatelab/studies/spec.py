@@ -103,6 +103,8 @@ class TruthSpec:
     def tensors(self) -> Params:
         """The true parameters as float64 tensors, in identifiable form."""
         raw = {k: torch.tensor(v, dtype=torch.float64) for k, v in self.params.items()}
+        # Mismatched block names are returned as given, so that check_params (run in
+        # __post_init__) names the missing and unexpected blocks.
         return self.model().normalise(raw) if set(raw) == set(self.model().param_shapes()) else raw
 
 
