@@ -40,6 +40,18 @@ EXPERT_CASES = {
 
 DENSITY_GATES = [k for k in GATE_CASES if not k.startswith("sigmoid")]
 
+# Variants that deep layers use; tested at the gate level only (the statistical fits
+# run over GATE_CASES).
+LAYER_GATE_CASES = {
+    **GATE_CASES,
+    "cosine-x-only": lambda: gl.make_gate("cosine", unit_beta=False),
+    "cosine-beta-only": lambda: gl.make_gate("cosine", unit_x=False, tau1=0.2),
+    "quadratic-rank2": lambda: gl.make_gate("quadratic", rank=2),
+    "quadratic-monomial-rank1": lambda: gl.make_gate("quadratic_monomial", rank=1),
+    "laplace-expanded": lambda: gl.make_gate("laplace", expanded=True),
+    "gaussian-expanded": lambda: gl.make_gate("gaussian", expanded=True),
+}
+
 
 def gate_params(gate: gl.Gate, dim: int, seed: int = 0, batch_shape=()) -> dict:
     g = torch.Generator().manual_seed(seed)

@@ -27,11 +27,18 @@ def _score(gate, x, p, i):
     b0 = p["beta0"][i]
     if isinstance(gate, gt.CosineGate):
         w = p["beta1"][i]
-        return _dot(w, x) / ((_norm(w) + gate.tau1) * (_norm(x) + gate.tau2)) + b0
+        beta_norm = _norm(w) + gate.tau1 if gate.unit_beta else 1.0
+        x_norm = _norm(x) + gate.tau2 if gate.unit_x else 1.0
+        return _dot(w, x) / (beta_norm * x_norm) + b0
     if isinstance(gate, gt.LinearGate):
         return _dot(p["beta1"][i], x) + b0
     if isinstance(gate, gt.QuadraticGate):
-        a = p["A"][i]
+        if gate.rank:  # A = U V^T
+            u, v = p["U"][i], p["V"][i]
+            a = [[sum(u[r][j] * v[c][j] for j in range(gate.rank)) for c in range(len(x))]
+                 for r in range(len(x))]
+        else:
+            a = p["A"][i]
         quad = sum(x[r] * a[r][c] * x[c] for r in range(len(x)) for c in range(len(x)))
         return quad + b0 + (0.0 if gate.monomial else _dot(p["beta1"][i], x))
     if isinstance(gate, gt.LaplaceGate):

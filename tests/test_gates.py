@@ -5,7 +5,8 @@ import torch
 
 import gatelab as gl
 import reference as ref
-from cases import GATE_CASES, N_EXPERTS, cases, gate_params
+from cases import LAYER_GATE_CASES as GATE_CASES
+from cases import N_EXPERTS, cases, gate_params
 
 T = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
 X = T([[1.0, 2.0]])  # one sample, D = 2; ||x|| = sqrt(5)

@@ -164,10 +164,16 @@ def _linear(x_ND: Tensor, beta1_ED: Tensor) -> Tensor:
     return x_ND @ beta1_ED.transpose(-1, -2)
 
 
-def _sq_dist(x_ND: Tensor, w_ED: Tensor) -> Tensor:
-    """||x - W_i||^2 for every expert: (..., N, E). The explicit difference is used (not
-    ||x||^2 - 2 x.W + ||W||^2) because it keeps full precision when x is near W_i."""
-    return (x_ND.unsqueeze(-2) - w_ED.unsqueeze(-3)).square().sum(-1)
+def _sq_dist(x_ND: Tensor, w_ED: Tensor, expanded: bool = False) -> Tensor:
+    """||x - W_i||^2 for every expert: (..., N, E). By default the explicit difference is
+    used because it keeps full precision when x is near W_i, at N*E*D memory. With
+    ``expanded`` it is ||x||^2 - 2 x.W + ||W||^2 (one matmul, N*E memory), which deep
+    layers need at large D; it is clamped at 0 against cancellation."""
+    if not expanded:
+        return (x_ND.unsqueeze(-2) - w_ED.unsqueeze(-3)).square().sum(-1)
+    cross = _linear(x_ND, w_ED)
+    sq = x_ND.square().sum(-1, keepdim=True) - 2 * cross + w_ED.square().sum(-1).unsqueeze(-2)
+    return sq.clamp_min(0)
 
 
 # --- the catalogue -------------------------------------------------------------------
@@ -204,6 +210,8 @@ class CosineGate(Gate):
 
     tau1: float = 0.0
     tau2: float = 0.0
+    unit_x: bool = True
+    unit_beta: bool = True
     name: ClassVar[str] = "cosine"
 
     def __post_init__(self) -> None:
@@ -216,14 +224,19 @@ class CosineGate(Gate):
 
     def scores(self, x_ND: Tensor, params: Params) -> Tensor:
         beta1 = params["beta1"]
-        denom = (_norm(x_ND) + self.tau2).unsqueeze(-1) * (_norm(beta1) + self.tau1).unsqueeze(-2)
-        return _linear(x_ND, beta1) / denom + params["beta0"].unsqueeze(-2)
+        s = _linear(x_ND, beta1)
+        # unit_x / unit_beta choose which sides are normalised (X-MoE normalises both).
+        if self.unit_x:
+            s = s / (_norm(x_ND) + self.tau2).unsqueeze(-1)
+        if self.unit_beta:
+            s = s / (_norm(beta1) + self.tau1).unsqueeze(-2)
+        return s + params["beta0"].unsqueeze(-2)
 
     def normalise(self, params: Params) -> Params:
         """With tau1 = 0 the score depends on beta1_i only through its direction, so the
         identifiable form puts every beta1_i on the unit sphere; then beta0 is shifted."""
         out = dict(params)
-        if self.tau1 == 0:
+        if self.tau1 == 0 and self.unit_beta:
             out["beta1"] = params["beta1"] / _norm(params["beta1"]).unsqueeze(-1)
         return super().normalise(out)
 
@@ -251,60 +264,82 @@ class QuadraticGate(Gate):
     polynomial s_i(x) = x^T A_i x + beta1_i . x + beta0_i, or with ``monomial=True``
     s_i(x) = x^T A_i x + beta0_i. Only the symmetric part of A_i affects the scores;
     ``normalise`` symmetrises it. Blocks: A (E, D, D), [beta1 (E, D)], beta0 (E,).
+
+    With ``rank=r`` (for deep layers, where E*D*D is too large) A_i = U_i V_i^T, so
+    x^T A_i x = sum_r (x . U_ir)(x . V_ir): blocks U, V (E, D, r) replace A, and
+    ``normalise`` leaves them as they are (a low-rank factorisation is not unique).
     """
 
     monomial: bool = False
+    rank: int | None = None
     name: ClassVar[str] = "quadratic"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.rank is not None:
+            check_int("rank", self.rank, 1)
 
     @property
     def shift_blocks(self) -> tuple[str, ...]:  # type: ignore[override]
-        return ("A", "beta0") if self.monomial else ("A", "beta1", "beta0")
+        quad = () if self.rank else ("A",)
+        return (*quad, "beta0") if self.monomial else (*quad, "beta1", "beta0")
 
     def param_shapes(self, n_experts: int, dim: int) -> Shapes:
-        shapes = {"A": (n_experts, dim, dim), "beta1": (n_experts, dim), "beta0": (n_experts,)}
+        if self.rank:
+            shapes = {"U": (n_experts, dim, self.rank), "V": (n_experts, dim, self.rank)}
+        else:
+            shapes = {"A": (n_experts, dim, dim)}
+        shapes |= {"beta1": (n_experts, dim), "beta0": (n_experts,)}
         if self.monomial:
             del shapes["beta1"]
         return shapes
 
     def scores(self, x_ND: Tensor, params: Params) -> Tensor:
         x_1ND = x_ND.unsqueeze(-3)
-        quad_EN = ((x_1ND @ params["A"]) * x_1ND).sum(-1)
+        if self.rank:
+            quad_EN = ((x_1ND @ params["U"]) * (x_1ND @ params["V"])).sum(-1)
+        else:
+            quad_EN = ((x_1ND @ params["A"]) * x_1ND).sum(-1)
         s = quad_EN.transpose(-1, -2) + params["beta0"].unsqueeze(-2)
         return s if self.monomial else s + _linear(x_ND, params["beta1"])
 
     def normalise(self, params: Params) -> Params:
         out = dict(params)
-        out["A"] = 0.5 * (params["A"] + params["A"].transpose(-1, -2))
+        if not self.rank:
+            out["A"] = 0.5 * (params["A"] + params["A"].transpose(-1, -2))
         return super().normalise(out)
 
 
 @dataclass(frozen=True, kw_only=True)
 class LaplaceGate(Gate):
     """Laplace gate (FuseMoE, arXiv 2402.03226): s_i(x) = -||W_i - x|| + beta0_i.
-    Blocks: W (E, D), beta0 (E,)."""
+    Blocks: W (E, D), beta0 (E,). ``expanded=True`` computes distances with one matmul
+    (see ``_sq_dist``), for large D."""
 
+    expanded: bool = False
     name: ClassVar[str] = "laplace"
 
     def param_shapes(self, n_experts: int, dim: int) -> Shapes:
         return {"W": (n_experts, dim), "beta0": (n_experts,)}
 
     def scores(self, x_ND: Tensor, params: Params) -> Tensor:
-        sq = _sq_dist(x_ND, params["W"])
+        sq = _sq_dist(x_ND, params["W"], self.expanded)
         return -sq.clamp_min(torch.finfo(sq.dtype).tiny).sqrt() + params["beta0"].unsqueeze(-2)
 
 
 @dataclass(frozen=True, kw_only=True)
 class GaussianGate(Gate):
     """Gaussian gate (FuseMoE / HMoE code, arXiv 2402.03226): s_i(x) = -||W_i - x||^2 + beta0_i.
-    Blocks: W (E, D), beta0 (E,)."""
+    Blocks: W (E, D), beta0 (E,). ``expanded`` as for ``LaplaceGate``."""
 
+    expanded: bool = False
     name: ClassVar[str] = "gaussian"
 
     def param_shapes(self, n_experts: int, dim: int) -> Shapes:
         return {"W": (n_experts, dim), "beta0": (n_experts,)}
 
     def scores(self, x_ND: Tensor, params: Params) -> Tensor:
-        return -_sq_dist(x_ND, params["W"]) + params["beta0"].unsqueeze(-2)
+        return -_sq_dist(x_ND, params["W"], self.expanded) + params["beta0"].unsqueeze(-2)
 
 
 @dataclass(frozen=True, kw_only=True)
