@@ -23,6 +23,15 @@ def check_int(name: str, value: Any, low: int, high: int | None = None, fix: str
     return value
 
 
+def check_nonnegative(name: str, value: float, fix: str = "") -> float:
+    """Return ``value`` as a float if it is finite and >= 0."""
+    value = float(value)
+    if not (value >= 0 and value < float("inf")):
+        hint = f" {fix}" if fix else ""
+        raise ValueError(f"The '{name}' parameter must be a finite number >= 0. Got {value}.{hint}")
+    return value
+
+
 def check_positive(name: str, value: float, fix: str = "") -> float:
     """Return ``value`` as a float if it is finite and > 0."""
     value = float(value)
