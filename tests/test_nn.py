@@ -276,3 +276,22 @@ def test_bad_input_names_the_fix():
         gn.Router(D, 8, 2, gl.make_gate("topk", top_k=2))
     with pytest.raises(ValueError, match="auxiliary loss"):
         gn.MoELayer(D, 7, 4, aux={"balance": 1.0})
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_grouped_mm_backend_matches_the_loop_on_cuda(dtype):
+    torch.manual_seed(0)
+    layers = {b: gn.MoELayer(64, 96, 16, 4, backend=b).cuda().to(dtype) for b in ("loop", "grouped_mm")}
+    layers["grouped_mm"].load_state_dict(layers["loop"].state_dict())
+    x = torch.randn(300, 64, device="cuda", dtype=dtype)
+    outs, grads = {}, {}
+    for b, layer in layers.items():
+        xx = x.clone().requires_grad_()
+        outs[b] = layer(xx).output
+        outs[b].float().square().sum().backward()
+        grads[b] = (xx.grad, layer.experts.gate_up_proj.grad, layer.experts.down_proj.grad)
+    tol = {"rtol": 2e-2, "atol": 2e-2} if dtype == torch.bfloat16 else {"rtol": 1e-4, "atol": 1e-4}
+    torch.testing.assert_close(outs["grouped_mm"], outs["loop"], **tol)
+    for a, b in zip(grads["grouped_mm"], grads["loop"]):
+        torch.testing.assert_close(a, b, **tol)

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from .._checks import check_int, choose
 
-__all__ = ["grouped_linear", "FusedExperts", "DenseMLP", "ACTIVATIONS", "EXPERT_KINDS"]
+__all__ = ["grouped_linear", "FusedExperts", "DenseMLP", "ACTIVATIONS", "EXPERT_KINDS", "BACKENDS"]
 
 ACTIVATIONS = {
     "silu": F.silu,
@@ -65,12 +65,33 @@ class _GroupedLinear(torch.autograd.Function):
         return grad_x, grad_w, None
 
 
-def grouped_linear(x_SI: Tensor, w_EOI: Tensor, counts: list[int]) -> Tensor:
+BACKENDS = {
+    "auto": "torch's grouped_mm on CUDA where torch has it, else the loop",
+    "loop": "one matmul per expert slice, with the custom backward (best on CPU)",
+    "grouped_mm": "torch.nn.functional.grouped_mm: one kernel, no host sync (CUDA)",
+}
+
+
+def _use_grouped_mm(backend: str, x: Tensor) -> bool:
+    if backend == "auto":
+        return x.is_cuda and hasattr(F, "grouped_mm")
+    return backend == "grouped_mm"
+
+
+def grouped_linear(x_SI: Tensor, w_EOI: Tensor, counts: Tensor | list[int],
+                   backend: str = "auto") -> Tensor:
     """Rows of ``x_SI`` are grouped by expert (``counts[e]`` rows for expert e, in order);
-    row s of the result is x_s W_e^T for its expert e. Shapes: (S, I) x (E, O, I) -> (S, O)."""
+    row s of the result is x_s W_e^T for its expert e. Shapes: (S, I) x (E, O, I) -> (S, O).
+    ``backend``: see ``BACKENDS``."""
+    choose("backend", backend, BACKENDS)
+    w_EOI = w_EOI.to(x_SI.dtype)
+    if _use_grouped_mm(backend, x_SI):
+        offsets = torch.as_tensor(counts, device=x_SI.device).cumsum(0).to(torch.int32)
+        return F.grouped_mm(x_SI, w_EOI.transpose(-2, -1), offs=offsets)
+    counts = counts.tolist() if isinstance(counts, Tensor) else list(counts)
     if sum(counts) != x_SI.shape[0]:
         raise ValueError(f"counts add up to {sum(counts)} rows but x has {x_SI.shape[0]}.")
-    return _GroupedLinear.apply(x_SI.contiguous(), w_EOI.to(x_SI.dtype), counts)
+    return _GroupedLinear.apply(x_SI.contiguous(), w_EOI, counts)
 
 
 class FusedExperts(nn.Module):
@@ -79,9 +100,11 @@ class FusedExperts(nn.Module):
     gelu: ``up_proj`` (E, F, D) and ``down_proj`` (E, D, F)."""
 
     def __init__(self, n_experts: int, dim: int, ffn_dim: int, kind: str = "swiglu",
-                 activation: str | None = None, init_std: float = 0.02):
+                 activation: str | None = None, init_std: float = 0.02, backend: str = "auto"):
         super().__init__()
         choose("expert kind", kind, EXPERT_KINDS)
+        choose("backend", backend, BACKENDS)
+        self.backend = backend
         self.kind = kind
         self.activation = activation or ("silu" if kind == "swiglu" else "gelu")
         self.act = choose("activation", self.activation, ACTIVATIONS)
@@ -97,15 +120,17 @@ class FusedExperts(nn.Module):
     def up(self) -> Tensor:
         return getattr(self, self.up_name)
 
-    def forward(self, x_sorted_SD: Tensor, counts: list[int]) -> Tensor:
+    def forward(self, x_sorted_SD: Tensor, counts: Tensor | list[int]) -> Tensor:
         """Run expert e on its ``counts[e]`` consecutive rows."""
-        h = grouped_linear(x_sorted_SD, self.up, counts)
+        if isinstance(counts, Tensor) and not _use_grouped_mm(self.backend, x_sorted_SD):
+            counts = counts.tolist()  # one host sync for both projections
+        h = grouped_linear(x_sorted_SD, self.up, counts, self.backend)
         if self.kind == "swiglu":
             gate, up = h.chunk(2, dim=-1)
             h = self.act(gate) * up
         else:
             h = self.act(h)
-        return grouped_linear(h, self.down_proj, counts)
+        return grouped_linear(h, self.down_proj, counts, self.backend)
 
     def expert(self, e: int, x_ND: Tensor) -> Tensor:
         """Expert ``e`` on its own, written out plainly (references and tests)."""

@@ -54,7 +54,7 @@ def dispatch(x_TD: Tensor, routing: Routing, experts: FusedExperts,
         order = order[_capacity_keep(routing.expert_index[order], counts, capacity)]
         kept = counts.clamp(max=capacity)
     tokens = routing.token_index[order]
-    y = experts(x_TD[tokens], kept.tolist())
+    y = experts(x_TD[tokens], kept)
     y = (y * routing.weight[order].unsqueeze(-1)).to(x_TD.dtype)
     out = torch.zeros_like(x_TD).index_add_(0, tokens, y)
     return out, counts, routing.expert_index.numel() - order.numel()
@@ -73,6 +73,9 @@ class MoELayer(nn.Module):
     ceil(capacity_factor * S / E) of the S assignments, earliest tokens first, and the rest
     are dropped (their contribution is 0; a residual connection outside passes them on).
 
+    ``backend``: how the experts run (``experts.BACKENDS``): "auto" uses torch's
+    grouped_mm on CUDA and a per-expert loop with a custom backward on CPU.
+
     ``aux``: auxiliary losses to compute, name -> weight (names in ``losses.AUX_LOSSES``);
     ``balance_convention``: "switch" (1 at uniform routing) or "hf" (top_k at uniform).
     Extra keyword options go to the ``Router`` (e.g. ``order``, ``n_groups``, ``tau1``).
@@ -82,7 +85,7 @@ class MoELayer(nn.Module):
                  router: str | Gate | Router = "softmax", *, expert: str = "swiglu",
                  activation: str | None = None, n_shared: int = 0,
                  shared_ffn_dim: int | None = None, shared_gate: bool = False,
-                 capacity_factor: float | None = None,
+                 capacity_factor: float | None = None, backend: str = "auto",
                  aux: dict[str, float] | None = None, balance_convention: str = "switch",
                  **router_options: Any):
         super().__init__()
@@ -98,7 +101,7 @@ class MoELayer(nn.Module):
             raise ValueError(f"The router routes hidden size {self.router.dim} over "
                              f"{self.router.n_experts} experts; the layer has dim={dim}, "
                              f"n_experts={n_experts}. Build them with the same sizes.")
-        self.experts = FusedExperts(n_experts, dim, ffn_dim, expert, activation)
+        self.experts = FusedExperts(n_experts, dim, ffn_dim, expert, activation, backend=backend)
         check_int("n_shared", n_shared, 0)
         self.shared = (DenseMLP(dim, shared_ffn_dim or n_shared * ffn_dim,
                                 self.experts.activation, shared_gate)
