@@ -103,9 +103,10 @@ def run_shape(name, args, dtype):
     runs |= {f"hf-{b}": blocks[b] for b in backends}
     runs["naive-loop"] = naive_loop(blocks["eager"])
     ref = blocks["eager"](x)
+    rel = 1e-4 if torch.finfo(dtype).bits >= 32 else 3e-2  # bf16 keeps 8 bits of mantissa
     for label, fn in runs.items():  # check outputs before timing
         err = (fn(x) - ref).abs().max().item()
-        assert err < 1e-4 * ref.abs().max().item() + 1e-5, f"{label} differs by {err}"
+        assert err <= rel * ref.abs().max().item() + 1e-5, f"{label} differs by {err}"
     print(f"\n== {name}: d={d} ffn={f} experts={e} top-{k} tokens={t} ({dtype}, {args.device})")
     result = {}
     for backward in (False, True):

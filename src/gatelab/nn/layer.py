@@ -139,6 +139,18 @@ class MoELayer(nn.Module):
         return MoEOutput(y.view(x.shape), total, losses, routing.logits, routing.probs,
                          counts, dropped)
 
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        """``nn.Module.load_state_dict`` with a clearer error when a checkpoint lacks keys."""
+        missing = sorted(set(self.state_dict()) - set(state_dict))
+        if strict and missing:
+            raise KeyError(f"The checkpoint lacks {len(missing)} of this layer's entries: "
+                           f"{', '.join(missing[:6])}{' ...' if len(missing) > 6 else ''}. "
+                           "Check that it was saved from a layer of the same configuration "
+                           "(router, expert kind, shared experts); for a Hugging Face block "
+                           "use gatelab.nn.from_hf; or pass strict=False to keep the missing "
+                           "entries at their current values.")
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
     def aux_losses(self, routing: Routing, counts: Tensor) -> dict[str, Tensor]:
         """The configured auxiliary losses of one routing (unweighted)."""
         top_k = routing.top_k or max(1, routing.expert_index.numel() // routing.probs.shape[0])
