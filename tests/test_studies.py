@@ -97,7 +97,7 @@ def test_bad_toml_and_unknown_study(tmp_path):
     bad.write_text("name = \n")
     with pytest.raises(SpecError, match="is not valid TOML"):
         load_study(bad)
-    with pytest.raises(ValueError, match="Unknown study 'nope'. Built-in studies: cosine-vs-perturbed, laplace-gaussian"):
+    with pytest.raises(ValueError, match="Unknown study 'nope'. Built-in studies: contaminated, cosine-vs-perturbed, deviated"):
         catalogue.get("nope")
 
 

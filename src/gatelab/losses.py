@@ -121,9 +121,10 @@ def _block_rows(params: Mapping[str, Tensor], blocks: list[str], event_ndim: Map
     return rows
 
 
-def atoms(params: Mapping[str, Tensor], blocks: list[str], event_ndim: Mapping[str, int]) -> Tensor:
-    """The atoms omega_i: the named blocks of each expert flattened and joined, (..., K, P)."""
-    k = params["beta0"].shape[-1]
+def atoms(params: Mapping[str, Tensor], blocks: list[str], event_ndim: Mapping[str, int],
+          k: int) -> Tensor:
+    """The atoms omega_i: the named blocks of each of the k experts flattened and joined,
+    (..., K, P)."""
     return torch.cat(list(_block_rows(params, blocks, event_ndim, k).values()), dim=-1)
 
 
@@ -140,7 +141,8 @@ def voronoi_cells(atoms_KP: Tensor, true_JP: Tensor) -> Tensor:
 
 def voronoi_loss(estimate: Mapping[str, Tensor], truth: Mapping[str, Tensor],
                  table: str | ExponentTable = "D1", normaliser: str = "softmax",
-                 blocks: list[str] | None = None) -> LossResult:
+                 blocks: list[str] | None = None, mass: Tensor | None = None,
+                 true_mass: Tensor | None = None) -> LossResult:
     """The Voronoi loss of ``estimate`` (blocks (..., K, ...)) against ``truth`` (blocks
     (J, ...), unbatched), batched over the estimate's leading dimensions.
 
@@ -149,16 +151,20 @@ def voronoi_loss(estimate: Mapping[str, Tensor], truth: Mapping[str, Tensor],
     rates: for every cell the mass-weighted mean of ||Delta block|| over its fitted atoms,
     then the max over cells (weighting by mass keeps a vanishing extra expert, whose
     parameters are free to drift, from dominating).
+
+    ``mass`` (..., K) and ``true_mass`` (J,) replace the masses read from beta0, for models
+    whose atoms weigh otherwise: e.g. lam * p_i in the deviated MoE (arXiv 2402.05220).
     """
     table = choose("loss table", table, TABLES) if isinstance(table, str) else table
-    k, j = estimate["beta0"].shape[-1], truth["beta0"].shape[-1]
+    m = masses(estimate, normaliser) if mass is None else mass
+    m_true = masses(truth, normaliser) if true_mass is None else true_mass
+    k, j = m.shape[-1], m_true.shape[-1]
     blocks = _atom_blocks(truth, blocks)
     ndim = {b: truth[b].dim() for b in blocks}
     est_rows = _block_rows(estimate, blocks, ndim, k)                # (..., K, size)
     true_rows = _block_rows(truth, blocks, ndim, j)                  # (J, size)
     cells = voronoi_cells(torch.cat(list(est_rows.values()), -1),
                           torch.cat(list(true_rows.values()), -1))
-    m, m_true = masses(estimate, normaliser), masses(truth, normaliser)
     member = torch.nn.functional.one_hot(cells, j).bool()           # (..., K, J)
     # where, not a product: a diverged gate (m = inf) must give an infinite loss, not 0 * inf.
     cell_mass = torch.where(member, m.unsqueeze(-1), 0.0).sum(-2)   # (..., J)
@@ -194,24 +200,25 @@ def _exponents(table: ExponentTable, block: str, sizes: Tensor) -> Tensor:
 
 
 def wasserstein(estimate: Mapping[str, Tensor], truth: Mapping[str, Tensor], order: float = 1.0,
-                normaliser: str = "softmax", blocks: list[str] | None = None) -> Tensor:
+                normaliser: str = "softmax", blocks: list[str] | None = None,
+                mass: Tensor | None = None, true_mass: Tensor | None = None) -> Tensor:
     """Generalized Wasserstein distance of order r between the mixing measures (the
     baseline of arXiv 2402.05220): W_r = (min over couplings q of sum_ij q_ij
     ||omega_i - omega*_j||^r)^(1/r), couplings with marginals the normalised masses.
     Solved exactly as a small linear programme per replicate (scipy), so it is meant for
-    reports, not inner loops. Returns (...,)."""
+    reports, not inner loops. ``mass`` / ``true_mass`` as in ``voronoi_loss``. Returns (...,)."""
     import numpy as np
     from scipy.optimize import linprog
 
-    k, j = estimate["beta0"].shape[-1], truth["beta0"].shape[-1]
+    p = masses(estimate, normaliser) if mass is None else mass
+    q = masses(truth, normaliser) if true_mass is None else true_mass
+    k, j = p.shape[-1], q.shape[-1]
     blocks = _atom_blocks(truth, blocks)
     ndim = {b: truth[b].dim() for b in blocks}
-    est, tru = atoms(estimate, blocks, ndim), atoms(truth, blocks, ndim)
+    est, tru = atoms(estimate, blocks, ndim, k), atoms(truth, blocks, ndim, j)
     cost = (est.unsqueeze(-2) - tru.unsqueeze(-3)).norm(dim=-1).pow(order)   # (..., K, J)
-    p = masses(estimate, normaliser)
     p = p / p.sum(-1, keepdim=True)
-    q = masses(truth, normaliser)
-    q = (q / q.sum()).numpy()
+    q = (q / q.sum()).detach().numpy()
     flat_cost = cost.reshape(-1, k * j).detach().numpy()
     flat_p = p.reshape(-1, k).detach().numpy()
     eq = np.zeros((k + j, k * j))

@@ -2,10 +2,11 @@
 scikit-learn-style estimator."""
 
 from .em import FitResult, e_step, fit_em, m_step, select_best
+from .em_known import trainable_part
 from .estimator import GaussianMoERegressor, NotFittedError
 from .init import from_responsibilities, near_truth, random_starts
 from .lsq import LSQResult, fit_lsq
 
-__all__ = ["FitResult", "e_step", "fit_em", "m_step", "select_best", "GaussianMoERegressor",
+__all__ = ["FitResult", "e_step", "fit_em", "trainable_part", "m_step", "select_best", "GaussianMoERegressor",
            "NotFittedError", "from_responsibilities", "near_truth", "random_starts", "LSQResult",
            "fit_lsq"]

@@ -126,8 +126,12 @@ def _variances(model, x_BND, y_BN, resp_BNE, params, floor_B) -> tuple[Tensor, T
 def _gate_q(gate, x_BND, resp_BNE, gate_params) -> Tensor:
     """sum_n sum_i r_ni log w_i(x_n): the gate's part of Q, (B,). Terms with r = 0 are
     dropped, so that experts top-K removed (log w = -inf) do not give 0 * inf."""
-    log_w = gate.log_weights(x_BND, gate_params)
-    return torch.where(resp_BNE > 0, resp_BNE * log_w, 0.0).sum((-1, -2))
+    return expected_log(resp_BNE, gate.log_weights(x_BND, gate_params))
+
+
+def expected_log(resp_BNE: Tensor, log_w_BNE: Tensor) -> Tensor:
+    """sum_n sum_i r_ni log w_ni, (B,), with terms of r = 0 dropped (not 0 * -inf)."""
+    return torch.where(resp_BNE > 0, resp_BNE * log_w_BNE, 0.0).sum((-1, -2))
 
 
 def _is_plain_softmax(gate) -> bool:
@@ -399,6 +403,10 @@ ENGINES = ("auto", "general")
 
 
 def _make_kernel(model: GaussianMoE, x, y, floor, gate_steps, engine: str = "auto"):
+    from ..models import ContaminatedMoE, DeviatedGaussianMoE
+    if isinstance(model, (DeviatedGaussianMoE, ContaminatedMoE)):
+        from .em_known import KnownPartKernel  # imports this module: import it late
+        return KnownPartKernel(model, x, y, floor, gate_steps)
     fast = (engine == "auto" and _is_plain_softmax(model.gate) and model.expert.linear_in_params
             and gate_steps == 1)
     return (_SoftmaxLinearKernel if fast else _GeneralKernel)(model, x, y, floor, gate_steps)
@@ -407,13 +415,19 @@ def _make_kernel(model: GaussianMoE, x, y, floor, gate_steps, engine: str = "aut
 # --- the fitting loop --------------------------------------------------------------------
 
 def _to_vector(params: Params, shapes) -> Tensor:
-    """Parameters as one vector per problem, variances on the log scale (unconstrained)."""
-    return pack({**params, "var": params["var"].log()}, shapes)
+    """Parameters as one vector per problem, unconstrained: variances on the log scale,
+    a mixing proportion ``lam`` (deviated / contaminated models) on the logit scale."""
+    free = {**params, "var": params["var"].log()}
+    if "lam" in params:
+        free["lam"] = torch.logit(params["lam"])
+    return pack(free, shapes)
 
 
 def _from_vector(theta: Tensor, shapes, floor_B: Tensor) -> Params:
     params = unpack(theta, shapes)
     params["var"] = params["var"].exp().maximum(floor_B.unsqueeze(-1))
+    if "lam" in params:
+        params["lam"] = torch.sigmoid(params["lam"])
     return params
 
 
@@ -470,7 +484,8 @@ def _broadcast_problem(model: GaussianMoE, x, y, init: Params):
 def fit_em(model: GaussianMoE, x: Tensor, y: Tensor, init: Params, *, tol: float = 1e-6,
            max_iter: int = 2000, var_floor: float = 1e-8, gate_steps: int = 1,
            accelerate: bool = False, record: bool = False, engine: str = "auto") -> FitResult:
-    """Fit a Gaussian MoE by EM from ``init``, batched over its leading dimensions.
+    """Fit a Gaussian MoE by EM from ``init``, batched over its leading dimensions. Also
+    fits a ``DeviatedGaussianMoE`` or ``ContaminatedMoE`` (see ``em_known``).
 
     ``init`` blocks have shape (*batch, ...) (e.g. (starts, replicates, ...)); x and y
     broadcast against them ((replicates, N, D) or one data set (N, D)). Each problem stops

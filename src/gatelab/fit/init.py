@@ -17,7 +17,8 @@ from ..models import GatedExperts, GaussianMoE
 from ..params import Params
 from .em import _broadcast_problem, m_step
 
-__all__ = ["covering_assignment", "from_responsibilities", "near_truth", "random_starts"]
+__all__ = ["covering_assignment", "from_responsibilities", "near_truth", "near_truth_known",
+           "random_starts"]
 
 
 def covering_assignment(k: int, k_star: int, generator: torch.Generator | None = None) -> Tensor:
@@ -70,6 +71,31 @@ def near_truth(model: GatedExperts, truth: Params, n: int, n_starts: int = 1,
         starts.append(model.normalise(start))
     return {k: torch.stack([s[k] for s in starts]).reshape(*lead, *starts[0][k].shape)
             for k in starts[0]}
+
+
+def near_truth_known(model, truth: Params, n: int, n_starts: int = 1,
+                     generator: torch.Generator | None = None) -> Params:
+    """Near-truth starts for a ``DeviatedGaussianMoE`` or ``ContaminatedMoE``: the trainable
+    experts as in ``near_truth`` (with the mixing blocks treated as gate blocks, noise sd
+    0.005 n^-0.083), and lam kept inside (0.01, 0.99) so that no start sits on the
+    boundary where EM cannot move it. Returns blocks of shape (n_starts, ...)."""
+    from ..models import DeviatedGaussianMoE
+    from .em_known import trainable_part
+    part = trainable_part(model)
+    part_truth = {k: v for k, v in truth.items() if k in part.param_shapes()}
+    if "beta0" not in part_truth:  # the contaminated prompt: one expert, no intercept
+        part_truth["beta0"] = torch.zeros(1, dtype=truth["var"].dtype)
+    starts = near_truth(part, part_truth, n, n_starts, generator=generator)
+    if not isinstance(model, DeviatedGaussianMoE):
+        starts = {k: v for k, v in starts.items() if k in model.param_shapes()}
+    sd = 0.005 * n ** -0.083
+    for name in model._mixing_shapes():
+        value = truth[name].expand(n_starts, *truth[name].shape)
+        noise = sd * torch.randn(value.shape, generator=generator, dtype=value.dtype)
+        starts[name] = value + noise
+    if "lam" in starts:
+        starts["lam"] = starts["lam"].clamp(0.01, 0.99)
+    return starts
 
 
 def from_responsibilities(model: GaussianMoE, x: Tensor, y: Tensor, resp: Tensor,

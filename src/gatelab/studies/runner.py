@@ -23,7 +23,9 @@ import torch
 
 from .. import __version__
 from ..fit import FitResult, fit_em, fit_lsq, near_truth, select_best
-from ..losses import voronoi_loss
+from ..fit.init import near_truth_known
+from ..losses import voronoi_loss, wasserstein
+from ..models import ContaminatedMoE, DeviatedGaussianMoE, GatedExperts
 from ..params import pick
 from .spec import Study
 from .store import FitRow, Store
@@ -63,13 +65,14 @@ def plan(study: Study, quick: bool = False, done: set | frozenset = frozenset())
 def run_unit(study: Study, unit: Unit) -> list[FitRow]:
     """Sample, start, fit and score the replicates of one unit (one batched fit)."""
     setting = next(s for s in study.settings if s.name == unit.setting)
-    truth_model = study.truth.model(gate=setting.truth_gate,
+    known = setting.known or None
+    truth_model = study.truth.model(gate=setting.truth_gate, known=known,
                                     gate_options=setting.truth_gate_options or None)
     # A setting's own truth gate may have fewer blocks (a monomial quadratic gate has no
     # beta1): it takes the blocks it has, in its identifiable form.
     truth = truth_model.normalise(pick(study.truth.tensors(), truth_model.param_shapes()))
     model = study.truth.model(setting.fitted_k, setting.gate or setting.truth_gate,
-                              setting.gate_options or setting.truth_gate_options or None)
+                              setting.gate_options or setting.truth_gate_options or None, known)
     seeds = [seed_for(study, unit.setting, unit.n, r) for r in unit.replicates]
     xs, ys, starts = [], [], []
     for seed in seeds:
@@ -77,22 +80,56 @@ def run_unit(study: Study, unit: Unit) -> list[FitRow]:
         x, y = truth_model.sample(truth, unit.n, g)
         xs.append(x)
         ys.append(y)
-        starts.append(near_truth(model, _start_truth(truth, model), unit.n, setting.n_starts,
-                                 generator=g))
+        starts.append(_starts(model, truth, unit.n, setting.n_starts, g))
     init = {k: torch.stack([s[k] for s in starts], dim=1) for k in starts[0]}   # (S, R, ...)
     start = time.perf_counter()
     res = select_best(_fit(study, model, torch.stack(xs), torch.stack(ys), init))
     seconds = (time.perf_counter() - start) / len(seeds)
-    loss = voronoi_loss(res.params, truth, setting.loss, normaliser=model.gate.normaliser,
-                        blocks=list(setting.loss_blocks) or None)
+    loss, blocks = _losses(model, setting, res.params, truth)
     # A gate that ran off to infinity (separation at small n) gives an infinite loss: the
     # row is kept, flagged degenerate, and left out of the rate fit by the report.
     degenerate = res.degenerate | ~torch.isfinite(loss.total)
     return [FitRow(study.name, unit.setting, unit.n, r, seed, float(loss.total[i]),
-                   float(loss.mass[i]), {k: float(v[i]) for k, v in loss.blocks.items()},
+                   float(loss.mass[i]), {k: float(v[i]) for k, v in blocks.items()},
                    float(res.loglik[i]), int(res.n_iter[i]), bool(res.converged[i]),
                    bool(degenerate[i]), seconds, __version__)
             for i, (r, seed) in enumerate(zip(unit.replicates, seeds))]
+
+
+def _has_known_part(model) -> bool:
+    return isinstance(model, (DeviatedGaussianMoE, ContaminatedMoE))
+
+
+def _starts(model, truth: dict, n: int, n_starts: int, g: torch.Generator) -> dict:
+    if _has_known_part(model):
+        return near_truth_known(model, truth, n, n_starts, generator=g)
+    return near_truth(model, _start_truth(truth, model), n, n_starts, generator=g)
+
+
+def _atom_masses(model, params: dict) -> torch.Tensor | None:
+    """Masses of the trainable atoms where they are not read from beta0: lam * p_i in the
+    deviated MoE, lam for a covariate-free contaminated prompt."""
+    if isinstance(model, DeviatedGaussianMoE):
+        return params["lam"].unsqueeze(-1) * torch.softmax(params["beta0"], -1)
+    if isinstance(model, ContaminatedMoE) and model.mixing == "input_free":
+        return params["lam"].unsqueeze(-1)
+    return None
+
+
+def _losses(model, setting, params: dict, truth: dict):
+    """The setting's Voronoi loss and per-block errors, plus any Wasserstein baselines
+    (recorded as blocks "W1", "W2", ...)."""
+    # A softmax-contaminated prompt's mass is sigmoid(beta0): its weight is sigmoid(s).
+    normaliser = "sigmoid" if isinstance(model, ContaminatedMoE) else "softmax"
+    if isinstance(model, GatedExperts):
+        normaliser = model.gate.normaliser
+    options = {"normaliser": normaliser, "blocks": list(setting.loss_blocks) or None,
+               "mass": _atom_masses(model, params), "true_mass": _atom_masses(model, truth)}
+    loss = voronoi_loss(params, truth, setting.loss, **options)
+    blocks = dict(loss.blocks)
+    for order in setting.wasserstein:
+        blocks[f"W{order}"] = wasserstein(params, truth, order, **options)
+    return loss, blocks
 
 
 def _fit(study: Study, model, x: torch.Tensor, y: torch.Tensor, init: dict) -> FitResult:

@@ -20,7 +20,8 @@ from ..covariates import make_covariates
 from ..experts import make_expert
 from ..gates import make_gate
 from ..losses import TABLES
-from ..models import GatedExperts, GaussianMoE, MoERegression
+from ..models import (ContaminatedMoE, DeviatedGaussianMoE, FrozenDensity, GatedExperts,
+                      GaussianMoE, MoERegression)
 from ..params import Params
 
 __all__ = ["SpecError", "TruthSpec", "Setting", "Study", "load_study"]
@@ -59,13 +60,19 @@ def _is_int(v: Any, low: int = 1) -> bool:
 
 
 _MODELS = {"gaussian_moe": GaussianMoE, "regression": MoERegression}
+# Models with a known (frozen) component, given by the truth's ``known`` table.
+_KNOWN_MODELS = ("deviated", "contaminated")
 
 
 @dataclass(frozen=True)
 class TruthSpec:
-    """The true model: a Gaussian MoE (``model = "gaussian_moe"``) or an MoE regression
-    (``model = "regression"``, with a noise variance ``nu``), given by gate, expert,
-    covariates and parameters."""
+    """The true model: a Gaussian MoE (``model_kind = "gaussian_moe"``), an MoE regression
+    (``"regression"``, with a noise variance ``nu``), a deviated Gaussian MoE
+    (``"deviated"``: blocks lam, beta0, a, b, var) or a contaminated MoE
+    (``"contaminated"``: one prompt expert, ``gate`` "input_free" (block lam) or "softmax"
+    (beta1, beta0)), given by gate, expert, covariates and parameters. The last two mix in
+    a known density, ``known``: a table {n_experts, params, gate, expert, expert_options}
+    describing a Gaussian MoE that is frozen at those parameters."""
 
     n_experts: int
     params: Mapping[str, Any]
@@ -76,11 +83,15 @@ class TruthSpec:
     expert: str = "linear"
     expert_options: Mapping[str, Any] = field(default_factory=dict)
     covariates: Mapping[str, Any] = field(default_factory=lambda: {"kind": "uniform"})
+    known: Mapping[str, Any] = field(default_factory=dict)
     _path: str = "truth"
 
     def __post_init__(self) -> None:
-        _need(self.model_kind in _MODELS, f"{self._path}.model_kind", f"one of {sorted(_MODELS)}",
+        kinds = sorted([*_MODELS, *_KNOWN_MODELS])
+        _need(self.model_kind in kinds, f"{self._path}.model_kind", f"one of {kinds}",
               self.model_kind)
+        _need((self.model_kind in _KNOWN_MODELS) == bool(self.known), f"{self._path}.known",
+              "a table for deviated/contaminated truths and absent otherwise", dict(self.known))
         _need(_is_int(self.n_experts), f"{self._path}.n_experts", "an int >= 1", self.n_experts)
         _need(_is_int(self.dim), f"{self._path}.dim", "an int >= 1", self.dim)
         try:
@@ -89,16 +100,41 @@ class TruthSpec:
         except (ValueError, TypeError) as err:
             raise SpecError(f"{self._path}: {err}") from None
 
-    def model(self, n_experts: int | None = None, gate: str | None = None,
-              gate_options: Mapping[str, Any] | None = None) -> GatedExperts:
-        """The true model, or the same family with another number of experts / gate."""
+    def _covariates(self):
         cov = dict(self.covariates)
-        kind = cov.pop("kind", "uniform")
+        return make_covariates(cov.pop("kind", "uniform"), dim=self.dim, **cov)
+
+    def model(self, n_experts: int | None = None, gate: str | None = None,
+              gate_options: Mapping[str, Any] | None = None,
+              known: Mapping[str, Any] | None = None) -> GatedExperts:
+        """The true model, or the same family with another number of experts / gate /
+        known density (``known`` overrides entries of the truth's ``known`` table)."""
+        if self.model_kind == "deviated":
+            return DeviatedGaussianMoE(self.known_density(known), n_experts or self.n_experts,
+                                       self.dim, self._covariates())
+        if self.model_kind == "contaminated":
+            return ContaminatedMoE(self.known_density(known), self.dim,
+                                   make_expert(self.expert, **dict(self.expert_options)),
+                                   gate or self.gate, self._covariates())
+        options = gate_options if gate_options is not None else self.gate_options
         return _MODELS[self.model_kind](n_experts or self.n_experts, self.dim,
-                           make_gate(gate or self.gate, **dict(gate_options if gate_options
-                                                               is not None else self.gate_options)),
-                           make_expert(self.expert, **dict(self.expert_options)),
-                           make_covariates(kind, dim=self.dim, **cov))
+                                        make_gate(gate or self.gate, **dict(options)),
+                                        make_expert(self.expert, **dict(self.expert_options)),
+                                        self._covariates())
+
+    def known_density(self, override: Mapping[str, Any] | None = None) -> FrozenDensity:
+        """The known component: a Gaussian MoE frozen at the ``known`` table's params."""
+        spec = {**self.known, **dict(override or {})}
+        unknown = sorted(set(spec) - {"n_experts", "params", "gate", "expert", "expert_options"})
+        if unknown or "params" not in spec:
+            raise ValueError(f"known: needs params (and optionally n_experts, gate, expert, "
+                             f"expert_options); unknown keys {unknown}.")
+        params = {k: torch.tensor(v, dtype=torch.float64) for k, v in spec["params"].items()}
+        base = GaussianMoE(spec.get("n_experts", 1), self.dim, make_gate(spec.get("gate", "softmax")),
+                           make_expert(spec.get("expert", "linear"),
+                                       **dict(spec.get("expert_options", {}))),
+                           self._covariates())
+        return base.freeze(base.normalise(params))
 
     def tensors(self) -> Params:
         """The true parameters as float64 tensors, in identifiable form."""
@@ -116,7 +152,10 @@ class Setting:
     ``loss_blocks`` restricts the Voronoi atoms to some blocks, e.g. the experts' (a, b,
     var) when the fitted gate differs from the true one. ``truth_gate`` makes this
     setting's data come from the truth with another gate (same parameter values), e.g. a
-    plain vs a perturbed cosine router; the fitted gate defaults to it."""
+    plain vs a perturbed cosine router; the fitted gate defaults to it. ``known``
+    overrides the truth's known density for this setting (deviated / contaminated
+    studies: distinguishable or not). ``wasserstein``: orders r of the generalized
+    Wasserstein distance to record beside the Voronoi loss, as blocks "W1", "W2", ...."""
 
     name: str
     fitted_k: int
@@ -130,6 +169,8 @@ class Setting:
     loss_blocks: tuple[str, ...] = ()
     truth_gate: str | None = None
     truth_gate_options: Mapping[str, Any] = field(default_factory=dict)
+    known: Mapping[str, Any] = field(default_factory=dict)
+    wasserstein: tuple[int, ...] = ()
     _path: str = "settings"
 
     def __post_init__(self) -> None:
@@ -143,6 +184,9 @@ class Setting:
               "a number (a slope) or absent", self.theory)
         _need(isinstance(self.loss_blocks, (list, tuple)) and all(isinstance(b, str) for b in
               self.loss_blocks), f"{p}.loss_blocks", "a list of block names", self.loss_blocks)
+        _need(isinstance(self.wasserstein, (list, tuple)) and all(_is_int(r) for r in
+              self.wasserstein), f"{p}.wasserstein", "a list of orders (ints >= 1)",
+              self.wasserstein)
 
 
 @dataclass(frozen=True)
@@ -178,8 +222,10 @@ class Study:
         _need(not unknown, "estimator", "a table of method, tol, max_iter, accelerate", unknown)
         method = self.estimator.get("method", "em")
         _need(method in ("em", "lsq"), "estimator.method", "'em' or 'lsq'", method)
-        _need(method == "lsq" or self.truth.model_kind == "gaussian_moe", "estimator.method",
-              "'lsq' for a regression truth (EM fits Gaussian MoE densities)", method)
+        _need(method == "lsq" or self.truth.model_kind != "regression", "estimator.method",
+              "'lsq' for a regression truth (EM fits densities)", method)
+        _need(method == "em" or self.truth.model_kind == "regression", "estimator.method",
+              "'em' for a density truth (least squares fits regressions)", method)
 
     def grid(self, quick: bool = False) -> tuple[tuple[int, ...], int]:
         """(sample sizes, replicates) of the full or the quick run."""
