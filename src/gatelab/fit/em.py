@@ -39,6 +39,7 @@ from .._runtime import keep_freed_memory
 from ..gates import LinearGate
 from ..models import GaussianMoE
 from ..params import Params, pack, pick, unpack
+from . import _fused
 from .newton import halving_step, newton_ascent, newton_direction
 
 __all__ = ["FitResult", "fit_em", "select_best", "e_step", "m_step"]
@@ -143,31 +144,53 @@ def _irls_softmax(x_BND: Tensor, resp_BNE: Tensor, params: Params, steps: int) -
     expert's row stays fixed (identifiability); theta_i = (beta0_i, beta1_i).
 
     gradient_i = sum_n (r_ni - w_ni) z_n,  -Hessian_ij = sum_n w_ni (d_ij - w_nj) z_n z_n^T.
+    Computed experts-first, (B, E, N): reductions over a short last axis are slow.
     """
-    z_BNP = torch.cat([torch.ones_like(x_BND[..., :1]), x_BND], dim=-1)
+    z_BPN = torch.cat([torch.ones_like(x_BND[..., :1]), x_BND], dim=-1).transpose(-1, -2).contiguous()
+    zz = _outer(z_BPN.transpose(-1, -2))
+    resp = resp_BNE.transpose(-1, -2).contiguous()
+    resp_n = resp.sum(1, keepdim=True)
     theta_BEP = torch.cat([params["beta0"].unsqueeze(-1), params["beta1"]], dim=-1)
     b, e, p = theta_BEP.shape
     last = theta_BEP[:, -1:]
-    zz = _outer(z_BNP)
 
     def full(t_BF: Tensor) -> Tensor:
         return torch.cat([t_BF.reshape(-1, e - 1, p), last.expand(t_BF.shape[0], 1, p)], dim=1)
 
     def q(t_BF: Tensor) -> Tensor:
-        log_w = torch.log_softmax(z_BNP @ full(t_BF).transpose(-1, -2), dim=-1)
-        return (resp_BNE * log_w).sum((-1, -2))
+        s = _combine(full(t_BF), z_BPN)
+        return (resp * s).sum((1, 2)) - (resp_n * _softmax_experts_first(s)[1]).sum((1, 2))
 
     theta = theta_BEP[:, :-1].reshape(b, -1)
     for _ in range(steps):
-        w_BNE = torch.softmax(z_BNP @ full(theta).transpose(-1, -2), dim=-1)
-        w_m = w_BNE[..., :-1]
-        grad = ((resp_BNE - w_BNE)[..., :-1].transpose(-1, -2) @ z_BNP).reshape(b, -1)
-        diag = (w_m.transpose(-1, -2) @ zz).unflatten(-1, (p, p))               # (B, E-1, P, P)
-        cross = (_outer(w_m).transpose(-1, -2) @ zz).view(b, e - 1, e - 1, p, p)
-        direction = newton_direction(grad, _softmax_neg_hessian(diag, cross))
+        w, _ = _softmax_experts_first(_combine(full(theta), z_BPN))
+        grad, diag, cross = _gate_stats(resp, w, z_BPN, zz)
+        direction = newton_direction(grad.reshape(b, -1), _softmax_neg_hessian(diag, cross))
         theta, _ = halving_step(q, theta, direction, q(theta))
     out = full(theta)
     return {"beta0": out[..., 0], "beta1": out[..., 1:]}
+
+
+def _softmax_experts_first(s_BEN: Tensor) -> tuple[Tensor, Tensor]:
+    """softmax over the expert axis of (B, E, N) scores, and its log-normaliser (B, 1, N)."""
+    top = _max_over_experts(s_BEN)
+    ex = (s_BEN - top).exp_()
+    total = ex.sum(1, keepdim=True)
+    return ex.div_(total), total.log_().add_(top)
+
+
+def _gate_stats(resp_BEN: Tensor, w_BEN: Tensor, z_BPN: Tensor, zz_BNK: Tensor):
+    """The softmax gate's gradient and Hessian blocks over the free experts (all but the
+    last): grad (B, E-1, P) = sum_n (r - w) z; diag (B, E-1, P, P) = sum_n w_i z z^T;
+    cross (B, E-1, E-1, P, P) = sum_n w_i w_j z z^T, one zz column k at a time as
+    (w * zz_k) @ w^T (no (E-1)^2 x N temporary)."""
+    b, e, p = w_BEN.shape[0], w_BEN.shape[1], z_BPN.shape[1]
+    w_m = w_BEN[:, :-1]
+    grad = (resp_BEN[:, :-1] - w_m) @ z_BPN.transpose(-1, -2)
+    diag = (w_m @ zz_BNK).unflatten(-1, (p, p))
+    cross = torch.stack([(w_m * zz_BNK[:, None, :, k]) @ w_m.transpose(-1, -2)
+                         for k in range(p * p)], -1)
+    return grad, diag, cross.view(b, e - 1, e - 1, p, p)
 
 
 def _softmax_neg_hessian(diag_BEPP: Tensor, cross_BEEPP: Tensor) -> Tensor:
@@ -253,33 +276,39 @@ class _SoftmaxLinearKernel:
     """The common case, fast: softmax gate (no top-K) and experts linear in their
     parameters. Same mathematics as the general path, organised for speed:
 
-    - experts-first layout (B, E, N) and in-place operations (reductions over a short
-      expert axis are slow in the last position);
-    - the M-step of experts and variances from sufficient statistics, one batched matmul
-      resp @ [f f^T, f y, y^2] per iteration (f = (1, features(x)));
+    - the E-step ends in the sufficient statistics the M-step needs (``_stats``), so the
+      state between steps is small: S_i = sum_n r_ni [f f^T, f y, y^2] (f = (1,
+      features(x))), the gate gradient sum_n (r_ni - w_ni) z_n and the blocks of its
+      Hessian, sum_n w_ni z z^T and sum_n w_ni w_nj z z^T (z = (1, x));
+    - the E-step is one fused pass in C where a compiler is available (``_fused``), else
+      tensor code in an experts-first layout (B, E, N) with in-place operations;
     - the gate's Newton/IRLS step is taken in full and verified by the next E-step's
       log-likelihood; rows where it lowered the likelihood halve the gate step (down to
       no gate move, a plain ECM step), so the likelihood never decreases.
     """
 
-    def __init__(self, model: GaussianMoE, x: Tensor, y: Tensor, floor: Tensor, gate_steps: int):
+    def __init__(self, model: GaussianMoE, x: Tensor, y: Tensor, floor: Tensor, gate_steps: int,
+                 fused: bool | None = None):
         ones = torch.ones_like(x[..., :1])
         f = torch.cat([ones, model.expert.features(x)], dim=-1)       # (B, N, Q)
         z = torch.cat([ones, x], dim=-1)                               # (B, N, P)
         self.model, self.floor, self.has_a = model, floor, "a" in model._expert_shapes()
         self.q, self.p = f.shape[-1], z.shape[-1]
+        self.fused = _fused.load() is not None if fused is None else fused
+        self.fused = self.fused and model.n_experts <= 16 and x.dtype == torch.float64
         self.f_T = f.transpose(-1, -2).contiguous()                   # (B, Q, N)
         self.z_T = z.transpose(-1, -2).contiguous()                   # (B, P, N)
-        self.z = z
-        self.zz = _outer(z)                                            # (B, N, P*P)
-        self.design = torch.cat([_outer(f), f * y.unsqueeze(-1), y.unsqueeze(-1).square()], -1)
-        self.y = y.unsqueeze(-2)                                       # (B, 1, N)
+        self.y = y.unsqueeze(-2).contiguous()                          # (B, 1, N)
+        if not self.fused:
+            self.zz = _outer(z)                                        # (B, N, P*P)
+            self.design = torch.cat([_outer(f), f * y.unsqueeze(-1), y.unsqueeze(-1).square()], -1)
 
     def subset(self, idx: Tensor) -> _SoftmaxLinearKernel:
         new = object.__new__(_SoftmaxLinearKernel)
         new.__dict__.update(self.__dict__)
-        for name in ("floor", "f_T", "z_T", "z", "zz", "design", "y"):
-            setattr(new, name, getattr(self, name)[idx])
+        for name in ("floor", "f_T", "z_T", "zz", "design", "y"):
+            if name in self.__dict__:
+                setattr(new, name, getattr(self, name)[idx])
         return new
 
     def _coef(self, params: Params) -> Tensor:
@@ -287,8 +316,12 @@ class _SoftmaxLinearKernel:
         return torch.cat(parts, dim=-1)                                # (B, E, Q)
 
     def e_step(self, params: Params):
-        """Log-likelihood (B,) and state (responsibilities, gate weights), both (B, E, N)."""
+        """Log-likelihood (B,) and the statistics (S, G, Hd, Hc) of ``_stats``."""
         gate = torch.cat([params["beta0"].unsqueeze(-1), params["beta1"]], dim=-1)
+        if self.fused:
+            ll, s, g, hd, hc = _fused.estep(self.f_T, self.z_T, self.y.squeeze(-2),
+                                            self._coef(params), gate, params["var"])
+            return ll, (s, g[:, :-1], hd[:, :-1], hc[:, :-1, :-1])
         var = params["var"].unsqueeze(-1)
         s = _combine(gate, self.z_T)                                   # scores
         comp = _combine(self._coef(params), self.f_T)                  # expert means
@@ -303,11 +336,14 @@ class _SoftmaxLinearKernel:
         total_s = w.sum(1, keepdim=True)
         w.div_(total_s)
         ll = (ll_n - total_s.log_().add_(top_s)).sum((-1, -2))
-        return ll, (resp, w)
+        return ll, self._stats(resp, w)
 
-    def _experts_and_variances(self, params: Params, resp: Tensor):
+    def _stats(self, resp: Tensor, w: Tensor):
+        """S (B, E, Q*Q+Q+1) and the gate's ``_gate_stats``."""
+        return (resp @ self.design, *_gate_stats(resp, w, self.z_T, self.zz))
+
+    def _experts_and_variances(self, params: Params, stats: Tensor):
         q = self.q
-        stats = resp @ self.design                                     # (B, E, Q*Q + Q + 1)
         gram, rhs, syy = stats[..., : q * q].unflatten(-1, (q, q)), stats[..., q * q: -1], stats[..., -1]
         coef = _solve_ridge(gram, rhs.unsqueeze(-1), self._coef(params)).squeeze(-1)
         rss = syy - 2 * (coef * rhs).sum(-1) + (coef.unsqueeze(-2) @ gram @ coef.unsqueeze(-1))[..., 0, 0]
@@ -319,16 +355,12 @@ class _SoftmaxLinearKernel:
             out["a"] = coef[..., 1:]
         return out, low.any(-1)
 
-    def _gate_direction(self, resp: Tensor, w: Tensor) -> Tensor:
+    def _gate_direction(self, grad: Tensor, diag: Tensor, cross: Tensor) -> Tensor:
         """IRLS direction for the free experts' (beta0, beta1): (B, E-1, P).
         gradient_i = sum_n (r_ni - w_ni) z_n; -Hessian_ij = sum_n w_ni (d_ij - w_nj) z_n z_n^T."""
-        b, e, p = resp.shape[0], resp.shape[1], self.p
-        w_m = w[:, :-1]
-        grad = ((resp[:, :-1] - w_m) @ self.z).reshape(b, -1)
-        diag = (w_m @ self.zz).unflatten(-1, (p, p))
-        pairs = (w_m.unsqueeze(2) * w_m.unsqueeze(1)).flatten(1, 2)   # (B, (E-1)^2, N)
-        cross = (pairs @ self.zz).view(b, e - 1, e - 1, p, p)
-        return newton_direction(grad, _softmax_neg_hessian(diag, cross)).view(b, e - 1, p)
+        b, m, p = grad.shape
+        neg_hess = _softmax_neg_hessian(diag, cross)
+        return newton_direction(grad.reshape(b, -1), neg_hess).view(b, m, p)
 
     def _with_gate_step(self, params: Params, direction: Tensor, t: Tensor) -> Params:
         beta0 = params["beta0"].clone()
@@ -339,13 +371,13 @@ class _SoftmaxLinearKernel:
         return {**params, "beta0": beta0, "beta1": beta1}
 
     def update(self, params: Params, state, ll: Tensor):
-        resp, w = state
-        experts, degenerate = self._experts_and_variances(params, resp)
+        s, grad, diag, cross = state
+        experts, degenerate = self._experts_and_variances(params, s)
         new = {**params, **experts}
-        if resp.shape[1] == 1:
+        if s.shape[1] == 1:
             ll_new, state_new = self.e_step(new)
             return new, ll_new, state_new, degenerate
-        direction = self._gate_direction(resp, w)
+        direction = self._gate_direction(grad, diag, cross)
         ones = torch.ones_like(ll)
         cand = self._with_gate_step(new, direction, ones)
         ll_new, state_new = self.e_step(cand)
@@ -399,7 +431,9 @@ def _max_over_experts(t_BEN: Tensor) -> Tensor:
     return top
 
 
-ENGINES = ("auto", "general")
+# auto: the fast kernel where it applies, its E-step (and plain EM loop) in C when a
+# compiler is available; tensor: the fast kernel in PyTorch only; general: the reference.
+ENGINES = ("auto", "tensor", "general")
 
 
 def _make_kernel(model: GaussianMoE, x, y, floor, gate_steps, engine: str = "auto"):
@@ -407,9 +441,11 @@ def _make_kernel(model: GaussianMoE, x, y, floor, gate_steps, engine: str = "aut
     if isinstance(model, (DeviatedGaussianMoE, ContaminatedMoE)):
         from .em_known import KnownPartKernel  # imports this module: import it late
         return KnownPartKernel(model, x, y, floor, gate_steps)
-    fast = (engine == "auto" and _is_plain_softmax(model.gate) and model.expert.linear_in_params
-            and gate_steps == 1)
-    return (_SoftmaxLinearKernel if fast else _GeneralKernel)(model, x, y, floor, gate_steps)
+    fast = (engine != "general" and _is_plain_softmax(model.gate)
+            and model.expert.linear_in_params and gate_steps == 1)
+    if fast:
+        return _SoftmaxLinearKernel(model, x, y, floor, gate_steps, fused=None if engine == "auto" else False)
+    return _GeneralKernel(model, x, y, floor, gate_steps)
 
 
 # --- the fitting loop --------------------------------------------------------------------
@@ -491,7 +527,8 @@ def fit_em(model: GaussianMoE, x: Tensor, y: Tensor, init: Params, *, tol: float
     broadcast against them ((replicates, N, D) or one data set (N, D)). Each problem stops
     on its own when the relative change of its log-likelihood falls to ``tol``, or after
     ``max_iter`` EM updates. Results have the batch shape; ``record`` keeps the
-    log-likelihood after every update (for monotonicity checks). ``engine="general"``
+    log-likelihood after every update (for monotonicity checks). ``engine="tensor"``
+    keeps the fast kernel in PyTorch (no C), ``engine="general"``
     forces the reference kernel (the fast one is used by default where it applies).
     """
     keep_freed_memory()
@@ -510,6 +547,8 @@ def fit_em(model: GaussianMoE, x: Tensor, y: Tensor, init: Params, *, tol: float
     n_iter = torch.zeros(b, dtype=torch.long)
     converged, degenerate = torch.zeros(b, dtype=torch.bool), torch.zeros(b, dtype=torch.bool)
     history = out_ll.new_full((b, max_iter + 1), float("nan")) if record else None
+    if not (accelerate or record) and getattr(kernel, "fused", False):
+        return _fused_plain_em(kernel, params, lead, tol, max_iter)
     update = _squarem_update if accelerate else _plain_update
     idx = torch.arange(b)                       # problems in the kernel's rows
     live = torch.ones(b, dtype=torch.bool)      # rows still iterating
@@ -545,6 +584,23 @@ def fit_em(model: GaussianMoE, x: Tensor, y: Tensor, init: Params, *, tol: float
     return FitResult({k: shape(v) for k, v in out.items()}, shape(out_ll), shape(n_iter),
                      shape(converged), shape(degenerate),
                      None if history is None else shape(history))
+
+
+def _fused_plain_em(kernel: _SoftmaxLinearKernel, params: Params, lead, tol: float,
+                    max_iter: int) -> FitResult:
+    """Plain EM with every iteration in C (``_fused.em``): the same updates and stopping
+    rule as the loop of ``fit_em`` with ``_SoftmaxLinearKernel``, without a Python round
+    trip per iteration (what small fits spend most of their time on)."""
+    gate = torch.cat([params["beta0"].unsqueeze(-1), params["beta1"]], dim=-1)
+    coef, gate, var, ll, n_iter, converged, degenerate = _fused.em(
+        kernel.f_T, kernel.z_T, kernel.y.squeeze(-2), kernel.floor, kernel._coef(params), gate,
+        params["var"], tol, max_iter)
+    out = {"b": coef[..., 0], "beta0": gate[..., 0], "beta1": gate[..., 1:], "var": var}
+    if kernel.has_a:
+        out["a"] = coef[..., 1:]
+    shape = lambda t: t.reshape(tuple(lead) + tuple(t.shape[1:]))  # noqa: E731
+    return FitResult({k: shape(out[k]) for k in params}, shape(ll), shape(n_iter),
+                     shape(converged), shape(degenerate))
 
 
 def select_best(result: FitResult, dim: int = 0) -> FitResult:

@@ -1,0 +1,338 @@
+/* Fused E-step and sufficient statistics for EM in the softmax-gated Gaussian MoE with
+ * experts linear in their parameters (gatelab.fit.em, _SoftmaxLinearKernel).
+ *
+ * One pass over the data per problem replaces about twenty passes over (B, E, N) arrays:
+ * for each sample n, scores s_i = gate_i . z_n, log-components c_i = s_i + log N(y_n |
+ * coef_i . f_n, var_i), responsibilities r = softmax(c), gate weights w = softmax(s), and
+ * the log-likelihood term logsumexp(c) - logsumexp(s); then the statistics the M-step
+ * needs, accumulated on the fly:
+ *   S[i]  = sum_n r_ni [f_n f_n^T, f_n y_n, y_n^2]     (Q*Q + Q + 1 numbers)
+ *   G[i]  = sum_n (r_ni - w_ni) z_n                      (P)
+ *   Hd[i] = sum_n w_ni z_n z_n^T                         (P*P)
+ *   Hc[i][j] = sum_n w_ni w_nj z_n z_n^T                 (P*P)
+ * G, Hd and Hc only for the free experts i, j < E - 1 (the last is the gate's reference;
+ * its entries are left 0).
+ * Samples are processed in blocks of NB so that the inner loops run over samples with
+ * unit stride and vectorise (exp included, through glibc's vector math library).
+ * Layouts (row-major, contiguous): f (B, Q, N), z (B, P, N), y (B, N), coef (B, E, Q),
+ * gate (B, E, P), var (B, E); outputs ll (B), S (B, E, Q*Q+Q+1), G (B, E, P),
+ * Hd (B, E, P*P), Hc (B, E, E, P*P).
+ */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define NB 256
+#define MAXE 16
+
+/* Row 0 of f and of z is the constant 1 (the intercept), so it is read from this block of
+ * ones, which stays in cache, instead of from memory. */
+static double ONES[NB];
+static void init_ones(void) {
+    for (int j = 0; j < NB; j++) ONES[j] = 1.0;
+}
+#define ROW(a, r, N, n0) ((r) == 0 ? ONES : (a) + (size_t)(r) * (N) + (n0))
+
+static void one_problem(int N, int E, int Q, int P, const double *f, const double *z,
+                        const double *y, const double *coef, const double *gate,
+                        const double *var, double *ll, double *S, double *G, double *Hd,
+                        double *Hc) {
+    const int SQ = Q * Q + Q + 1, PP = P * P;
+    double lognorm[MAXE], half_inv[MAXE];
+    for (int i = 0; i < E; i++) {
+        lognorm[i] = -0.5 * log(2.0 * M_PI * var[i]);
+        half_inv[i] = 0.5 / var[i];
+    }
+    double c[MAXE][NB], s[MAXE][NB], mc[NB], ms[NB], sc[NB], ss[NB];
+    double total = 0.0;
+    memset(S, 0, sizeof(double) * E * SQ);
+    memset(G, 0, sizeof(double) * E * P);
+    memset(Hd, 0, sizeof(double) * E * PP);
+    memset(Hc, 0, sizeof(double) * E * E * PP);
+    for (int n0 = 0; n0 < N; n0 += NB) {
+        const int nb = N - n0 < NB ? N - n0 : NB;
+        const double *yb = y + n0;
+        for (int i = 0; i < E; i++) {
+            double *ci = c[i], *si = s[i];
+            for (int j = 0; j < nb; j++) { ci[j] = 0.0; si[j] = 0.0; }
+            for (int q = 0; q < Q; q++) {
+                const double a = coef[i * Q + q], *fq = ROW(f, q, N, n0);
+                for (int j = 0; j < nb; j++) ci[j] += a * fq[j];
+            }
+            for (int p = 0; p < P; p++) {
+                const double g = gate[i * P + p], *zp = ROW(z, p, N, n0);
+                for (int j = 0; j < nb; j++) si[j] += g * zp[j];
+            }
+            for (int j = 0; j < nb; j++) {
+                const double d = yb[j] - ci[j];
+                ci[j] = si[j] + lognorm[i] - half_inv[i] * d * d;
+            }
+        }
+        for (int j = 0; j < nb; j++) { mc[j] = c[0][j]; ms[j] = s[0][j]; sc[j] = 0.0; ss[j] = 0.0; }
+        for (int i = 1; i < E; i++)
+            for (int j = 0; j < nb; j++) {
+                mc[j] = c[i][j] > mc[j] ? c[i][j] : mc[j];
+                ms[j] = s[i][j] > ms[j] ? s[i][j] : ms[j];
+            }
+        for (int i = 0; i < E; i++) {
+            double *ci = c[i], *si = s[i];
+            for (int j = 0; j < nb; j++) {
+                ci[j] = exp(ci[j] - mc[j]);
+                si[j] = exp(si[j] - ms[j]);
+                sc[j] += ci[j];
+                ss[j] += si[j];
+            }
+        }
+        double block_ll = 0.0;
+        for (int j = 0; j < nb; j++) {
+            block_ll += mc[j] - ms[j] + log(sc[j] / ss[j]);
+            sc[j] = 1.0 / sc[j];
+            ss[j] = 1.0 / ss[j];
+        }
+        total += block_ll;
+        for (int i = 0; i < E; i++)  /* c becomes r, s becomes w */
+            for (int j = 0; j < nb; j++) { c[i][j] *= sc[j]; s[i][j] *= ss[j]; }
+        for (int i = 0; i < E; i++) {
+            const double *r = c[i], *w = s[i];
+            double *Si = S + i * SQ;
+            for (int q = 0; q < Q; q++) {
+                const double *fq = ROW(f, q, N, n0);
+                for (int q2 = q; q2 < Q; q2++) {
+                    const double *fq2 = ROW(f, q2, N, n0);
+                    double acc = 0.0;
+                    for (int j = 0; j < nb; j++) acc += r[j] * fq[j] * fq2[j];
+                    Si[q * Q + q2] += acc;
+                }
+                double acc = 0.0;
+                for (int j = 0; j < nb; j++) acc += r[j] * fq[j] * yb[j];
+                Si[Q * Q + q] += acc;
+            }
+            double acc = 0.0;
+            for (int j = 0; j < nb; j++) acc += r[j] * yb[j] * yb[j];
+            Si[Q * Q + Q] += acc;
+            if (i == E - 1) continue; /* the gate's reference expert has no free rows */
+            for (int p = 0; p < P; p++) {
+                const double *zp = ROW(z, p, N, n0);
+                double g = 0.0;
+                for (int j = 0; j < nb; j++) g += (r[j] - w[j]) * zp[j];
+                G[i * P + p] += g;
+                for (int p2 = p; p2 < P; p2++) {
+                    const double *zp2 = ROW(z, p2, N, n0);
+                    double h = 0.0;
+                    for (int j = 0; j < nb; j++) h += w[j] * zp[j] * zp2[j];
+                    Hd[i * PP + p * P + p2] += h;
+                }
+            }
+            for (int k = i; k < E - 1; k++) {
+                const double *wk = s[k];
+                double *Hik = Hc + ((size_t)i * E + k) * PP;
+                for (int p = 0; p < P; p++) {
+                    const double *zp = ROW(z, p, N, n0);
+                    for (int p2 = p; p2 < P; p2++) {
+                        const double *zp2 = ROW(z, p2, N, n0);
+                        double h = 0.0;
+                        for (int j = 0; j < nb; j++) h += w[j] * wk[j] * zp[j] * zp2[j];
+                        Hik[p * P + p2] += h;
+                    }
+                }
+            }
+        }
+    }
+    /* fill the lower triangles (and Hc's lower blocks) from the upper ones */
+    for (int i = 0; i < E; i++) {
+        for (int q = 0; q < Q; q++)
+            for (int q2 = 0; q2 < q; q2++) S[i * SQ + q * Q + q2] = S[i * SQ + q2 * Q + q];
+        for (int p = 0; p < P; p++)
+            for (int p2 = 0; p2 < p; p2++) Hd[i * PP + p * P + p2] = Hd[i * PP + p2 * P + p];
+        for (int k = i; k < E - 1; k++) {
+            double *Hik = Hc + ((size_t)i * E + k) * PP, *Hki = Hc + ((size_t)k * E + i) * PP;
+            for (int p = 0; p < P; p++)
+                for (int p2 = 0; p2 < p; p2++) Hik[p * P + p2] = Hik[p2 * P + p];
+            if (k != i) memcpy(Hki, Hik, sizeof(double) * PP);
+        }
+    }
+    *ll = total;
+}
+
+int gatelab_estep(int B, int N, int E, int Q, int P, int threads, const double *f,
+                  const double *z, const double *y, const double *coef, const double *gate,
+                  const double *var, double *ll, double *S, double *G, double *Hd, double *Hc) {
+    if (E > MAXE) return 1;
+    init_ones();
+    const int SQ = Q * Q + Q + 1, PP = P * P;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+    for (int b = 0; b < B; b++)
+        one_problem(N, E, Q, P, f + (size_t)b * Q * N, z + (size_t)b * P * N, y + (size_t)b * N,
+                    coef + (size_t)b * E * Q, gate + (size_t)b * E * P, var + (size_t)b * E,
+                    ll + b, S + (size_t)b * E * SQ, G + (size_t)b * E * P,
+                    Hd + (size_t)b * E * PP, Hc + (size_t)b * E * E * PP);
+    return 0;
+}
+
+/* ---- the whole plain EM loop for one problem (same steps as _SoftmaxLinearKernel) ---- */
+
+/* Cholesky solve of the m x m symmetric system a x = b (a is overwritten); 1 if a is
+ * not positive definite. */
+static int chol_solve(int m, double *a, double *b) {
+    for (int j = 0; j < m; j++) {
+        double d = a[j * m + j];
+        for (int k = 0; k < j; k++) d -= a[j * m + k] * a[j * m + k];
+        if (!(d > 0.0)) return 1;
+        d = sqrt(d);
+        a[j * m + j] = d;
+        for (int i = j + 1; i < m; i++) {
+            double v = a[i * m + j];
+            for (int k = 0; k < j; k++) v -= a[i * m + k] * a[j * m + k];
+            a[i * m + j] = v / d;
+        }
+    }
+    for (int i = 0; i < m; i++) {
+        double v = b[i];
+        for (int k = 0; k < i; k++) v -= a[i * m + k] * b[k];
+        b[i] = v / a[i * m + i];
+    }
+    for (int i = m - 1; i >= 0; i--) {
+        double v = b[i];
+        for (int k = i + 1; k < m; k++) v -= a[k * m + i] * b[k];
+        b[i] = v / a[i * m + i];
+    }
+    return 0;
+}
+
+typedef struct {
+    int N, E, Q, P;
+    const double *f, *z, *y;
+    double floor;
+    double *S, *G, *Hd, *Hc; /* statistics of the current parameters */
+} Problem;
+
+static void stats_of(Problem *pr, const double *coef, const double *gate, const double *var,
+                     double *ll) {
+    one_problem(pr->N, pr->E, pr->Q, pr->P, pr->f, pr->z, pr->y, coef, gate, var, ll, pr->S,
+                pr->G, pr->Hd, pr->Hc);
+}
+
+/* Experts by ridge-stabilised weighted least squares and variances in closed form, from
+ * S; returns 1 if a variance was floored or an expert (nearly) emptied. */
+static int experts_step(Problem *pr, double *coef, double *var, double *work) {
+    const int E = pr->E, Q = pr->Q, SQ = Q * Q + Q + 1;
+    int low = 0;
+    for (int i = 0; i < E; i++) {
+        const double *Si = pr->S + i * SQ;
+        double *a = work, *c = work + Q * Q, *ci = coef + i * Q;
+        double mean_diag = 0.0;
+        for (int q = 0; q < Q; q++) mean_diag += Si[q * Q + q];
+        const double lam = 1e-10 * (mean_diag / Q + 1.0);
+        for (int q = 0; q < Q * Q; q++) a[q] = Si[q];
+        for (int q = 0; q < Q; q++) { a[q * Q + q] += lam; c[q] = Si[Q * Q + q] + lam * ci[q]; }
+        if (chol_solve(Q, a, c) == 0)
+            for (int q = 0; q < Q; q++) ci[q] = c[q];
+        double rss = Si[Q * Q + Q];
+        for (int q = 0; q < Q; q++) {
+            rss -= 2.0 * ci[q] * Si[Q * Q + q];
+            for (int q2 = 0; q2 < Q; q2++) rss += ci[q] * Si[q * Q + q2] * ci[q2];
+        }
+        const double nk = Si[0];
+        double v = nk > 1e-10 ? (rss > 0.0 ? rss : 0.0) / (nk > 1e-300 ? nk : 1e-300) : var[i];
+        if (v < pr->floor || nk < 1.0) low = 1;
+        var[i] = v > pr->floor ? v : pr->floor;
+    }
+    return low;
+}
+
+/* Newton/IRLS direction for the free experts' gate rows (all but the last): solves
+ * (-H + 1e-10 scale I) d = g; where that is not positive definite, a larger ridge. */
+static void gate_direction(Problem *pr, double *d, double *work) {
+    const int E = pr->E, P = pr->P, PP = P * P, m = (E - 1) * P;
+    double *a = work;
+    for (int i = 0; i < E - 1; i++)
+        for (int p = 0; p < P; p++) {
+            d[i * P + p] = pr->G[i * P + p];
+            for (int j = 0; j < E - 1; j++)
+                for (int q = 0; q < P; q++) {
+                    double v = -pr->Hc[((size_t)i * E + j) * PP + p * P + q];
+                    if (i == j) v += pr->Hd[i * PP + p * P + q];
+                    a[(i * P + p) * m + j * P + q] = v;
+                }
+        }
+    double scale = 0.0;
+    for (int k = 0; k < m; k++) scale += fabs(a[k * m + k]);
+    scale = scale / m > 1e-300 ? scale / m : 1e-300;
+    double *a2 = work + m * m, *g = work + 2 * m * m;
+    for (double ridge = 1e-10; ridge < 1e3; ridge *= 1e4) {
+        for (int k = 0; k < m * m; k++) a2[k] = a[k];
+        for (int k = 0; k < m; k++) { a2[k * m + k] += ridge * scale; g[k] = d[k]; }
+        if (chol_solve(m, a2, g) == 0) {
+            for (int k = 0; k < m; k++) d[k] = g[k];
+            return;
+        }
+    }
+    for (int k = 0; k < m; k++) d[k] = 0.0;
+}
+
+static void step_gate(int E, int P, const double *gate, const double *d, double t, double *out) {
+    for (int k = 0; k < E * P; k++) out[k] = gate[k];
+    for (int k = 0; k < (E - 1) * P; k++) out[k] += t * d[k];
+}
+
+/* One EM update from (coef, gate, var) whose statistics are in pr and log-likelihood is
+ * *ll; writes the new parameters, statistics and log-likelihood in place. */
+static int em_update(Problem *pr, double *coef, double *gate, double *var, double *ll,
+                     double *work) {
+    const int E = pr->E, P = pr->P;
+    int low = experts_step(pr, coef, var, work);
+    double ll_new;
+    if (E == 1) {
+        stats_of(pr, coef, gate, var, &ll_new);
+        *ll = ll_new;
+        return low;
+    }
+    const int m = (E - 1) * P;
+    double *d = work, *cand = work + m, *scratch = work + m + E * P;
+    gate_direction(pr, d, scratch);
+    const double ll0 = *ll;
+    for (int h = 0; h <= 11; h++) {  /* t = 1, 1/2, ..., 1/1024, then 0 */
+        const double t = h == 11 ? 0.0 : ldexp(1.0, -h);
+        step_gate(E, P, gate, d, t, cand);
+        stats_of(pr, coef, cand, var, &ll_new);
+        if (ll_new >= ll0 - 1e-12 * fabs(ll0) || h == 11) break;
+    }
+    for (int k = 0; k < E * P; k++) gate[k] = cand[k];
+    *ll = ll_new;
+    return low;
+}
+
+int gatelab_em(int B, int N, int E, int Q, int P, int threads, const double *f,
+               const double *z, const double *y, const double *floor, double tol, int max_iter,
+               double *coef, double *gate, double *var, double *ll, int *n_iter,
+               int *converged, int *degenerate) {
+    if (E > MAXE) return 1;
+    init_ones();
+    const int SQ = Q * Q + Q + 1, PP = P * P, m = (E - 1) * P;
+    const size_t stats = (size_t)E * SQ + E * P + E * PP + (size_t)E * E * PP;
+    const size_t work = 3 * (size_t)m * m + 2 * m + E * P + 2 * Q * Q + 2 * Q + 16;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+    for (int b = 0; b < B; b++) {
+        double *buf = malloc(sizeof(double) * (stats + work));
+        Problem pr = {N, E, Q, P, f + (size_t)b * Q * N, z + (size_t)b * P * N, y + (size_t)b * N,
+                      floor[b], buf, buf + E * SQ, buf + E * SQ + E * P,
+                      buf + E * SQ + E * P + E * PP};
+        double *w = buf + stats, *cb = coef + (size_t)b * E * Q, *gb = gate + (size_t)b * E * P,
+               *vb = var + (size_t)b * E;
+        double cur;
+        stats_of(&pr, cb, gb, vb, &cur);
+        int it = 0, done = 0, low = 0;
+        while (it < max_iter && !done) {
+            const double before = cur;
+            low |= em_update(&pr, cb, gb, vb, &cur, w);
+            it++;
+            done = fabs(cur - before) <= tol * fabs(before);
+        }
+        ll[b] = cur;
+        n_iter[b] = it;
+        converged[b] = done;
+        degenerate[b] = low;
+        free(buf);
+    }
+    return 0;
+}

@@ -1,0 +1,117 @@
+"""Loader of the fused E-step (``_fused.c``): compiled with the system's C compiler on
+first use into a per-user cache, then called through ctypes. Where no compiler is found
+(or ``GATELAB_FUSED=0``), ``load()`` returns None and EM uses its pure-PyTorch kernel,
+which computes the same statistics (the tests check that both agree)."""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+__all__ = ["load", "estep"]
+
+_SOURCE = Path(__file__).with_name("_fused.c")
+_lib: ctypes.CDLL | None | bool = False  # False: not tried yet
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("GATELAB_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "gatelab")
+    return Path(root)
+
+
+def _cpu_flags() -> bytes:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return b""
+    return next((line for line in lines if line.startswith("flags")), "").encode()
+
+
+def _compile(target: Path) -> None:
+    """Compile to a temporary name, then rename, so that concurrent workers never load a
+    half-written library. -ffast-math is used to compile only, not to link: linking with
+    it would switch the whole process to flush-denormals-to-zero."""
+    cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+    if cc is None:
+        raise OSError("no C compiler")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        obj, lib = Path(tmp) / "fused.o", Path(tmp) / "fused.so"
+        flags = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC"]
+        subprocess.run([cc, *flags, "-c", str(_SOURCE), "-o", str(obj)], check=True,
+                       capture_output=True)
+        subprocess.run([cc, "-shared", "-fopenmp", str(obj), "-o", str(lib), "-lm"],
+                       check=True, capture_output=True)
+        os.replace(lib, target)
+
+
+def load() -> ctypes.CDLL | None:
+    """The compiled library, or None where it cannot be built or is switched off."""
+    global _lib
+    if _lib is False:
+        _lib = None
+        if os.environ.get("GATELAB_FUSED", "1") != "0":
+            # -march=native: the library is built for this CPU, so its flags key the cache.
+            digest = hashlib.sha256(_SOURCE.read_bytes() + _cpu_flags()).hexdigest()[:16]
+            target = _cache_dir() / f"fused-{digest}-{os.uname().machine}.so"
+            try:
+                if not target.exists():
+                    _compile(target)
+                lib = ctypes.CDLL(str(target))
+                lib.gatelab_estep.restype = ctypes.c_int
+                _lib = lib
+            except (OSError, subprocess.CalledProcessError):
+                _lib = None
+    return _lib
+
+
+def estep(f_BQN: Tensor, z_BPN: Tensor, y_BN: Tensor, coef_BEQ: Tensor, gate_BEP: Tensor,
+          var_BE: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(ll (B,), S (B, E, Q*Q+Q+1), G (B, E, P), Hd (B, E, P, P), Hc (B, E, E, P, P)):
+    see ``_fused.c``. All inputs float64 and contiguous on the CPU."""
+    lib = load()
+    b, q, n = f_BQN.shape
+    e, p = gate_BEP.shape[1], z_BPN.shape[1]
+    args = [t.contiguous() for t in (f_BQN, z_BPN, y_BN, coef_BEQ, gate_BEP, var_BE)]
+    ll = f_BQN.new_empty(b)
+    s = f_BQN.new_empty(b, e, q * q + q + 1)
+    g = f_BQN.new_empty(b, e, p)
+    hd = f_BQN.new_empty(b, e, p, p)
+    hc = f_BQN.new_empty(b, e, e, p, p)
+    ptr = lambda t: ctypes.c_void_p(t.data_ptr())  # noqa: E731
+    code = lib.gatelab_estep(b, n, e, q, p, torch.get_num_threads(), *map(ptr, args),
+                             *map(ptr, (ll, s, g, hd, hc)))
+    if code:
+        raise ValueError(f"The fused E-step handles at most 16 experts; got {e}.")
+    return ll, s, g, hd, hc
+
+
+def em(f_BQN: Tensor, z_BPN: Tensor, y_BN: Tensor, floor_B: Tensor, coef_BEQ: Tensor,
+       gate_BEP: Tensor, var_BE: Tensor, tol: float, max_iter: int):
+    """Plain EM to convergence for every problem (``gatelab_em`` in ``_fused.c``): the
+    steps of ``_SoftmaxLinearKernel.update`` and ``fit_em``'s stopping rule, in C.
+    Returns (coef, gate, var, ll, n_iter, converged, degenerate)."""
+    lib = load()
+    b, q, n = f_BQN.shape
+    e, p = gate_BEP.shape[1], z_BPN.shape[1]
+    data = [t.contiguous() for t in (f_BQN, z_BPN, y_BN, floor_B)]
+    coef, gate, var = (t.clone().contiguous() for t in (coef_BEQ, gate_BEP, var_BE))
+    ll = f_BQN.new_empty(b)
+    ints = [torch.zeros(b, dtype=torch.int32) for _ in range(3)]
+    ptr = lambda t: ctypes.c_void_p(t.data_ptr())  # noqa: E731
+    code = lib.gatelab_em(b, n, e, q, p, torch.get_num_threads(), *map(ptr, data),
+                          ctypes.c_double(tol), max_iter, *map(ptr, (coef, gate, var, ll)),
+                          *map(ptr, ints))
+    if code:
+        raise ValueError(f"The fused EM handles at most 16 experts; got {e}.")
+    n_iter, converged, degenerate = ints
+    return coef, gate, var, ll, n_iter.long(), converged.bool(), degenerate.bool()

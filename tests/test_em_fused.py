@@ -1,0 +1,60 @@
+"""The C E-step and EM loop (gatelab.fit._fused) against the PyTorch kernel."""
+
+import pytest
+import torch
+
+import gatelab as gl
+from gatelab.demo import reference_truth
+from gatelab.fit import _fused, fit_em, near_truth
+from gatelab.fit.em import _broadcast_problem, _SoftmaxLinearKernel
+
+pytestmark = pytest.mark.skipif(_fused.load() is None, reason="no C compiler: no fused kernel")
+GEN = lambda s: torch.Generator().manual_seed(s)  # noqa: E731
+
+
+def _problem(k=3, dim=1, n=1500, reps=2, expert="linear"):
+    model, truth = reference_truth()
+    x, y = model.sample(truth, n, GEN(0), replicates=reps)
+    if dim > 1:  # extra covariates the truth ignores
+        x = torch.cat([x, torch.randn(*x.shape[:-1], dim - 1, generator=GEN(1), dtype=x.dtype)], -1)
+    fitted = gl.GaussianMoE(k, dim, expert=gl.make_expert(expert))
+    init = fitted.random_params(GEN(2), batch_shape=(2, reps))
+    init["var"] = init["var"].abs() + 0.5
+    return fitted, x, y, init
+
+
+@pytest.mark.parametrize("k, dim, expert", [(2, 1, "linear"), (4, 1, "linear"), (3, 2, "linear"),
+                                            (3, 1, "polynomial")])
+def test_fused_statistics_equal_the_tensor_kernel(k, dim, expert):
+    model, x, y, init = _problem(k, dim, expert=expert)
+    x, y, params, _ = _broadcast_problem(model, x, y, model.normalise(init))
+    floor = 1e-8 * y.var(-1)
+    fused = _SoftmaxLinearKernel(model, x, y, floor, 1, fused=True)
+    tensor = _SoftmaxLinearKernel(model, x, y, floor, 1, fused=False)
+    ll_f, stats_f = fused.e_step(params)
+    ll_t, stats_t = tensor.e_step(params)
+    torch.testing.assert_close(ll_f, ll_t, rtol=1e-12, atol=0)
+    for a, b in zip(stats_f, stats_t):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-9)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_fused_em_loop_gives_the_iterates_of_the_tensor_loop(k):
+    model, x, y, init = _problem(k)
+    c = fit_em(model, x, y, init, tol=1e-8, max_iter=300)              # the loop in C
+    t = fit_em(model, x, y, init, tol=1e-8, max_iter=300, engine="tensor")
+    assert torch.equal(c.n_iter, t.n_iter)
+    assert torch.equal(c.converged, t.converged) and torch.equal(c.degenerate, t.degenerate)
+    torch.testing.assert_close(c.loglik, t.loglik, rtol=1e-10, atol=0)
+    for name in t.params:
+        torch.testing.assert_close(c.params[name], t.params[name], rtol=1e-6, atol=1e-7)
+
+
+def test_fused_em_stops_at_max_iter_and_flags_degenerate_fits():
+    model, x, y, init = _problem(3)
+    c = fit_em(model, x, y, init, tol=1e-14, max_iter=7)
+    assert (c.n_iter == 7).all() and not c.converged.any()
+    squeezed = {**init, "var": torch.full_like(init["var"], 1e-30)}
+    c = fit_em(model, x[:, :5], y[:, :5], squeezed, max_iter=5)  # 5 samples, 3 experts
+    t = fit_em(model, x[:, :5], y[:, :5], squeezed, max_iter=5, engine="tensor")
+    assert torch.equal(c.degenerate, t.degenerate) and bool(c.degenerate.any())
