@@ -33,10 +33,46 @@ static void init_ones(void) {
 }
 #define ROW(a, r, N, n0) ((r) == 0 ? ONES : (a) + (size_t)(r) * (N) + (n0))
 
-static void one_problem(int N, int E, int Q, int P, const double *f, const double *z,
-                        const double *y, const double *coef, const double *gate,
-                        const double *var, double *ll, double *S, double *G, double *Hd,
-                        double *Hc) {
+/* The common case of one covariate and linear experts (f = z = (1, x)): all statistics
+ * of an expert in one loop over the block, sharing the loads of r, w, x and y. */
+static void line_stats(int E, int nb, const double *x, const double *y, double c[][NB],
+                       double s[][NB], double *S, double *G, double *Hd, double *Hc) {
+    for (int i = 0; i < E; i++) {
+        const double *r = c[i], *w = s[i];
+        double s0 = 0, s1 = 0, s2 = 0, s3 = 0, s4 = 0, s5 = 0;
+        double g0 = 0, g1 = 0, h0 = 0, h1 = 0, h2 = 0;
+        for (int j = 0; j < nb; j++) {
+            const double rx = r[j] * x[j], ry = r[j] * y[j], d = r[j] - w[j], wx = w[j] * x[j];
+            s0 += r[j]; s1 += rx; s2 += rx * x[j]; s3 += ry; s4 += ry * x[j]; s5 += ry * y[j];
+            g0 += d; g1 += d * x[j]; h0 += w[j]; h1 += wx; h2 += wx * x[j];
+        }
+        double *Si = S + i * 7;  /* gram (2 x 2), rhs (2), syy */
+        Si[0] += s0; Si[1] += s1; Si[3] += s2; Si[4] += s3; Si[5] += s4; Si[6] += s5;
+        if (i == E - 1) continue;
+        G[i * 2] += g0; G[i * 2 + 1] += g1;
+        Hd[i * 4] += h0; Hd[i * 4 + 1] += h1; Hd[i * 4 + 3] += h2;
+        for (int k = i; k < E - 1; k++) {
+            const double *wk = s[k];
+            double c0 = 0, c1 = 0, c2 = 0;
+            for (int j = 0; j < nb; j++) {
+                const double ww = w[j] * wk[j], wwx = ww * x[j];
+                c0 += ww; c1 += wwx; c2 += wwx * x[j];
+            }
+            double *Hik = Hc + ((size_t)i * E + k) * 4;
+            Hik[0] += c0; Hik[1] += c1; Hik[3] += c2;
+        }
+    }
+}
+
+/* f = z = (1, x): both have two rows and the same second row */
+static int is_shared_x(int N, int Q, int P, const double *f, const double *z) {
+    return Q == 2 && P == 2 && memcmp(f + N, z + N, sizeof(double) * N) == 0;
+}
+
+static void one_problem(int N, int E, int Q, int P, int shared_x, const double *f,
+                        const double *z, const double *y, const double *coef,
+                        const double *gate, const double *var, double *ll, double *S,
+                        double *G, double *Hd, double *Hc) {
     const int SQ = Q * Q + Q + 1, PP = P * P;
     double lognorm[MAXE], half_inv[MAXE];
     for (int i = 0; i < E; i++) {
@@ -92,6 +128,10 @@ static void one_problem(int N, int E, int Q, int P, const double *f, const doubl
         total += block_ll;
         for (int i = 0; i < E; i++)  /* c becomes r, s becomes w */
             for (int j = 0; j < nb; j++) { c[i][j] *= sc[j]; s[i][j] *= ss[j]; }
+        if (shared_x) {
+            line_stats(E, nb, z + N + n0, yb, c, s, S, G, Hd, Hc);
+            continue;
+        }
         for (int i = 0; i < E; i++) {
             const double *r = c[i], *w = s[i];
             double *Si = S + i * SQ;
@@ -161,11 +201,13 @@ int gatelab_estep(int B, int N, int E, int Q, int P, int threads, const double *
     init_ones();
     const int SQ = Q * Q + Q + 1, PP = P * P;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
-    for (int b = 0; b < B; b++)
-        one_problem(N, E, Q, P, f + (size_t)b * Q * N, z + (size_t)b * P * N, y + (size_t)b * N,
+    for (int b = 0; b < B; b++) {
+        const double *fb = f + (size_t)b * Q * N, *zb = z + (size_t)b * P * N;
+        one_problem(N, E, Q, P, is_shared_x(N, Q, P, fb, zb), fb, zb, y + (size_t)b * N,
                     coef + (size_t)b * E * Q, gate + (size_t)b * E * P, var + (size_t)b * E,
                     ll + b, S + (size_t)b * E * SQ, G + (size_t)b * E * P,
                     Hd + (size_t)b * E * PP, Hc + (size_t)b * E * E * PP);
+    }
     return 0;
 }
 
@@ -200,7 +242,7 @@ static int chol_solve(int m, double *a, double *b) {
 }
 
 typedef struct {
-    int N, E, Q, P;
+    int N, E, Q, P, shared_x;
     const double *f, *z, *y;
     double floor;
     double *S, *G, *Hd, *Hc; /* statistics of the current parameters */
@@ -208,7 +250,7 @@ typedef struct {
 
 static void stats_of(Problem *pr, const double *coef, const double *gate, const double *var,
                      double *ll) {
-    one_problem(pr->N, pr->E, pr->Q, pr->P, pr->f, pr->z, pr->y, coef, gate, var, ll, pr->S,
+    one_problem(pr->N, pr->E, pr->Q, pr->P, pr->shared_x, pr->f, pr->z, pr->y, coef, gate, var, ll, pr->S,
                 pr->G, pr->Hd, pr->Hc);
 }
 
@@ -314,7 +356,8 @@ int gatelab_em(int B, int N, int E, int Q, int P, int threads, const double *f,
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
     for (int b = 0; b < B; b++) {
         double *buf = malloc(sizeof(double) * (stats + work));
-        Problem pr = {N, E, Q, P, f + (size_t)b * Q * N, z + (size_t)b * P * N, y + (size_t)b * N,
+        const double *fb = f + (size_t)b * Q * N, *zb = z + (size_t)b * P * N;
+        Problem pr = {N, E, Q, P, is_shared_x(N, Q, P, fb, zb), fb, zb, y + (size_t)b * N,
                       floor[b], buf, buf + E * SQ, buf + E * SQ + E * P,
                       buf + E * SQ + E * P + E * PP};
         double *w = buf + stats, *cb = coef + (size_t)b * E * Q, *gb = gate + (size_t)b * E * P,
