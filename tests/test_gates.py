@@ -215,8 +215,18 @@ def test_hierarchical_levels_must_be_normalised():
 
 def test_gates_registry_is_complete():
     assert set(gl.GATES) == {"softmax", "topk", "sigmoid", "cosine", "perturbed_cosine",
-                             "quadratic", "quadratic_monomial", "laplace", "gaussian", "input_free"}
-    for name in gl.GATES:
-        gate = gl.make_gate(name, **({"top_k": 1} if name == "topk" else {}))
+                             "quadratic", "quadratic_monomial", "laplace", "gaussian", "input_free",
+                             "hierarchical"}
+    for name in set(gl.GATES) - {"hierarchical"}:
+        gate = gl.gates.example_gate(name)
         shapes = gate.param_shapes(N_EXPERTS, 2)
         assert shapes["beta0"] == (N_EXPERTS,)
+
+
+def test_hierarchical_gate_from_level_names():
+    gate = gl.make_gate("hierarchical", outer="softmax", inner="laplace", n_groups=2, n_inner=2,
+                        inner_options={"expanded": True})
+    assert isinstance(gate.inner, gl.LaplaceGate) and gate.inner.expanded
+    assert gate.param_shapes(4, 3)["inner.W"] == (2, 2, 3)
+    with pytest.raises(ValueError, match="n_experts = n_groups \\* n_inner"):
+        gate.check(5)

@@ -1,4 +1,5 @@
 import json
+import math
 import os
 import signal
 import sqlite3
@@ -276,3 +277,32 @@ def test_ray_backend_gives_the_same_rows_as_local(tiny, tmp_path):
 def test_unknown_backend(tiny, tmp_path):
     with Store(tmp_path / "x.sqlite") as store, pytest.raises(ValueError, match="Unknown backend"):
         reproduce(tiny, store, backend="dask")
+
+
+def test_truth_blocks_must_be_used_by_some_setting(tmp_path):
+    path = tmp_path / "extra.toml"
+    path.write_text(TINY.replace("var = [0.09, 0.16]", "var = [0.09, 0.16]\nW = [[0.1], [0.9]]"))
+    with pytest.raises(SpecError, match=r"truth.params: must be blocks that some setting's truth "
+                                        r"uses \(unused: \['W'\]\)"):
+        load_study(path)
+
+
+def test_hierarchical_study_runs_with_exact_near_truth_starts(tmp_path):
+    study = catalogue.get("hierarchical")
+    data = study.to_dict()
+    data.update(quick_sizes=[400, 800], quick_replicates=2,
+                settings=[s for s in data["settings"] if s["name"] in ("SS exact", "LL exact")],
+                estimator={"tol": 1e-6, "max_iter": 200, "accelerate": True})
+    small = Study.from_dict(data)
+    with Store(tmp_path / "h.sqlite") as store:
+        reproduce(small, store, quick=True, progress=False)
+        rows = store.rows("hierarchical")
+    assert len(rows) == 2 * 2 * 2
+    assert all(math.isfinite(r.loss) for r in rows)
+    assert {"inner.W", "a", "b", "var"} <= set(next(r for r in rows if r.setting == "LL exact").blocks)
+    # The atoms' masses are the products of the levels' intercept masses: they sum to 1,
+    # so a fit at the truth has no mass error.
+    model = small.truth.model(gate="hierarchical", gate_options=data["settings"][1]["truth_gate_options"])
+    truth = model.normalise({k: v for k, v in small.truth.tensors().items() if k in model.param_shapes()})
+    from gatelab.studies.runner import _atom_masses
+    assert float(_atom_masses(model, truth).sum()) == pytest.approx(1.0)

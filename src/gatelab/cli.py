@@ -7,7 +7,7 @@ import inspect
 import sys
 from collections.abc import Sequence
 
-from .gates import GATES, make_gate
+from .gates import GATES, example_gate, make_gate
 
 
 def _first_line(obj: object) -> str:
@@ -18,9 +18,9 @@ def _first_line(obj: object) -> str:
 def cmd_gates(args: argparse.Namespace) -> int:
     """Print the gate catalogue, one line each."""
     for name in GATES:
-        gate = make_gate(name, **({"top_k": 1} if name == "topk" else {}))
-        blocks = ", ".join(f"{k}{list(v)}" for k, v in gate.param_shapes(3, 2).items())
-        print(f"{name:<19} normaliser={gate.normaliser:<8} blocks (k=3, d=2): {blocks}")
+        gate = example_gate(name)
+        blocks = ", ".join(f"{k}{list(v)}" for k, v in gate.param_shapes(4, 2).items())
+        print(f"{name:<19} normaliser={gate.normaliser:<8} blocks (k=4, d=2): {blocks}")
     return 0
 
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .gates import GATES, make_gate
+from .gates import GATES, example_gate
 from .models import GaussianMoE, MoERegression
 from .models.base import DensityModel
 from .params import Params
@@ -56,7 +56,7 @@ def catalogue_models(dim: int = 2, n_experts: int = 4) -> list[tuple[str, Densit
     """One model per gate in the catalogue (sigmoid as MoE regression)."""
     out: list[tuple[str, DensityModel]] = []
     for name in GATES:
-        gate = make_gate(name, **({"top_k": 2} if name == "topk" else {}))
+        gate = example_gate(name)
         cls = MoERegression if not gate.sums_to_one else GaussianMoE
         out.append((f"{cls.__name__}[{name}]", cls(n_experts, dim, gate, "linear")))
     return out

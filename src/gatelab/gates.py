@@ -31,7 +31,7 @@ from .params import Params, Shapes, random_blocks, take_prefix, with_prefix
 __all__ = [
     "Gate", "LinearGate", "CosineGate", "PerturbedCosineGate", "QuadraticGate", "LaplaceGate",
     "GaussianGate", "InputFreeGate", "HierarchicalGate", "GATES", "NORMALISERS", "make_gate",
-    "top_k_mask",
+    "top_k_mask", "EXAMPLE_OPTIONS", "example_gate",
 ]
 
 NEG_INF = float("-inf")
@@ -427,6 +427,15 @@ def _topk(**kwargs: Any) -> Gate:
     return LinearGate(**kwargs)
 
 
+def _hierarchical(outer: str | Gate = "softmax", inner: str | Gate = "softmax",
+                  outer_options: dict | None = None, inner_options: dict | None = None,
+                  **kwargs: Any) -> Gate:
+    """A ``HierarchicalGate`` from level names, e.g. make_gate("hierarchical",
+    outer="softmax", inner="laplace", n_groups=2, n_inner=2) (the paper's "SL")."""
+    return HierarchicalGate(outer=make_gate(outer, **dict(outer_options or {})),
+                            inner=make_gate(inner, **dict(inner_options or {})), **kwargs)
+
+
 GATES: dict[str, Any] = {
     "softmax": LinearGate,
     "topk": _topk,
@@ -438,7 +447,20 @@ GATES: dict[str, Any] = {
     "laplace": LaplaceGate,
     "gaussian": GaussianGate,
     "input_free": InputFreeGate,
+    "hierarchical": _hierarchical,
 }
+
+
+# Options that a gate needs before it can be built (listings, demos, examples).
+EXAMPLE_OPTIONS: dict[str, dict[str, Any]] = {
+    "topk": {"top_k": 2},
+    "hierarchical": {"outer": "softmax", "inner": "laplace", "n_groups": 2, "n_inner": 2},
+}
+
+
+def example_gate(name: str) -> Gate:
+    """The catalogue gate ``name`` with ``EXAMPLE_OPTIONS`` (routes over 4 experts)."""
+    return make_gate(name, **EXAMPLE_OPTIONS.get(name, {}))
 
 
 def make_gate(gate: str | Gate, **options: Any) -> Gate:

@@ -43,31 +43,36 @@ def near_truth(model: GatedExperts, truth: Params, n: int, n_starts: int = 1,
     variance gets + |N(0, (0.005 n^-0.25)^2)|. An atom split over m fitted experts has its
     gate intercept lowered by log m so that its total mass is unchanged (gatelab's choice;
     the protocol leaves it open). ``truth`` is unbatched, for k* experts of the same family.
+    Hierarchical gates: exact-specified only, every block of the truth plus the noise.
     Returns blocks of shape (n_starts, [replicates,] k, ...).
     """
-    if isinstance(model.gate, HierarchicalGate):
-        raise ValueError("near_truth needs one expert axis; for hierarchical gates use "
-                         "random_starts.")
-    k_star = truth["beta0"].shape[-1]
+    hierarchical = isinstance(model.gate, HierarchicalGate)
+    k_star = model.n_experts if hierarchical else truth["beta0"].shape[-1]
+    if hierarchical and truth["var"].shape[-1] != k_star:
+        raise ValueError("near_truth fits hierarchical gates exact-specified only (the same "
+                         "groups and experts as the truth); use random_starts otherwise.")
     lead = (n_starts,) if replicates is None else (n_starts, replicates)
     gate_names = set(model._gate_shapes())
     starts = []
     for _ in range(math.prod(lead)):
-        atoms = covering_assignment(model.n_experts, k_star, generator)
+        # Hierarchical blocks have a group axis: exact-specified, so no reassignment.
+        atoms = torch.arange(k_star) if hierarchical else covering_assignment(
+            model.n_experts, k_star, generator)
         start = {}
         for name, value in truth.items():
             if value.dim() == 0:  # no expert axis (a noise variance): copied as it is
                 start[name] = value.clone()
                 continue
             sd = (0.005 if name in gate_names else 0.05) * n ** -0.083
-            block = value[atoms]
+            block = value if name in gate_names and hierarchical else value[atoms]
             if name == "var":
                 noise = (0.005 * n ** -0.25) * torch.randn(block.shape, generator=generator,
                                                            dtype=block.dtype).abs()
             else:
                 noise = sd * torch.randn(block.shape, generator=generator, dtype=block.dtype)
             start[name] = block + noise
-        start["beta0"] = start["beta0"] - torch.bincount(atoms, minlength=k_star)[atoms].log()
+        if not hierarchical:
+            start["beta0"] = start["beta0"] - torch.bincount(atoms, minlength=k_star)[atoms].log()
         starts.append(model.normalise(start))
     return {k: torch.stack([s[k] for s in starts]).reshape(*lead, *starts[0][k].shape)
             for k in starts[0]}

@@ -25,6 +25,7 @@ from .. import __version__
 from ..fit import FitResult, fit_em, fit_lsq, near_truth, select_best
 from ..fit.init import near_truth_known
 from ..losses import voronoi_loss, wasserstein
+from ..gates import HierarchicalGate
 from ..models import ContaminatedMoE, DeviatedGaussianMoE, GatedExperts
 from ..params import pick
 from .spec import Study
@@ -108,12 +109,26 @@ def _starts(model, truth: dict, n: int, n_starts: int, g: torch.Generator) -> di
 
 def _atom_masses(model, params: dict) -> torch.Tensor | None:
     """Masses of the trainable atoms where they are not read from beta0: lam * p_i in the
-    deviated MoE, lam for a covariate-free contaminated prompt."""
+    deviated MoE, lam for a covariate-free contaminated prompt, and for a hierarchical
+    gate the product of the two levels' normalised intercept masses."""
+    if isinstance(model, GatedExperts) and isinstance(model.gate, HierarchicalGate):
+        outer = torch.softmax(params["outer.beta0"], -1)          # (..., G)
+        inner = torch.softmax(params["inner.beta0"], -1)          # (..., G, J)
+        return (outer.unsqueeze(-1) * inner).flatten(-2)
     if isinstance(model, DeviatedGaussianMoE):
         return params["lam"].unsqueeze(-1) * torch.softmax(params["beta0"], -1)
     if isinstance(model, ContaminatedMoE) and model.mixing == "input_free":
         return params["lam"].unsqueeze(-1)
     return None
+
+
+def _default_atoms(model, truth: dict) -> list[str] | None:
+    """A hierarchical gate's atoms: each expert's inner-gate blocks and expert blocks (the
+    outer blocks have a group axis, not an expert axis, and are left out)."""
+    if not (isinstance(model, GatedExperts) and isinstance(model.gate, HierarchicalGate)):
+        return None
+    return [k for k in truth if (k.startswith("inner.") and k != "inner.beta0")
+            or k in model._expert_shapes() or k == "var"]
 
 
 def _losses(model, setting, params: dict, truth: dict):
@@ -123,7 +138,7 @@ def _losses(model, setting, params: dict, truth: dict):
     normaliser = "sigmoid" if isinstance(model, ContaminatedMoE) else "softmax"
     if isinstance(model, GatedExperts):
         normaliser = model.gate.normaliser
-    options = {"normaliser": normaliser, "blocks": list(setting.loss_blocks) or None,
+    options = {"normaliser": normaliser, "blocks": list(setting.loss_blocks) or _default_atoms(model, truth),
                "mass": _atom_masses(model, params), "true_mass": _atom_masses(model, truth)}
     loss = voronoi_loss(params, truth, setting.loss, **options)
     blocks = dict(loss.blocks)

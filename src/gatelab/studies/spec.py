@@ -22,7 +22,7 @@ from ..gates import make_gate
 from ..losses import TABLES
 from ..models import (ContaminatedMoE, DeviatedGaussianMoE, FrozenDensity, GatedExperts,
                       GaussianMoE, MoERegression)
-from ..params import Params
+from ..params import Params, pick
 
 __all__ = ["SpecError", "TruthSpec", "Setting", "Study", "load_study"]
 
@@ -96,7 +96,10 @@ class TruthSpec:
         _need(_is_int(self.dim), f"{self._path}.dim", "an int >= 1", self.dim)
         try:
             model = self.model()
-            model.check_params(self.tensors())
+            raw, shapes = self.tensors(), model.param_shapes()
+            # Extra blocks are allowed (settings may switch the truth's gate, e.g. softmax
+            # or Laplace levels of a hierarchical gate); Study checks that each is used.
+            model.check_params(raw if set(shapes) - set(raw) else pick(raw, shapes))
         except (ValueError, TypeError) as err:
             raise SpecError(f"{self._path}: {err}") from None
 
@@ -226,6 +229,23 @@ class Study:
               "'lsq' for a regression truth (EM fits densities)", method)
         _need(method == "em" or self.truth.model_kind == "regression", "estimator.method",
               "'em' for a density truth (least squares fits regressions)", method)
+        self._check_truth_blocks_used()
+
+    def _check_truth_blocks_used(self) -> None:
+        used: set[str] = set()
+        for s in self.settings:
+            try:
+                model = self.truth.model(gate=s.truth_gate, known=s.known or None,
+                                         gate_options=s.truth_gate_options or None)
+            except (ValueError, TypeError) as err:
+                raise SpecError(f"{s._path}.truth_gate: {err}") from None
+            missing = sorted(set(model.param_shapes()) - set(self.truth.params))
+            _need(not missing, f"{s._path}.truth_gate", f"a gate whose blocks truth.params "
+                  f"holds (missing {missing})", s.truth_gate)
+            used |= set(model.param_shapes())
+        unused = sorted(set(self.truth.params) - used)
+        _need(not unused, "truth.params", "blocks that some setting's truth uses (unused: "
+              f"{unused})", sorted(self.truth.params))
 
     def grid(self, quick: bool = False) -> tuple[tuple[int, ...], int]:
         """(sample sizes, replicates) of the full or the quick run."""
