@@ -121,3 +121,18 @@ def test_wasserstein_by_hand():
     # Batched: one value per replicate.
     both = {k: torch.stack([v, truth[k]]) for k, v in est.items()}
     torch.testing.assert_close(wasserstein(both, truth), T([0.2, 0.0]), atol=1e-9, rtol=0)
+
+
+def test_a_cell_beyond_the_table_raises_or_gives_an_infinite_loss():
+    truth = {"beta1": torch.tensor([[1.0], [-1.0]]), "beta0": torch.tensor([0.0, 0.0]),
+             "a": torch.tensor([[0.0], [5.0]]), "b": torch.tensor([0.0, 0.0]),
+             "var": torch.tensor([1.0, 1.0])}
+    # Four fitted atoms all nearest the first true atom: rbar(4) is not in D2-softmax.
+    est = {"beta1": torch.tensor([[[1.0], [1.1], [0.9], [1.2]], [[1.0], [-1.0], [1.0], [-1.0]]]),
+           "beta0": torch.zeros(2, 4),
+           "a": torch.tensor([[[0.1], [0.2], [0.0], [0.3]], [[0.1], [5.0], [0.0], [5.1]]]),
+           "b": torch.zeros(2, 4), "var": torch.ones(2, 4)}
+    with pytest.raises(ValueError, match="rbar only for cells of size"):
+        voronoi_loss(est, truth, "D2-softmax")
+    loss = voronoi_loss(est, truth, "D2-softmax", strict=False)
+    assert math.isinf(float(loss.total[0])) and math.isfinite(float(loss.total[1]))

@@ -142,7 +142,7 @@ def voronoi_cells(atoms_KP: Tensor, true_JP: Tensor) -> Tensor:
 def voronoi_loss(estimate: Mapping[str, Tensor], truth: Mapping[str, Tensor],
                  table: str | ExponentTable = "D1", normaliser: str = "softmax",
                  blocks: list[str] | None = None, mass: Tensor | None = None,
-                 true_mass: Tensor | None = None) -> LossResult:
+                 true_mass: Tensor | None = None, strict: bool = True) -> LossResult:
     """The Voronoi loss of ``estimate`` (blocks (..., K, ...)) against ``truth`` (blocks
     (J, ...), unbatched), batched over the estimate's leading dimensions.
 
@@ -154,6 +154,9 @@ def voronoi_loss(estimate: Mapping[str, Tensor], truth: Mapping[str, Tensor],
 
     ``mass`` (..., K) and ``true_mass`` (J,) replace the masses read from beta0, for models
     whose atoms weigh otherwise: e.g. lam * p_i in the deviated MoE (arXiv 2402.05220).
+    A fitted atom in a cell larger than the table defines (e.g. all four experts of a k = 4
+    fit near one true atom, where rbar(4) is unknown) raises, or with ``strict=False`` makes
+    that replicate's total loss +inf (studies flag such fits and leave them out of rates).
     """
     table = choose("loss table", table, TABLES) if isinstance(table, str) else table
     m = masses(estimate, normaliser) if mass is None else mass
@@ -175,9 +178,12 @@ def voronoi_loss(estimate: Mapping[str, Tensor], truth: Mapping[str, Tensor],
     for name in blocks:
         target = true_rows[name][cells]                              # (..., K, size)
         dist = (est_rows[name] - target).norm(dim=-1)                # (..., K)
-        power = _exponents(table, name, size_of_atom).to(dist.dtype)
+        power = _exponents(table, name, size_of_atom, strict).to(dist.dtype)
         # An atom at zero distance adds nothing, even with a diverged (infinite) mass.
-        total = total + torch.where(dist > 0, m * dist.pow(power), 0.0).sum(-1)
+        term = torch.where(dist > 0, m * dist.pow(power), 0.0)
+        # A cell larger than the table defines (strict=False): the loss is undefined, +inf.
+        term = torch.where(torch.isnan(power), float("inf"), term)
+        total = total + term.sum(-1)
         block_err[name] = _worst_cell(dist, m, member, cell_mass)
     return LossResult(total, mass_term, block_err, cells)
 
@@ -191,11 +197,17 @@ def _worst_cell(dist_K: Tensor, m_K: Tensor, member_KJ: Tensor, cell_mass_J: Ten
     return torch.where(torch.isfinite(worst), worst, float("inf"))
 
 
-def _exponents(table: ExponentTable, block: str, sizes: Tensor) -> Tensor:
-    """Exponent per fitted atom from its cell's size (looked up once per distinct size)."""
+def _exponents(table: ExponentTable, block: str, sizes: Tensor, strict: bool) -> Tensor:
+    """Exponent per fitted atom from its cell's size (looked up once per distinct size).
+    A size the table does not define raises, or with ``strict=False`` gives NaN."""
     out = torch.empty(sizes.shape, dtype=torch.float64)
     for size in sizes.unique().tolist():
-        out[sizes == size] = table.exponent(block, int(size))
+        try:
+            out[sizes == size] = table.exponent(block, int(size))
+        except ValueError:
+            if strict:
+                raise
+            out[sizes == size] = float("nan")
     return out
 
 

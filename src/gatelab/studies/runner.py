@@ -140,7 +140,9 @@ def _losses(model, setting, params: dict, truth: dict):
         normaliser = model.gate.normaliser
     options = {"normaliser": normaliser, "blocks": list(setting.loss_blocks) or _default_atoms(model, truth),
                "mass": _atom_masses(model, params), "true_mass": _atom_masses(model, truth)}
-    loss = voronoi_loss(params, truth, setting.loss, **options)
+    # strict=False: a cell the table has no exponent for makes that fit's loss +inf
+    # (flagged degenerate and counted), instead of stopping the whole study.
+    loss = voronoi_loss(params, truth, setting.loss, strict=False, **options)
     blocks = dict(loss.blocks)
     for order in setting.wasserstein:
         blocks[f"W{order}"] = wasserstein(params, truth, order, **options)
