@@ -58,13 +58,19 @@ def main() -> None:
               f"(fitting time {fit_seconds:.1f} s x total-n ratio {scale:.1f}"
               f"{f' / {args.workers} workers' if args.workers > 1 else ''}); target < 30 min: "
               f"{'MET' if estimate < TARGET_SECONDS else 'NOT MET'} (estimate)")
+    elif stats.skipped:
+        print("full grid: part or all of it came from the store, so this run's wall time is "
+              "not the grid's; rerun with a fresh --db to time it")
     else:
         print(f"full grid: {wall / 60:.1f} min; target < 30 min: "
               f"{'MET' if wall < TARGET_SECONDS else 'NOT MET'}")
     for row in table:
         if row["block"] == "total":
             print(f"  {row['setting']:<22} {row['loss']:<11} slope {row['slope']:+.3f} "
-                  f"[{row['ci_low']:+.3f}, {row['ci_high']:+.3f}] theory {row['theory']}")
+                  f"[{row['ci_low']:+.3f}, {row['ci_high']:+.3f}] theory {row['theory']}; "
+                  f"median slope {row['median_slope']:+.3f} "
+                  f"[{row['median_ci_low']:+.3f}, {row['median_ci_high']:+.3f}]; "
+                  f"{row['excluded']} non-finite left out")
 
 
 if __name__ == "__main__":

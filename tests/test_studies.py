@@ -306,3 +306,14 @@ def test_hierarchical_study_runs_with_exact_near_truth_starts(tmp_path):
     truth = model.normalise({k: v for k, v in small.truth.tensors().items() if k in model.param_shapes()})
     from gatelab.studies.runner import _atom_masses
     assert float(_atom_masses(model, truth).sum()) == pytest.approx(1.0)
+
+
+def test_median_rate_resists_a_few_huge_losses():
+    ns = [100, 1000, 10000]
+    rng = np.random.default_rng(0)
+    losses = [n ** -0.5 * rng.uniform(0.8, 1.2, size=40) for n in ns]
+    losses[2][0] = 1e6  # one wandering fit at n = 10000
+    assert rate(ns, losses, n_boot=200, statistic="median").slope == pytest.approx(-0.5, abs=0.05)
+    assert rate(ns, losses, n_boot=200).slope > 0  # the mean follows the outlier
+    with pytest.raises(ValueError, match="Unknown statistic"):
+        rate(ns, losses, statistic="mode")

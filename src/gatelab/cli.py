@@ -111,13 +111,13 @@ def cmd_studies(args: argparse.Namespace) -> int:
 
 def _print_rates(table: list[dict]) -> None:
     print(f"{'setting':<22} {'loss':<11} {'block':<7} {'slope':>7}  {'95% CI':<18} "
-          f"{'theory':>7}  verdict")
+          f"{'theory':>7}  {'verdict':<10} {'median slope':>12}")
     for r in table:
         theory = "" if r["theory"] is None else f"{r['theory']:+.3f}"
         ci = f"[{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]"
         note = f" ({r['excluded']} diverged fits left out)" if r["excluded"] else ""
         print(f"{r['setting']:<22} {r['loss']:<11} {r['block']:<7} {r['slope']:+7.3f}  {ci:<18} "
-              f"{theory:>7}  {r['verdict']}{note}")
+              f"{theory:>7}  {r['verdict']:<10} {r['median_slope']:+12.3f}{note}")
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:

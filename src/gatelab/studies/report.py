@@ -70,7 +70,8 @@ def plot_setting(study: Study, setting_name: str, rows: Sequence[FitRow], path: 
 
 def _table_html(table: list[dict]) -> str:
     head = ("<tr><th>setting</th><th>k</th><th>loss</th><th>block</th><th>slope</th>"
-            "<th>95% CI</th><th>theory</th><th>verdict</th><th>left out</th></tr>")
+            "<th>95% CI</th><th>theory</th><th>verdict</th><th>median slope</th>"
+            "<th>median 95% CI</th><th>left out</th></tr>")
     rows = []
     for r in table:
         theory = "" if r["theory"] is None else f"{r['theory']:+.3f}"
@@ -78,6 +79,8 @@ def _table_html(table: list[dict]) -> str:
                     f"<td>{r['loss']}</td><td>{r['block']}</td><td>{r['slope']:+.3f}</td>"
                     f"<td>[{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]</td><td>{theory}</td>"
                     f"<td class='{r['verdict'].replace(' ', '-')}'>{r['verdict']}</td>"
+                    f"<td>{r['median_slope']:+.3f}</td>"
+                    f"<td>[{r['median_ci_low']:+.3f}, {r['median_ci_high']:+.3f}]</td>"
                     f"<td>{r['excluded']}</td></tr>")
     return f"<table>{head}{''.join(rows)}</table>"
 
@@ -110,7 +113,9 @@ def write_report(study: Study, rows: Sequence[FitRow], table: list[dict], out: P
     body.write(f"<pre>{html.escape(study.notes.strip())}</pre>" if study.notes else "")
     body.write("<h2>Rates</h2><p>Slope of log(mean loss over replicates) against log(n), "
                "95% bootstrap interval over replicates; the verdict compares it with the "
-               "theoretical slope. Fits whose loss is not finite (a gate that diverged) are "
+               "theoretical slope. The median slope fits log(median loss) instead: it is the "
+               "robust reading where a few replicates have huge losses (over-specified fits). "
+               "Fits whose loss is not finite (a gate that diverged) are "
                "left out of the slope and counted.</p>")
     body.write(_table_html(table))
     body.write("<h2>Run</h2><ul>"
