@@ -77,7 +77,7 @@ class ExpertParallelMoE(nn.Module):
         send_splits = counts.view(self.world, self.local).sum(1).tolist()
         recv_splits = recv.sum(1).tolist()
         tokens = routing.token_index[order]
-        x_in = _all_to_all(x_TD[tokens], recv_splits, send_splits, self.group)
+        x_in = _all_to_all(x_TD.index_select(0, tokens), recv_splits, send_splits, self.group)
         y_in = self._run_local(x_in, recv)
         y = _all_to_all(y_in, send_splits, recv_splits, self.group)
         y = (y * routing.weight[order].unsqueeze(-1)).to(x_TD.dtype)
@@ -95,5 +95,5 @@ class ExpertParallelMoE(nn.Module):
         expert_of_row = torch.arange(self.local, device=x_in.device).repeat(self.world)
         expert_of_row = expert_of_row.repeat_interleave(recv.reshape(-1))
         perm = torch.sort(expert_of_row, stable=True).indices
-        y_sorted = self.layer.experts(x_in[perm], recv.sum(0))
+        y_sorted = self.layer.experts(x_in.index_select(0, perm), recv.sum(0))
         return torch.empty_like(y_sorted).index_copy(0, perm, y_sorted)
