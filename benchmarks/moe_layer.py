@@ -62,22 +62,28 @@ def naive_loop(block):
     return run
 
 
-def timed(fn, x, backward, repeats, device):
-    def once():
-        xx = x.detach().requires_grad_(backward)
-        out = fn(xx)
-        if backward:
-            out.backward(torch.ones_like(out))
-        if device == "cuda":
-            torch.cuda.synchronize()
-    once()
-    once()
-    times = []
+def run_once(fn, x, backward, device) -> float:
+    start = time.perf_counter()
+    xx = x.detach().requires_grad_(backward)
+    out = fn(xx)
+    if backward:
+        out.backward(torch.ones_like(out))
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def timed_round_robin(runs: dict, x, backward, repeats, device) -> dict[str, float]:
+    """Median seconds per implementation. The implementations take turns, round after
+    round, so that a slow spell of the machine (frequency, other load) hits all alike."""
+    for fn in runs.values():  # warm-up
+        run_once(fn, x, backward, device)
+        run_once(fn, x, backward, device)
+    times: dict[str, list[float]] = {label: [] for label in runs}
     for _ in range(repeats):
-        t = time.perf_counter()
-        once()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+        for label, fn in runs.items():
+            times[label].append(run_once(fn, x, backward, device))
+    return {label: statistics.median(t) for label, t in times.items()}
 
 
 def dense_limit(tokens_k, d, f, backward, dtype, device, repeats):
@@ -85,7 +91,7 @@ def dense_limit(tokens_k, d, f, backward, dtype, device, repeats):
     2*S*d*3f = 6 S d f, the SwiGLU experts' forward; with backward, its two gradients too."""
     a = torch.randn(tokens_k, d, dtype=dtype, device=device, requires_grad=backward)
     b = torch.randn(d, 3 * f, dtype=dtype, device=device, requires_grad=backward)
-    return timed(lambda _: a @ b, a, backward, repeats, device)
+    return timed_round_robin({"dense": lambda _: a @ b}, a, backward, repeats, device)["dense"]
 
 
 def run_shape(name, args, dtype):
@@ -112,8 +118,8 @@ def run_shape(name, args, dtype):
     for backward in (False, True):
         mode = "fwd+bwd" if backward else "fwd"
         limit = dense_limit(t * k, d, f, backward, dtype, args.device, args.repeats)
-        for label, fn in runs.items():
-            s = timed(fn, x, backward, args.repeats, args.device)
+        seconds = timed_round_robin(runs, x, backward, args.repeats, args.device)
+        for label, s in seconds.items():
             result[(label, mode)] = s
             print(f"  {mode:8s} {label:14s} {s * 1e3:9.2f} ms  {t / s:11,.0f} tok/s  "
                   f"{limit / s:6.1%} of dense")
@@ -152,7 +158,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--shapes", default=",".join(SHAPES))
     p.add_argument("--max-gb", type=float, default=4.0,
                    help="skip hf-batched_mm where its gathered weights exceed this")
