@@ -161,7 +161,9 @@ def _irls_softmax(x_BND: Tensor, resp_BNE: Tensor, params: Params, steps: int) -
 
     def q(t_BF: Tensor) -> Tensor:
         s = _combine(full(t_BF), z_BPN)
-        return (resp * s).sum((1, 2)) - (resp_n * _softmax_experts_first(s)[1]).sum((1, 2))
+        fit = (resp * s).sum((1, 2))
+        _, lse = _softmax_experts_first(s)  # overwrites s
+        return fit - (resp_n * lse).sum((1, 2))
 
     theta = theta_BEP[:, :-1].reshape(b, -1)
     for _ in range(steps):
@@ -174,9 +176,10 @@ def _irls_softmax(x_BND: Tensor, resp_BNE: Tensor, params: Params, steps: int) -
 
 
 def _softmax_experts_first(s_BEN: Tensor) -> tuple[Tensor, Tensor]:
-    """softmax over the expert axis of (B, E, N) scores, and its log-normaliser (B, 1, N)."""
+    """softmax over the expert axis of (B, E, N) scores, computed in place (``s_BEN`` is
+    overwritten and returned), and its log-normaliser (B, 1, N)."""
     top = _max_over_experts(s_BEN)
-    ex = (s_BEN - top).exp_()
+    ex = s_BEN.sub_(top).exp_()
     total = ex.sum(1, keepdim=True)
     return ex.div_(total), total.log_().add_(top)
 
@@ -328,17 +331,9 @@ class _SoftmaxLinearKernel:
         s = _combine(gate, self.z_T)                                   # scores
         comp = _combine(self._coef(params), self.f_T)                  # expert means
         comp.sub_(self.y).square_().mul_(-0.5 / var).add_(s).sub_(0.5 * torch.log(_TWO_PI * var))
-        top = _max_over_experts(comp)
-        resp = comp.sub_(top).exp_()
-        total = resp.sum(1, keepdim=True)
-        resp.div_(total)
-        ll_n = total.log_().add_(top)                                  # log sum_i e^{s_i} N_i
-        top_s = _max_over_experts(s)
-        w = s.sub_(top_s).exp_()
-        total_s = w.sum(1, keepdim=True)
-        w.div_(total_s)
-        ll = (ll_n - total_s.log_().add_(top_s)).sum((-1, -2))
-        return ll, self._stats(resp, w)
+        resp, ll_n = _softmax_experts_first(comp)                      # log sum_i e^{s_i} N_i
+        w, lse_s = _softmax_experts_first(s)
+        return (ll_n - lse_s).sum((-1, -2)), self._stats(resp, w)
 
     def _stats(self, resp: Tensor, w: Tensor):
         """S (B, E, Q*Q+Q+1) and the gate's ``_gate_stats``."""
