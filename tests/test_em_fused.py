@@ -5,7 +5,7 @@ import torch
 
 import gatelab as gl
 from gatelab.demo import reference_truth
-from gatelab.fit import _fused, fit_em, near_truth
+from gatelab.fit import _fused, fit_em, from_responsibilities, near_truth
 from gatelab.fit.em import _broadcast_problem, _SoftmaxLinearKernel
 
 pytestmark = pytest.mark.skipif(_fused.load() is None, reason="no C compiler: no fused kernel")
@@ -58,3 +58,17 @@ def test_fused_em_stops_at_max_iter_and_flags_degenerate_fits():
     c = fit_em(model, x[:, :5], y[:, :5], squeezed, max_iter=5)  # 5 samples, 3 experts
     t = fit_em(model, x[:, :5], y[:, :5], squeezed, max_iter=5, engine="tensor")
     assert torch.equal(c.degenerate, t.degenerate) and bool(c.degenerate.any())
+
+
+@pytest.mark.parametrize("k, soft", [(2, False), (3, True), (1, False)])
+def test_fused_m_step_from_responsibilities_equals_the_tensor_one(k, soft):
+    model, x, y, _ = _problem(k, reps=3)
+    g = GEN(5)
+    if soft:
+        resp = torch.softmax(torch.randn(3, x.shape[-2], k, generator=g, dtype=x.dtype), -1)
+    else:
+        resp = torch.nn.functional.one_hot(torch.randint(k, x.shape[:-1], generator=g), k).double()
+    c = from_responsibilities(model, x, y, resp, generator=GEN(6))
+    t = from_responsibilities(model, x, y, resp, generator=GEN(6), engine="general")
+    for name in t:
+        torch.testing.assert_close(c[name], t[name], rtol=1e-7, atol=1e-8)

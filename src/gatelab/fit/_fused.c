@@ -69,6 +69,80 @@ static int is_shared_x(int N, int Q, int P, const double *f, const double *z) {
     return Q == 2 && P == 2 && memcmp(f + N, z + N, sizeof(double) * N) == 0;
 }
 
+/* Add one block's statistics, given responsibilities c (becomes r) and gate weights s. */
+static void accumulate(int E, int Q, int P, int shared_x, const double *f, const double *z,
+                       const double *y, int N, int n0, int nb, double c[][NB], double s[][NB],
+                       double *S, double *G, double *Hd, double *Hc) {
+    const int SQ = Q * Q + Q + 1, PP = P * P;
+    const double *yb = y + n0;
+    if (shared_x) {
+        line_stats(E, nb, z + N + n0, yb, c, s, S, G, Hd, Hc);
+        return;
+    }
+    for (int i = 0; i < E; i++) {
+        const double *r = c[i], *w = s[i];
+        double *Si = S + i * SQ;
+        for (int q = 0; q < Q; q++) {
+            const double *fq = ROW(f, q, N, n0);
+            for (int q2 = q; q2 < Q; q2++) {
+                const double *fq2 = ROW(f, q2, N, n0);
+                double acc = 0.0;
+                for (int j = 0; j < nb; j++) acc += r[j] * fq[j] * fq2[j];
+                Si[q * Q + q2] += acc;
+            }
+            double acc = 0.0;
+            for (int j = 0; j < nb; j++) acc += r[j] * fq[j] * yb[j];
+            Si[Q * Q + q] += acc;
+        }
+        double acc = 0.0;
+        for (int j = 0; j < nb; j++) acc += r[j] * yb[j] * yb[j];
+        Si[Q * Q + Q] += acc;
+        if (i == E - 1) continue; /* the gate's reference expert has no free rows */
+        for (int p = 0; p < P; p++) {
+            const double *zp = ROW(z, p, N, n0);
+            double g = 0.0;
+            for (int j = 0; j < nb; j++) g += (r[j] - w[j]) * zp[j];
+            G[i * P + p] += g;
+            for (int p2 = p; p2 < P; p2++) {
+                const double *zp2 = ROW(z, p2, N, n0);
+                double h = 0.0;
+                for (int j = 0; j < nb; j++) h += w[j] * zp[j] * zp2[j];
+                Hd[i * PP + p * P + p2] += h;
+            }
+        }
+        for (int k = i; k < E - 1; k++) {
+            const double *wk = s[k];
+            double *Hik = Hc + ((size_t)i * E + k) * PP;
+            for (int p = 0; p < P; p++) {
+                const double *zp = ROW(z, p, N, n0);
+                for (int p2 = p; p2 < P; p2++) {
+                    const double *zp2 = ROW(z, p2, N, n0);
+                    double h = 0.0;
+                    for (int j = 0; j < nb; j++) h += w[j] * wk[j] * zp[j] * zp2[j];
+                    Hik[p * P + p2] += h;
+                }
+            }
+        }
+    }
+}
+
+/* Fill the lower triangles (and Hc's lower blocks) from the upper ones. */
+static void fill_lower(int E, int Q, int P, double *S, double *Hd, double *Hc) {
+    const int SQ = Q * Q + Q + 1, PP = P * P;
+    for (int i = 0; i < E; i++) {
+        for (int q = 0; q < Q; q++)
+            for (int q2 = 0; q2 < q; q2++) S[i * SQ + q * Q + q2] = S[i * SQ + q2 * Q + q];
+        for (int p = 0; p < P; p++)
+            for (int p2 = 0; p2 < p; p2++) Hd[i * PP + p * P + p2] = Hd[i * PP + p2 * P + p];
+        for (int k = i; k < E - 1; k++) {
+            double *Hik = Hc + ((size_t)i * E + k) * PP, *Hki = Hc + ((size_t)k * E + i) * PP;
+            for (int p = 0; p < P; p++)
+                for (int p2 = 0; p2 < p; p2++) Hik[p * P + p2] = Hik[p2 * P + p];
+            if (k != i) memcpy(Hki, Hik, sizeof(double) * PP);
+        }
+    }
+}
+
 static void one_problem(int N, int E, int Q, int P, int shared_x, const double *f,
                         const double *z, const double *y, const double *coef,
                         const double *gate, const double *var, double *ll, double *S,
@@ -128,69 +202,9 @@ static void one_problem(int N, int E, int Q, int P, int shared_x, const double *
         total += block_ll;
         for (int i = 0; i < E; i++)  /* c becomes r, s becomes w */
             for (int j = 0; j < nb; j++) { c[i][j] *= sc[j]; s[i][j] *= ss[j]; }
-        if (shared_x) {
-            line_stats(E, nb, z + N + n0, yb, c, s, S, G, Hd, Hc);
-            continue;
-        }
-        for (int i = 0; i < E; i++) {
-            const double *r = c[i], *w = s[i];
-            double *Si = S + i * SQ;
-            for (int q = 0; q < Q; q++) {
-                const double *fq = ROW(f, q, N, n0);
-                for (int q2 = q; q2 < Q; q2++) {
-                    const double *fq2 = ROW(f, q2, N, n0);
-                    double acc = 0.0;
-                    for (int j = 0; j < nb; j++) acc += r[j] * fq[j] * fq2[j];
-                    Si[q * Q + q2] += acc;
-                }
-                double acc = 0.0;
-                for (int j = 0; j < nb; j++) acc += r[j] * fq[j] * yb[j];
-                Si[Q * Q + q] += acc;
-            }
-            double acc = 0.0;
-            for (int j = 0; j < nb; j++) acc += r[j] * yb[j] * yb[j];
-            Si[Q * Q + Q] += acc;
-            if (i == E - 1) continue; /* the gate's reference expert has no free rows */
-            for (int p = 0; p < P; p++) {
-                const double *zp = ROW(z, p, N, n0);
-                double g = 0.0;
-                for (int j = 0; j < nb; j++) g += (r[j] - w[j]) * zp[j];
-                G[i * P + p] += g;
-                for (int p2 = p; p2 < P; p2++) {
-                    const double *zp2 = ROW(z, p2, N, n0);
-                    double h = 0.0;
-                    for (int j = 0; j < nb; j++) h += w[j] * zp[j] * zp2[j];
-                    Hd[i * PP + p * P + p2] += h;
-                }
-            }
-            for (int k = i; k < E - 1; k++) {
-                const double *wk = s[k];
-                double *Hik = Hc + ((size_t)i * E + k) * PP;
-                for (int p = 0; p < P; p++) {
-                    const double *zp = ROW(z, p, N, n0);
-                    for (int p2 = p; p2 < P; p2++) {
-                        const double *zp2 = ROW(z, p2, N, n0);
-                        double h = 0.0;
-                        for (int j = 0; j < nb; j++) h += w[j] * wk[j] * zp[j] * zp2[j];
-                        Hik[p * P + p2] += h;
-                    }
-                }
-            }
-        }
+        accumulate(E, Q, P, shared_x, f, z, y, N, n0, nb, c, s, S, G, Hd, Hc);
     }
-    /* fill the lower triangles (and Hc's lower blocks) from the upper ones */
-    for (int i = 0; i < E; i++) {
-        for (int q = 0; q < Q; q++)
-            for (int q2 = 0; q2 < q; q2++) S[i * SQ + q * Q + q2] = S[i * SQ + q2 * Q + q];
-        for (int p = 0; p < P; p++)
-            for (int p2 = 0; p2 < p; p2++) Hd[i * PP + p * P + p2] = Hd[i * PP + p2 * P + p];
-        for (int k = i; k < E - 1; k++) {
-            double *Hik = Hc + ((size_t)i * E + k) * PP, *Hki = Hc + ((size_t)k * E + i) * PP;
-            for (int p = 0; p < P; p++)
-                for (int p2 = 0; p2 < p; p2++) Hik[p * P + p2] = Hik[p2 * P + p];
-            if (k != i) memcpy(Hki, Hik, sizeof(double) * PP);
-        }
-    }
+    fill_lower(E, Q, P, S, Hd, Hc);
     *ll = total;
 }
 
@@ -375,6 +389,116 @@ int gatelab_em(int B, int N, int E, int Q, int P, int threads, const double *f,
         n_iter[b] = it;
         converged[b] = done;
         degenerate[b] = low;
+        free(buf);
+    }
+    return 0;
+}
+
+/* ---- one M-step from given responsibilities (gatelab.fit.init.from_responsibilities) ---- */
+
+/* Gate scores of one block, s[i][j] = gate_i . z_(n0 + j), then in place their softmax
+ * over i; lse[j] gets the log-normaliser. */
+static void block_gate_softmax(const Problem *pr, const double *gate, int n0, int nb,
+                               double s[][NB], double *lse, double *raw_fit,
+                               const double *resp) {
+    const int N = pr->N, E = pr->E, P = pr->P;
+    double top[NB], tot[NB];
+    for (int i = 0; i < E; i++) {
+        double *si = s[i];
+        for (int j = 0; j < nb; j++) si[j] = 0.0;
+        for (int p = 0; p < P; p++) {
+            const double g = gate[i * P + p], *zp = ROW(pr->z, p, N, n0);
+            for (int j = 0; j < nb; j++) si[j] += g * zp[j];
+        }
+    }
+    if (raw_fit) {  /* sum_j sum_i r_ji s_ij, before s is overwritten */
+        double fit = 0.0;
+        for (int i = 0; i < E; i++)
+            for (int j = 0; j < nb; j++) fit += resp[(size_t)(n0 + j) * E + i] * s[i][j];
+        *raw_fit = fit;
+    }
+    for (int j = 0; j < nb; j++) { top[j] = s[0][j]; tot[j] = 0.0; }
+    for (int i = 1; i < E; i++)
+        for (int j = 0; j < nb; j++) top[j] = s[i][j] > top[j] ? s[i][j] : top[j];
+    for (int i = 0; i < E; i++)
+        for (int j = 0; j < nb; j++) { s[i][j] = exp(s[i][j] - top[j]); tot[j] += s[i][j]; }
+    for (int j = 0; j < nb; j++) { lse[j] = top[j] + log(tot[j]); tot[j] = 1.0 / tot[j]; }
+    for (int i = 0; i < E; i++)
+        for (int j = 0; j < nb; j++) s[i][j] *= tot[j];
+}
+
+/* sum_n [sum_i r_ni s_ni - (sum_i r_ni) logsumexp_i s_ni], s_ni = gate_i . z_n: the
+ * softmax gate's part of Q; resp is (N, E). Finite by construction: the scores are
+ * finite (the ridge keeps Newton directions finite) and lse subtracts the maximum. */
+static double gate_q(const Problem *pr, const double *resp, const double *gate) {
+    const int N = pr->N, E = pr->E;
+    double s[MAXE][NB], lse[NB], q = 0.0;
+    for (int n0 = 0; n0 < N; n0 += NB) {
+        const int nb = N - n0 < NB ? N - n0 : NB;
+        double fit;
+        block_gate_softmax(pr, gate, n0, nb, s, lse, &fit, resp);
+        q += fit;
+        for (int j = 0; j < nb; j++) {
+            double rsum = 0.0;
+            for (int i = 0; i < E; i++) rsum += resp[(size_t)(n0 + j) * E + i];
+            q -= rsum * lse[j];
+        }
+    }
+    return q;
+}
+
+/* The statistics S, G, Hd, Hc of one_problem, but with the responsibilities given. */
+static void stats_from_resp(Problem *pr, const double *resp, const double *gate) {
+    const int N = pr->N, E = pr->E, Q = pr->Q, P = pr->P, SQ = Q * Q + Q + 1, PP = P * P;
+    memset(pr->S, 0, sizeof(double) * E * SQ);
+    memset(pr->G, 0, sizeof(double) * E * P);
+    memset(pr->Hd, 0, sizeof(double) * E * PP);
+    memset(pr->Hc, 0, sizeof(double) * E * E * PP);
+    double c[MAXE][NB], s[MAXE][NB], lse[NB];
+    for (int n0 = 0; n0 < N; n0 += NB) {
+        const int nb = N - n0 < NB ? N - n0 : NB;
+        for (int i = 0; i < E; i++)
+            for (int j = 0; j < nb; j++) c[i][j] = resp[(size_t)(n0 + j) * E + i];
+        block_gate_softmax(pr, gate, n0, nb, s, lse, NULL, NULL);
+        accumulate(E, Q, P, pr->shared_x, pr->f, pr->z, pr->y, N, n0, nb, c, s, pr->S, pr->G,
+                   pr->Hd, pr->Hc);
+    }
+    fill_lower(E, Q, P, pr->S, pr->Hd, pr->Hc);
+}
+
+int gatelab_mstep(int B, int N, int E, int Q, int P, int threads, const double *f,
+                  const double *z, const double *y, const double *resp, const double *floor,
+                  double *coef, double *gate, double *var, int *degenerate) {
+    if (E > MAXE) return 1;
+    init_ones();
+    const int SQ = Q * Q + Q + 1, PP = P * P, m = (E - 1) * P;
+    const size_t stats = (size_t)E * SQ + E * P + E * PP + (size_t)E * E * PP;
+    const size_t work = 3 * (size_t)m * m + 2 * m + E * P + 2 * Q * Q + 2 * Q + 16;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+    for (int b = 0; b < B; b++) {
+        double *buf = malloc(sizeof(double) * (stats + work));
+        const double *fb = f + (size_t)b * Q * N, *zb = z + (size_t)b * P * N;
+        Problem pr = {N, E, Q, P, is_shared_x(N, Q, P, fb, zb), fb, zb, y + (size_t)b * N,
+                      floor[b], buf, buf + E * SQ, buf + E * SQ + E * P,
+                      buf + E * SQ + E * P + E * PP};
+        double *w = buf + stats, *cb = coef + (size_t)b * E * Q, *gb = gate + (size_t)b * E * P,
+               *vb = var + (size_t)b * E;
+        const double *rb = resp + (size_t)b * N * E;
+        stats_from_resp(&pr, rb, gb);
+        degenerate[b] = experts_step(&pr, cb, vb, w);
+        if (E > 1) {  /* one Newton step with halving on Q (1, 1/2, ..., 1/2048), as halving_step */
+            double *d = w, *cand = w + m, *scratch = w + m + E * P;
+            gate_direction(&pr, d, scratch);
+            const double q0 = gate_q(&pr, rb, gb);
+            for (int h = 0; h < 12; h++) {
+                step_gate(E, P, gb, d, ldexp(1.0, -h), cand);
+                const double qv = gate_q(&pr, rb, cand);
+                if (isfinite(qv) && qv >= q0) {
+                    for (int k = 0; k < E * P; k++) gb[k] = cand[k];
+                    break;
+                }
+            }
+        }
         free(buf);
     }
     return 0;

@@ -115,3 +115,22 @@ def em(f_BQN: Tensor, z_BPN: Tensor, y_BN: Tensor, floor_B: Tensor, coef_BEQ: Te
         raise ValueError(f"The fused EM handles at most 16 experts; got {e}.")
     n_iter, converged, degenerate = ints
     return coef, gate, var, ll, n_iter.long(), converged.bool(), degenerate.bool()
+
+
+def mstep(f_BQN: Tensor, z_BPN: Tensor, y_BN: Tensor, resp_BNE: Tensor, floor_B: Tensor,
+          coef_BEQ: Tensor, gate_BEP: Tensor, var_BE: Tensor):
+    """One M-step from given responsibilities (``gatelab_mstep``): the steps of ``m_step``
+    for the softmax gate with linear experts (WLS, floored variances, one IRLS gate step
+    with ``halving_step``'s halving). Returns (coef, gate, var, degenerate)."""
+    lib = load()
+    b, q, n = f_BQN.shape
+    e, p = gate_BEP.shape[1], z_BPN.shape[1]
+    data = [t.contiguous() for t in (f_BQN, z_BPN, y_BN, resp_BNE, floor_B)]
+    coef, gate, var = (t.clone().contiguous() for t in (coef_BEQ, gate_BEP, var_BE))
+    degenerate = torch.zeros(b, dtype=torch.int32)
+    ptr = lambda t: ctypes.c_void_p(t.data_ptr())  # noqa: E731
+    code = lib.gatelab_mstep(b, n, e, q, p, torch.get_num_threads(), *map(ptr, data),
+                             *map(ptr, (coef, gate, var, degenerate)))
+    if code:
+        raise ValueError(f"The fused M-step handles at most 16 experts; got {e}.")
+    return coef, gate, var, degenerate.bool()

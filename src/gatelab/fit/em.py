@@ -435,6 +435,8 @@ ENGINES = ("auto", "tensor", "general")
 
 def _make_kernel(model: GaussianMoE, x, y, floor, gate_steps, engine: str = "auto"):
     from ..models import ContaminatedMoE, DeviatedGaussianMoE
+    if engine not in ENGINES:
+        raise ValueError(f"Unknown engine {engine!r}. Valid: {', '.join(ENGINES)}.")
     if isinstance(model, (DeviatedGaussianMoE, ContaminatedMoE)):
         from .em_known import KnownPartKernel  # imports this module: import it late
         return KnownPartKernel(model, x, y, floor, gate_steps)
@@ -532,8 +534,6 @@ def fit_em(model: GaussianMoE, x: Tensor, y: Tensor, init: Params, *, tol: float
     check_positive("tol", tol)
     check_int("max_iter", max_iter, 1)
     check_int("gate_steps", gate_steps, 1)
-    if engine not in ENGINES:
-        raise ValueError(f"Unknown engine {engine!r}. Valid: {', '.join(ENGINES)}.")
     x, y, params, lead = _broadcast_problem(model, x, y, model.normalise(init))
     kernel = _make_kernel(model, x, y, var_floor * y.var(-1), gate_steps, engine)
     shapes = model.param_shapes()

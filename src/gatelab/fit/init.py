@@ -15,7 +15,8 @@ from .._checks import check_inputs, check_int
 from ..gates import HierarchicalGate
 from ..models import GatedExperts, GaussianMoE
 from ..params import Params
-from .em import _broadcast_problem, m_step
+from . import _fused
+from .em import _broadcast_problem, _make_kernel, m_step
 
 __all__ = ["covering_assignment", "from_responsibilities", "near_truth", "near_truth_known",
            "random_starts"]
@@ -105,10 +106,12 @@ def near_truth_known(model, truth: Params, n: int, n_starts: int = 1,
 
 def from_responsibilities(model: GaussianMoE, x: Tensor, y: Tensor, resp: Tensor,
                           gate_init: Params | None = None,
-                          generator: torch.Generator | None = None) -> Params:
+                          generator: torch.Generator | None = None,
+                          engine: str = "auto") -> Params:
     """Parameters from one M-step on given responsibilities (N, E) or (..., N, E), e.g.
     one-hot cluster labels; the gate starts flat (or at ``gate_init``) and takes one
-    Newton step. Returns blocks with the leading shape of ``resp``."""
+    Newton step. Returns blocks with the leading shape of ``resp``. ``engine`` as in
+    ``fit_em`` ("auto": in C for the softmax gate with linear experts, where available)."""
     x, y = check_inputs(x, model.dim, y)
     lead = resp.shape[:-2]
     # Experts that are not linear in their parameters take Newton steps from random values.
@@ -117,8 +120,23 @@ def from_responsibilities(model: GaussianMoE, x: Tensor, y: Tensor, resp: Tensor
         base[name] = torch.zeros_like(base[name]) if gate_init is None else gate_init[name]
     xb, yb, params, _ = _broadcast_problem(model, x, y, base)
     resp_b = resp.to(xb.dtype).expand(*lead, *resp.shape[-2:]).reshape(xb.shape[0], *resp.shape[-2:])
-    new, _ = m_step(model, xb, yb, resp_b, params, 1e-8 * yb.var(-1))
+    floor = 1e-8 * yb.var(-1)
+    kernel = _make_kernel(model, xb, yb, floor, 1, engine)
+    if getattr(kernel, "fused", False):  # the same M-step, in C
+        new = _fused_m_step(kernel, resp_b, params)
+    else:
+        new, _ = m_step(model, xb, yb, resp_b, params, floor)
     return {k: v.reshape(*lead, *v.shape[1:]) for k, v in new.items()}
+
+
+def _fused_m_step(kernel, resp_BNE: Tensor, params: Params) -> Params:
+    gate = torch.cat([params["beta0"].unsqueeze(-1), params["beta1"]], dim=-1)
+    coef, gate, var, _ = _fused.mstep(kernel.f_T, kernel.z_T, kernel.y.squeeze(-2), resp_BNE,
+                                      kernel.floor, kernel._coef(params), gate, params["var"])
+    out = {**params, "b": coef[..., 0], "beta0": gate[..., 0], "beta1": gate[..., 1:], "var": var}
+    if kernel.has_a:
+        out["a"] = coef[..., 1:]
+    return out
 
 
 def random_starts(model: GaussianMoE, x: Tensor, y: Tensor, n_starts: int = 1,
