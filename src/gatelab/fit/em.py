@@ -294,17 +294,17 @@ class _SoftmaxLinearKernel:
 
     def __init__(self, model: GaussianMoE, x: Tensor, y: Tensor, floor: Tensor, gate_steps: int,
                  fused: bool | None = None):
-        ones = torch.ones_like(x[..., :1])
-        f = torch.cat([ones, model.expert.features(x)], dim=-1)       # (B, N, Q)
-        z = torch.cat([ones, x], dim=-1)                               # (B, N, P)
+        # Built feature-major directly: transposing a (B, N, small) tensor is a slow copy.
+        ones = torch.ones_like(y).unsqueeze(-2)                        # (B, 1, N)
+        self.f_T = torch.cat([ones, model.expert.features(x).transpose(-1, -2)], 1)  # (B, Q, N)
+        self.z_T = torch.cat([ones, x.transpose(-1, -2)], 1)          # (B, P, N)
         self.model, self.floor, self.has_a = model, floor, "a" in model._expert_shapes()
-        self.q, self.p = f.shape[-1], z.shape[-1]
+        self.q, self.p = self.f_T.shape[1], self.z_T.shape[1]
         self.fused = _fused.load() is not None if fused is None else fused
         self.fused = self.fused and model.n_experts <= 16 and x.dtype == torch.float64
-        self.f_T = f.transpose(-1, -2).contiguous()                   # (B, Q, N)
-        self.z_T = z.transpose(-1, -2).contiguous()                   # (B, P, N)
         self.y = y.unsqueeze(-2).contiguous()                          # (B, 1, N)
         if not self.fused:
+            f, z = self.f_T.transpose(-1, -2), self.z_T.transpose(-1, -2)
             self.zz = _outer(z)                                        # (B, N, P*P)
             self.design = torch.cat([_outer(f), f * y.unsqueeze(-1), y.unsqueeze(-1).square()], -1)
 
