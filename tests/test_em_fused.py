@@ -72,3 +72,18 @@ def test_fused_m_step_from_responsibilities_equals_the_tensor_one(k, soft):
     t = from_responsibilities(model, x, y, resp, generator=GEN(6), engine="general")
     for name in t:
         torch.testing.assert_close(c[name], t[name], rtol=1e-7, atol=1e-8)
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_fused_statistics_hold_for_far_apart_components(k):
+    """Tiny variances put log-components thousands apart (exp would underflow): the
+    responsibilities and the log-likelihood must still equal the tensor kernel's."""
+    model, x, y, init = _problem(k)
+    init = {**init, "var": torch.full_like(init["var"], 1e-4), "beta1": init["beta1"] * 50}
+    x, y, params, _ = _broadcast_problem(model, x, y, model.normalise(init))
+    floor = 1e-12 * y.var(-1)
+    ll_f, stats_f = _SoftmaxLinearKernel(model, x, y, floor, 1, fused=True).e_step(params)
+    ll_t, stats_t = _SoftmaxLinearKernel(model, x, y, floor, 1, fused=False).e_step(params)
+    torch.testing.assert_close(ll_f, ll_t, rtol=1e-12, atol=0)
+    for a, b in zip(stats_f, stats_t):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)

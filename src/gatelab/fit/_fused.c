@@ -143,6 +143,26 @@ static void fill_lower(int E, int Q, int P, double *S, double *Hd, double *Hc) {
     }
 }
 
+/* E = 2: in place, c -> responsibilities and s -> gate weights, each a logistic of the
+ * difference of its two entries: with e = exp(-|v0 - v1|), the larger entry's share is
+ * 1 / (1 + e) and the smaller's e / (1 + e), accurate at both ends, and logsumexp(v) =
+ * max(v) + log(1 + e); one exp per pair instead of two.
+ * Returns sum_j [logsumexp(c_j) - logsumexp(s_j)]. */
+static double two_softmax(int nb, double c[][NB], double s[][NB]) {
+    double ll = 0.0;
+    for (int j = 0; j < nb; j++) {
+        const double dc = c[0][j] - c[1][j], ds = s[0][j] - s[1][j];
+        const double ec = exp(-fabs(dc)), es = exp(-fabs(ds));
+        const double bc = 1.0 / (1.0 + ec), bs = 1.0 / (1.0 + es);
+        ll += fmax(c[0][j], c[1][j]) - fmax(s[0][j], s[1][j]) + log((1.0 + ec) * bs);
+        c[0][j] = dc >= 0.0 ? bc : ec * bc;
+        c[1][j] = dc >= 0.0 ? ec * bc : bc;
+        s[0][j] = ds >= 0.0 ? bs : es * bs;
+        s[1][j] = ds >= 0.0 ? es * bs : bs;
+    }
+    return ll;
+}
+
 static void one_problem(int N, int E, int Q, int P, int shared_x, const double *f,
                         const double *z, const double *y, const double *coef,
                         const double *gate, const double *var, double *ll, double *S,
@@ -177,6 +197,11 @@ static void one_problem(int N, int E, int Q, int P, int shared_x, const double *
                 const double d = yb[j] - ci[j];
                 ci[j] = si[j] + lognorm[i] - half_inv[i] * d * d;
             }
+        }
+        if (E == 2) {  /* two experts: one exp per softmax (a logistic), not two */
+            total += two_softmax(nb, c, s);
+            accumulate(E, Q, P, shared_x, f, z, y, N, n0, nb, c, s, S, G, Hd, Hc);
+            continue;
         }
         for (int j = 0; j < nb; j++) { mc[j] = c[0][j]; ms[j] = s[0][j]; sc[j] = 0.0; ss[j] = 0.0; }
         for (int i = 1; i < E; i++)
