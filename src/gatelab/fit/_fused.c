@@ -383,23 +383,32 @@ static int em_update(Problem *pr, double *coef, double *gate, double *var, doubl
     return low;
 }
 
+/* Problem b of a batch, with one buffer for its statistics (pr->S first) and, after them,
+ * the work space of the M-step, which is returned. Free with free(pr->S). */
+static double *open_problem(Problem *pr, int b, int N, int E, int Q, int P, const double *f,
+                            const double *z, const double *y, const double *floor) {
+    const int SQ = Q * Q + Q + 1, PP = P * P, m = (E - 1) * P;
+    const size_t stats = (size_t)E * SQ + E * P + E * PP + (size_t)E * E * PP;
+    const size_t work = 3 * (size_t)m * m + 2 * m + E * P + 2 * Q * Q + 2 * Q + 16;
+    double *buf = malloc(sizeof(double) * (stats + work));
+    const double *fb = f + (size_t)b * Q * N, *zb = z + (size_t)b * P * N;
+    Problem p = {N, E, Q, P, is_shared_x(N, Q, P, fb, zb), fb, zb, y + (size_t)b * N, floor[b],
+                 buf, buf + E * SQ, buf + E * SQ + E * P, buf + E * SQ + E * P + E * PP};
+    *pr = p;
+    return buf + stats;
+}
+
 int gatelab_em(int B, int N, int E, int Q, int P, int threads, const double *f,
                const double *z, const double *y, const double *floor, double tol, int max_iter,
                double *coef, double *gate, double *var, double *ll, int *n_iter,
                int *converged, int *degenerate) {
     if (E > MAXE) return 1;
     init_ones();
-    const int SQ = Q * Q + Q + 1, PP = P * P, m = (E - 1) * P;
-    const size_t stats = (size_t)E * SQ + E * P + E * PP + (size_t)E * E * PP;
-    const size_t work = 3 * (size_t)m * m + 2 * m + E * P + 2 * Q * Q + 2 * Q + 16;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
     for (int b = 0; b < B; b++) {
-        double *buf = malloc(sizeof(double) * (stats + work));
-        const double *fb = f + (size_t)b * Q * N, *zb = z + (size_t)b * P * N;
-        Problem pr = {N, E, Q, P, is_shared_x(N, Q, P, fb, zb), fb, zb, y + (size_t)b * N,
-                      floor[b], buf, buf + E * SQ, buf + E * SQ + E * P,
-                      buf + E * SQ + E * P + E * PP};
-        double *w = buf + stats, *cb = coef + (size_t)b * E * Q, *gb = gate + (size_t)b * E * P,
+        Problem pr;
+        double *w = open_problem(&pr, b, N, E, Q, P, f, z, y, floor);
+        double *cb = coef + (size_t)b * E * Q, *gb = gate + (size_t)b * E * P,
                *vb = var + (size_t)b * E;
         double cur;
         stats_of(&pr, cb, gb, vb, &cur);
@@ -414,7 +423,7 @@ int gatelab_em(int B, int N, int E, int Q, int P, int threads, const double *f,
         n_iter[b] = it;
         converged[b] = done;
         degenerate[b] = low;
-        free(buf);
+        free(pr.S);  /* the start of the problem's buffer */
     }
     return 0;
 }
@@ -496,22 +505,17 @@ int gatelab_mstep(int B, int N, int E, int Q, int P, int threads, const double *
                   double *coef, double *gate, double *var, int *degenerate) {
     if (E > MAXE) return 1;
     init_ones();
-    const int SQ = Q * Q + Q + 1, PP = P * P, m = (E - 1) * P;
-    const size_t stats = (size_t)E * SQ + E * P + E * PP + (size_t)E * E * PP;
-    const size_t work = 3 * (size_t)m * m + 2 * m + E * P + 2 * Q * Q + 2 * Q + 16;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
     for (int b = 0; b < B; b++) {
-        double *buf = malloc(sizeof(double) * (stats + work));
-        const double *fb = f + (size_t)b * Q * N, *zb = z + (size_t)b * P * N;
-        Problem pr = {N, E, Q, P, is_shared_x(N, Q, P, fb, zb), fb, zb, y + (size_t)b * N,
-                      floor[b], buf, buf + E * SQ, buf + E * SQ + E * P,
-                      buf + E * SQ + E * P + E * PP};
-        double *w = buf + stats, *cb = coef + (size_t)b * E * Q, *gb = gate + (size_t)b * E * P,
+        Problem pr;
+        double *w = open_problem(&pr, b, N, E, Q, P, f, z, y, floor);
+        double *cb = coef + (size_t)b * E * Q, *gb = gate + (size_t)b * E * P,
                *vb = var + (size_t)b * E;
         const double *rb = resp + (size_t)b * N * E;
         stats_from_resp(&pr, rb, gb);
         degenerate[b] = experts_step(&pr, cb, vb, w);
         if (E > 1) {  /* one Newton step with halving on Q (1, 1/2, ..., 1/2048), as halving_step */
+            const int m = (E - 1) * P;
             double *d = w, *cand = w + m, *scratch = w + m + E * P;
             gate_direction(&pr, d, scratch);
             const double q0 = gate_q(&pr, rb, gb);
@@ -524,7 +528,7 @@ int gatelab_mstep(int B, int N, int E, int Q, int P, int threads, const double *
                 }
             }
         }
-        free(buf);
+        free(pr.S);  /* the start of the problem's buffer */
     }
     return 0;
 }
