@@ -79,8 +79,8 @@ def from_hf(block: nn.Module) -> MoELayer:
                         "blocks build a MoELayer and copy the weights, or use swap_router.")
     experts = _need(block, "experts")
     n_experts, two_f, dim = _need(experts, "gate_up_proj").shape
-    shared = _need(block, "shared_expert" if kind.startswith("Qwen2") else "shared_experts") \
-        if kind != "MixtralSparseMoeBlock" else None
+    shared_name = {"Qwen2MoeSparseMoeBlock": "shared_expert", "DeepseekV3MoE": "shared_experts"}
+    shared = _need(block, shared_name[kind]) if kind in shared_name else None
     layer = MoELayer(dim, two_f // 2, n_experts, _need(block, "gate.top_k"),
                      activation=_activation(block), aux={},
                      shared_ffn_dim=shared.gate_proj.out_features if shared is not None else None,
