@@ -82,7 +82,8 @@ def test_catalogue_studies_load_and_validate():
     (lambda d: d.update(sizes=[300]), r"sizes: must be at least two sample sizes"),
     (lambda d: d.pop("truth"), r"study: missing key\(s\) \['truth'\]"),
     (lambda d: d["estimator"].update(lr=0.1), r"estimator: must be a table of method, tol"),
-    (lambda d: d["estimator"].update(method="adam"), r"estimator.method: must be .em. or .lsq."),
+    (lambda d: d["estimator"].update(method="adam"), r"estimator.method: must be .em., .lsq. or .segments."),
+    (lambda d: d["estimator"].update(method="segments"), r"settings\[0\]: fit_topk_segments fits"),
 ])
 def test_spec_errors_name_the_key(change, message):
     import tomllib
@@ -163,7 +164,8 @@ def test_rate_table_covers_every_setting_and_block(tiny, tmp_path):
         reproduce(tiny, store, progress=False)
         table = rate_table(tiny, store.rows("tiny"), n_boot=200)
     keys = {(r["setting"], r["block"]) for r in table}
-    assert keys == {(s, b) for s in ("exact", "over") for b in ("total", "beta1", "a", "b", "var")}
+    assert keys == {(s, b) for s in ("exact", "over")
+                    for b in ("total", "beta1", "a", "b", "var", "mass")}
     exact = next(r for r in table if r["setting"] == "exact" and r["block"] == "total")
     assert exact["theory"] == -0.5 and exact["ci_low"] <= exact["slope"] <= exact["ci_high"]
 

@@ -28,6 +28,17 @@ class Covariates(ABC):
                batch_shape: tuple[int, ...] = (), dtype: torch.dtype = torch.float64) -> Tensor:
         """Draw x of shape (*batch_shape, n, dim)."""
 
+    def quantile(self, u: Tensor) -> Tensor:
+        """Each coordinate's inverse CDF at u in [0, 1] (the coordinates are independent);
+        used to integrate over the covariate law (e.g. expected gate weights)."""
+        raise NotImplementedError(f"{type(self).__name__} has no quantile function; use "
+                                  f"'uniform' or 'gaussian' covariates.")
+
+    def cdf(self, x: Tensor) -> Tensor:
+        """Each coordinate's CDF at x."""
+        raise NotImplementedError(f"{type(self).__name__} has no CDF; use 'uniform' or "
+                                  f"'gaussian' covariates.")
+
 
 @dataclass(frozen=True)
 class UniformBox(Covariates):
@@ -45,7 +56,13 @@ class UniformBox(Covariates):
                batch_shape: tuple[int, ...] = (), dtype: torch.dtype = torch.float64) -> Tensor:
         check_int("n", n, 1)
         u = torch.rand(*batch_shape, n, self.dim, generator=generator, dtype=dtype)
+        return self.quantile(u)
+
+    def quantile(self, u: Tensor) -> Tensor:
         return self.low + (self.high - self.low) * u
+
+    def cdf(self, x: Tensor) -> Tensor:
+        return ((x - self.low) / (self.high - self.low)).clamp(0.0, 1.0)
 
 
 @dataclass(frozen=True)
@@ -64,6 +81,12 @@ class GaussianCovariates(Covariates):
         check_int("n", n, 1)
         z = torch.randn(*batch_shape, n, self.dim, generator=generator, dtype=dtype)
         return self.mean + self.std * z
+
+    def quantile(self, u: Tensor) -> Tensor:
+        return self.mean + self.std * torch.special.ndtri(u)
+
+    def cdf(self, x: Tensor) -> Tensor:
+        return torch.special.ndtr((x - self.mean) / self.std)
 
 
 @dataclass(frozen=True)

@@ -1,12 +1,13 @@
-"""Estimators: batched EM (maximum likelihood), least squares, starts, and a
-scikit-learn-style estimator."""
+"""Estimators: batched EM (maximum likelihood), least squares, the top-K segment fit,
+starts, and a scikit-learn-style estimator."""
 
 from .em import FitResult, e_step, fit_em, m_step, select_best
 from .em_known import trainable_part
 from .estimator import GaussianMoERegressor, NotFittedError
 from .init import from_responsibilities, near_truth, random_starts
 from .lsq import LSQResult, fit_lsq
+from .topk import fit_topk_segments, split_profile
 
 __all__ = ["FitResult", "e_step", "fit_em", "trainable_part", "m_step", "select_best", "GaussianMoERegressor",
            "NotFittedError", "from_responsibilities", "near_truth", "random_starts", "LSQResult",
-           "fit_lsq"]
+           "fit_lsq", "fit_topk_segments", "split_profile"]

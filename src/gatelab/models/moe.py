@@ -12,7 +12,7 @@ from torch import Tensor
 from .._checks import check_int
 from ..covariates import Covariates
 from ..experts import Expert, make_expert
-from ..gates import Gate, HierarchicalGate, make_gate
+from ..gates import Gate, HierarchicalGate, LinearGate, make_gate
 from ..params import Params, Shapes, pick
 from .base import DensityModel, normal_cdf, normal_log_prob, sample_categorical
 
@@ -60,6 +60,37 @@ class GatedExperts(DensityModel):
         """E[y | x] = f(x) = sum_i w_i(x) h(x; eta_i): (..., N)."""
         x, _ = self._prepare(x, params)
         return self._regression(x, params)
+
+    def expected_weights(self, params: Params, nodes: int = 48) -> Tensor:
+        """E_X[w_i(X)] under the covariate law, for one covariate: (..., E).
+
+        The masses of a top-K gate, whose intercepts are not identifiable on their own
+        (with K = 1, exp(beta0_i) never enters the density; the probability that expert i
+        is selected does). Gauss-Legendre with ``nodes`` points on each interval between
+        crossings of two linear scores (where a top-K selection can switch), in the
+        covariate's quantile scale, so a selection boundary costs no accuracy.
+        """
+        import numpy as np
+        if self.dim != 1:
+            raise ValueError(f"expected_weights integrates over one covariate; this model has "
+                             f"dim={self.dim}.")
+        gate = pick(params, self._gate_shapes())
+        beta0 = gate["beta0"]
+        edges = [torch.zeros_like(beta0[..., :1]), torch.ones_like(beta0[..., :1])]
+        if isinstance(self.gate, LinearGate):
+            i, j = torch.triu_indices(self.n_experts, self.n_experts, 1)
+            slope = gate["beta1"][..., i, 0] - gate["beta1"][..., j, 0]
+            cross = (beta0[..., j] - beta0[..., i]) / slope
+            edges.append(self.covariates.cdf(torch.nan_to_num(cross, nan=0.0)))
+        edges = torch.cat(edges, -1).sort(-1).values                         # (..., P)
+        lo, width = edges[..., :-1], edges[..., 1:] - edges[..., :-1]        # (..., P-1)
+        g, w = (torch.as_tensor(v, dtype=beta0.dtype) for v in np.polynomial.legendre.leggauss(nodes))
+        u = lo.unsqueeze(-1) + width.unsqueeze(-1) * (g + 1) / 2             # (..., P-1, Q)
+        tiny = torch.finfo(beta0.dtype).eps
+        x = self.covariates.quantile(u.clamp(tiny, 1 - tiny)).flatten(-2).unsqueeze(-1)
+        weights = self.log_gate(x, params).exp()                             # (..., M, E)
+        quad = (width.unsqueeze(-1) * w / 2).flatten(-2)                     # (..., M)
+        return (quad.unsqueeze(-1) * weights).sum(-2)
 
     def normalise(self, params: Params) -> Params:
         """Gate blocks in their identifiable form (last expert's shift blocks at zero)."""

@@ -86,7 +86,9 @@ def rate_table(study: Study, rows: Sequence[FitRow], n_boot: int = 1000) -> list
         ns = sorted(cells)
         if len(ns) < 2:
             continue
-        blocks = ["total"] + sorted(cells[ns[0]][0].blocks)
+        # Blocks every row has (a store resumed across versions may mix block sets).
+        common = set.intersection(*(set(r.blocks) for n in ns for r in cells[n]))
+        blocks = ["total"] + sorted(common)
         for block in blocks:
             raw = [np.array([r.loss if block == "total" else r.blocks[block] for r in cells[n]],
                             dtype=float) for n in ns]

@@ -24,6 +24,7 @@ import torch
 from .. import __version__
 from ..fit import FitResult, fit_em, fit_lsq, near_truth, select_best
 from ..fit.init import near_truth_known
+from ..fit.topk import fit_topk_segments
 from ..losses import voronoi_loss, wasserstein
 from ..gates import HierarchicalGate
 from ..models import ContaminatedMoE, DeviatedGaussianMoE, GatedExperts
@@ -86,7 +87,7 @@ def run_unit(study: Study, unit: Unit) -> list[FitRow]:
     start = time.perf_counter()
     res = select_best(_fit(study, model, torch.stack(xs), torch.stack(ys), init))
     seconds = (time.perf_counter() - start) / len(seeds)
-    loss, blocks = _losses(model, setting, res.params, truth)
+    loss, blocks = _losses(model, truth_model, setting, res.params, truth)
     # A gate that ran off to infinity (separation at small n) gives an infinite loss: the
     # row is kept, flagged degenerate, and left out of the rate fit by the report.
     degenerate = res.degenerate | ~torch.isfinite(loss.total)
@@ -109,8 +110,12 @@ def _starts(model, truth: dict, n: int, n_starts: int, g: torch.Generator) -> di
 
 def _atom_masses(model, params: dict) -> torch.Tensor | None:
     """Masses of the trainable atoms where they are not read from beta0: lam * p_i in the
-    deviated MoE, lam for a covariate-free contaminated prompt, and for a hierarchical
-    gate the product of the two levels' normalised intercept masses."""
+    deviated MoE, lam for a covariate-free contaminated prompt, for a hierarchical
+    gate the product of the two levels' normalised intercept masses, and for a top-K gate
+    in one covariate the expected gate weight E_X[w_i(X)] (its intercepts alone are not
+    identifiable)."""
+    if isinstance(model, GatedExperts) and getattr(model.gate, "top_k", None) and model.dim == 1:
+        return model.expected_weights(params)
     if isinstance(model, GatedExperts) and isinstance(model.gate, HierarchicalGate):
         outer = torch.softmax(params["outer.beta0"], -1)          # (..., G)
         inner = torch.softmax(params["inner.beta0"], -1)          # (..., G, J)
@@ -131,30 +136,34 @@ def _default_atoms(model, truth: dict) -> list[str] | None:
             or k in model._expert_shapes() or k == "var"]
 
 
-def _losses(model, setting, params: dict, truth: dict):
-    """The setting's Voronoi loss and per-block errors, plus any Wasserstein baselines
-    (recorded as blocks "W1", "W2", ...)."""
+def _losses(model, truth_model, setting, params: dict, truth: dict):
+    """The setting's Voronoi loss and per-block errors, its mass term (block "mass"), and
+    any Wasserstein baselines (blocks "W1", "W2", ...)."""
     # A softmax-contaminated prompt's mass is sigmoid(beta0): its weight is sigmoid(s).
     normaliser = "sigmoid" if isinstance(model, ContaminatedMoE) else "softmax"
     if isinstance(model, GatedExperts):
         normaliser = model.gate.normaliser
     options = {"normaliser": normaliser, "blocks": list(setting.loss_blocks) or _default_atoms(model, truth),
-               "mass": _atom_masses(model, params), "true_mass": _atom_masses(model, truth)}
+               "mass": _atom_masses(model, params), "true_mass": _atom_masses(truth_model, truth)}
     # strict=False: a cell the table has no exponent for makes that fit's loss +inf
     # (flagged degenerate and counted), instead of stopping the whole study.
     loss = voronoi_loss(params, truth, setting.loss, strict=False, **options)
-    blocks = dict(loss.blocks)
+    blocks = {**loss.blocks, "mass": loss.mass}
     for order in setting.wasserstein:
         blocks[f"W{order}"] = wasserstein(params, truth, order, **options)
     return loss, blocks
 
 
 def _fit(study: Study, model, x: torch.Tensor, y: torch.Tensor, init: dict) -> FitResult:
-    """The study's estimator: EM (maximum likelihood) or least squares, whose residual sum
-    of squares is reported as the profile log-likelihood -n/2 (log(2 pi RSS / n) + 1)."""
+    """The study's estimator: EM (maximum likelihood), the top-K segment fit (maximum
+    likelihood for top-K gates in one covariate, ``fit_topk_segments``) or least squares,
+    whose residual sum of squares is reported as the profile log-likelihood -n/2 (log(2 pi RSS / n) + 1)."""
     options = {k: v for k, v in study.estimator.items() if k != "method"}
-    if study.estimator.get("method", "em") == "em":
+    method = study.estimator.get("method", "em")
+    if method == "em":
         return fit_em(model, x, y, init, **options)
+    if method == "segments":
+        return fit_topk_segments(model, x, y, init, **options)
     options.pop("accelerate", None)
     res = fit_lsq(model, x, y, init, **options)
     n = x.shape[-2]

@@ -224,12 +224,24 @@ class Study:
         unknown = sorted(set(self.estimator) - {"method", "tol", "max_iter", "accelerate"})
         _need(not unknown, "estimator", "a table of method, tol, max_iter, accelerate", unknown)
         method = self.estimator.get("method", "em")
-        _need(method in ("em", "lsq"), "estimator.method", "'em' or 'lsq'", method)
+        _need(method in ("em", "lsq", "segments"), "estimator.method",
+              "'em', 'lsq' or 'segments' (top-K gates, one covariate)", method)
         _need(method == "lsq" or self.truth.model_kind != "regression", "estimator.method",
               "'lsq' for a regression truth (EM fits densities)", method)
-        _need(method == "em" or self.truth.model_kind == "regression", "estimator.method",
-              "'em' for a density truth (least squares fits regressions)", method)
+        _need(method != "lsq" or self.truth.model_kind == "regression", "estimator.method",
+              "'em' or 'segments' for a density truth (least squares fits regressions)", method)
         self._check_truth_blocks_used()
+        if method == "segments":
+            self._check_segment_models()
+
+    def _check_segment_models(self) -> None:
+        from ..fit.topk import segment_top_k
+        for s in self.settings:
+            try:
+                segment_top_k(self.truth.model(s.fitted_k, s.gate or s.truth_gate,
+                                               s.gate_options or s.truth_gate_options or None))
+            except ValueError as err:
+                raise SpecError(f"{s._path}: {err}") from None
 
     def _check_truth_blocks_used(self) -> None:
         used: set[str] = set()

@@ -1,0 +1,239 @@
+"""Maximum likelihood for top-K sparse softmax gating with one covariate (arXiv 2309.13850).
+
+EM cannot fit a top-K gate. With K = 1 the expected gate term sum_n r_n log w(x_n) is 0
+at the current selection and -inf for any gate move that changes one sample's selection,
+so the gate never leaves its start. With one covariate, though, the selection is
+piecewise constant in x and the likelihood is a change-point likelihood.
+
+Two linear experts under a top-1 gate split the line at one boundary t, one expert on
+each side. Only t is identifiable (any positive multiple of the gate's scores selects the
+same way). The MLE profiles the boundary: for a split after the m-th smallest x, each side
+is an OLS fit with its MLE variance, and
+
+    l(m) = -m/2 (log(2 pi RSS_left / m) + 1) - (n-m)/2 (log(2 pi RSS_right / (n-m)) + 1),
+
+evaluated for every split at once from cumulative sums (O(n log n) with the sort).
+
+Over-specified fits (k experts, top-K, to a two-region truth) reach the likelihood's
+supremum only in a limit: each region is served by its own experts, and the other
+region's experts get zero weight there, which needs infinite gate scores.
+``fit_topk_segments`` fits that limit: the boundary from the two-expert profile, then on
+each side a dense softmax Gaussian MoE over that side's experts by EM (one expert: the
+side's OLS fit). It is the MLE of the limiting model given the boundary; the boundary
+converges at n^-1 (a jump in the regression function), faster than everything else, so
+fixing it changes no rate.
+
+Shape legend: S starts, R replicates, N samples, E experts.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from ..experts import LinearExpert
+from ..gates import LinearGate
+from ..models import GaussianMoE
+from ..params import Params
+from .em import FitResult, fit_em
+
+__all__ = ["Split", "split_profile", "fit_topk_segments", "segment_top_k", "BOUNDARY_SCALE"]
+
+#: Gate-score slope that stands in for the infinite one of the limiting model: a
+#: wrong-side expert's weight is exp(-1e6 |x - t|), below 1e-40 beyond 1e-4 of the boundary.
+BOUNDARY_SCALE = 1e6
+
+
+class Split(NamedTuple):
+    """The two-segment MLE: boundary t (R,), per side (left: x < t, right: x > t) the OLS
+    intercept b, slope a and MLE variance var, each (R, 2), and the log-likelihood (R, 2)
+    of each side."""
+
+    boundary: Tensor
+    b: Tensor
+    a: Tensor
+    var: Tensor
+    loglik: Tensor
+
+
+def split_profile(x: Tensor, y: Tensor, min_size: int = 5, var_floor: float = 1e-8) -> Split:
+    """Exact MLE of two linear-Gaussian segments y = a_s x + b_s + N(0, var_s), s = left
+    or right of a boundary t, batched over leading dims: x, y (R, N). Every split between
+    distinct sorted covariates with at least ``min_size`` samples per side is scored; t is
+    the midpoint of the winning gap. Variances are floored at ``var_floor * Var(y)``."""
+    if x.shape != y.shape or x.dim() != 2:
+        raise ValueError(f"split_profile needs x and y of one shape (R, N); got {tuple(x.shape)} "
+                         f"and {tuple(y.shape)}.")
+    n = x.shape[-1]
+    if n < 2 * min_size:
+        raise ValueError(f"A two-segment fit needs at least {2 * min_size} samples (min_size="
+                         f"{min_size} per side); got {n}.")
+    xs, order = x.sort(-1)
+    ys = y.gather(-1, order)
+    # Centring keeps the cumulative sums well conditioned.
+    xc = xs - xs.mean(-1, keepdim=True)
+    yc = ys - ys.mean(-1, keepdim=True)
+    moments = torch.stack([torch.ones_like(xc), xc, xc * xc, yc, xc * yc, yc * yc], -1)
+    csum = torch.nn.functional.pad(moments.cumsum(-2), (0, 0, 1, 0))     # (R, N+1, 6)
+    left = csum[:, 1:n]                                                  # splits m = 1..n-1
+    right = csum[:, n:n + 1] - left
+    floor = var_floor * y.var(-1, keepdim=True)
+    ll_left, ll_right = _side_loglik(left, floor), _side_loglik(right, floor)
+    total = ll_left + ll_right
+    m = torch.arange(1, n, device=x.device)
+    usable = (m >= min_size) & (m <= n - min_size)
+    usable = usable & (xs[:, 1:] > xs[:, :-1])       # a split must fall between distinct x
+    best = torch.where(usable, total, float("-inf")).argmax(-1)             # (R,)
+    pick = best.unsqueeze(-1)
+    boundary = 0.5 * (xs.gather(-1, pick) + xs.gather(-1, pick + 1)).squeeze(-1)
+    sides = [_ols(s.gather(1, pick.unsqueeze(-1).expand(-1, 1, 6)).squeeze(1), f.squeeze(-1))
+             for s, f in ((left, floor), (right, floor))]
+    shift_x, shift_y = xs.mean(-1), ys.mean(-1)
+    a = torch.stack([s[0] for s in sides], -1)
+    b = torch.stack([s[1] for s in sides], -1) + shift_y.unsqueeze(-1) - a * shift_x.unsqueeze(-1)
+    var = torch.stack([s[2] for s in sides], -1)
+    loglik = torch.stack([ll_left.gather(-1, pick), ll_right.gather(-1, pick)], -1).squeeze(-2)
+    return Split(boundary, b, a, var, loglik)
+
+
+def _ols(stats: Tensor, floor: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(slope, intercept, MLE variance) from moment sums (..., 6) of centred data."""
+    count, sx, sxx, sy, sxy, syy = stats.unbind(-1)
+    cxx = sxx - sx * sx / count
+    cxy = sxy - sx * sy / count
+    slope = cxy / cxx
+    rss = syy - sy * sy / count - slope * cxy
+    return slope, sy / count - slope * sx / count, torch.maximum(rss / count, floor)
+
+
+def _side_loglik(stats: Tensor, floor: Tensor) -> Tensor:
+    """Profile Gaussian log-likelihood of an OLS fit, -m/2 (log(2 pi var) + 1), per split;
+    -inf where a side has fewer than 3 samples."""
+    count = stats[..., 0]
+    with torch.no_grad():
+        _, _, var = _ols(stats, floor)
+    ll = -0.5 * count * (torch.log(2 * math.pi * var) + 1)
+    return torch.where(count >= 3, ll, float("-inf"))
+
+
+def segment_top_k(model: GaussianMoE) -> int:
+    """K of a model that ``fit_topk_segments`` can fit; a ValueError naming the fix if not."""
+    gate = model.gate
+    if not (isinstance(model, GaussianMoE) and type(gate) is LinearGate and gate.top_k
+            and gate.normaliser == "softmax" and model.dim == 1
+            and type(model.expert) is LinearExpert):
+        raise ValueError(f"fit_topk_segments fits a Gaussian MoE with one covariate, linear "
+                         f"experts and a top-K softmax gate (make_gate('topk', top_k=K)); got "
+                         f"{model!r}. Use fit_em for dense gates.")
+    return gate.top_k
+
+
+def fit_topk_segments(model: GaussianMoE, x: Tensor, y: Tensor, init: Params, *,
+                      tol: float = 1e-6, max_iter: int = 2000, accelerate: bool = False,
+                      min_size: int = 5, var_floor: float = 1e-8) -> FitResult:
+    """Fit a top-K sparse softmax Gaussian MoE (k experts, one covariate, linear experts)
+    to data from a two-region truth, as the limit described in the module docstring.
+
+    ``init`` holds starts (S, R, k, ...) in the model's own form (e.g. ``near_truth``).
+    Each start's experts go to the side whose OLS fit is nearest in (a, b, var); a start
+    that leaves a side with no expert, or with more than K, is skipped (log-likelihood
+    -inf). Every side with m >= 2 experts is fitted by EM from the start's own values with
+    a dense softmax gate, as the top-K gate is there. The result (S, R, ...) is in the
+    model's form, each side's experts' scores lifted by +-c (x - t), with c at least
+    ``BOUNDARY_SCALE`` times the largest within-side score, so that the top-K selection
+    switches at t. The log-likelihood is the model's own at the returned parameters."""
+    top_k = segment_top_k(model)
+    x1 = x.squeeze(-1)
+    if x1.dim() == 1:
+        x1, y = x1.unsqueeze(0), y.unsqueeze(0)
+    split = split_profile(x1, y, min_size, var_floor)
+    side = _assign_sides(init, split)                                   # (S, R, k) bool: right
+    shape = side.shape[:2]
+    out = {k: v.clone() for k, v in init.items()}
+    valid = torch.zeros(shape, dtype=torch.bool)
+    n_iter = torch.zeros(shape, dtype=torch.long)
+    converged = torch.zeros(shape, dtype=torch.bool)
+    degenerate = torch.zeros(shape, dtype=torch.bool)
+    options = {"tol": tol, "max_iter": max_iter, "accelerate": accelerate, "var_floor": var_floor}
+    for r in range(shape[1]):
+        for s in range(shape[0]):
+            counts = (int((~side[s, r]).sum()), int(side[s, r].sum()))
+            if min(counts) < 1 or max(counts) > top_k:
+                continue
+            res = [_fit_side(model, x1[r], y[r], split, r, right, side[s, r] == right,
+                             {k: v[s, r] for k, v in init.items()}, options)
+                   for right in (False, True)]
+            lift = BOUNDARY_SCALE * (1.0 + max(_score_bound(p.params, x1[r]) for p in res))
+            for block in ("a", "b", "var", "beta0", "beta1"):
+                out[block][s, r] = _merge(block, res, side[s, r], split.boundary[r], lift)
+            valid[s, r] = True
+            n_iter[s, r] = max(p.n_iter for p in res)
+            converged[s, r] = all(p.converged for p in res)
+            degenerate[s, r] = any(p.degenerate for p in res)
+    out = model.normalise(out)
+    # The log-likelihood of the returned parameters themselves, so that a side fit whose
+    # gate ran off (overflowing its own bookkeeping) cannot win the choice of start.
+    loglik = torch.where(valid, model.log_likelihood(x1.unsqueeze(-1), y, out), float("-inf"))
+    loglik = torch.nan_to_num(loglik, nan=float("-inf"))
+    return FitResult(out, loglik, n_iter, converged, degenerate | ~torch.isfinite(loglik))
+
+
+def _assign_sides(init: Params, split: Split) -> Tensor:
+    """True where a start's expert is nearer the right side's OLS fit (a, b, var)."""
+    start = torch.stack([init["a"][..., 0], init["b"], init["var"]], -1)        # (S, R, k, 3)
+    sides = torch.stack([split.a, split.b, split.var], -1)                      # (R, 2, 3)
+    dist = (start.unsqueeze(-2) - sides.unsqueeze(-3)).square().sum(-1)        # (S, R, k, 2)
+    return dist[..., 1] < dist[..., 0]
+
+
+class _Side(NamedTuple):
+    params: Params          # the side's experts (m, ...)
+    loglik: float
+    n_iter: int
+    converged: bool
+    degenerate: bool
+
+
+def _fit_side(model: GaussianMoE, x: Tensor, y: Tensor, split: Split, r: int, right: bool,
+              members: Tensor, start: Params, options: dict) -> _Side:
+    """One side of one start: its OLS fit for one expert, else EM with a dense softmax."""
+    mask = (x > split.boundary[r]) if right else (x < split.boundary[r])
+    j = int(right)
+    m = int(members.sum())
+    if m == 1:
+        params = {"a": split.a[r, j].view(1, 1), "b": split.b[r, j].view(1),
+                  "var": split.var[r, j].view(1), "beta1": x.new_zeros(1, 1),
+                  "beta0": x.new_zeros(1)}
+        return _Side(params, float(split.loglik[r, j]), 1, True, False)
+    dense = GaussianMoE(m, 1, "softmax", model.expert, model.covariates)
+    init = {k: v[members] for k, v in start.items()}
+    res = fit_em(dense, x[mask].unsqueeze(-1), y[mask], init, **options)
+    return _Side(res.params, float(res.loglik), int(res.n_iter), bool(res.converged),
+                 bool(res.degenerate))
+
+
+def _score_bound(params: Params, x: Tensor) -> float:
+    """A bound on |beta1 x + beta0| over the data, for a side's dense gate."""
+    reach = float(x.abs().max())
+    return float((params["beta1"].abs().sum(-1) * reach + params["beta0"].abs()).max())
+
+
+def _merge(block: str, sides: list[_Side], right: Tensor, boundary: Tensor,
+           lift: float) -> Tensor:
+    """One block of the full model from the two sides' fits, each expert in its own slot;
+    gate blocks get the side's lift +-lift (x - t), lift >= BOUNDARY_SCALE times the
+    largest within-side score, so that the top-K selection switches at t."""
+    out = torch.empty((right.shape[0], *sides[0].params[block].shape[1:]),
+                      dtype=sides[0].params[block].dtype)
+    for j, fit in enumerate(sides):
+        value = fit.params[block]
+        sign = 1.0 if j else -1.0
+        if block == "beta1":
+            value = value + sign * lift
+        elif block == "beta0":
+            value = value - sign * lift * boundary
+        out[right == bool(j)] = value
+    return out
