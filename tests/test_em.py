@@ -211,6 +211,35 @@ def test_near_truth_starts_sit_near_the_truth_with_split_masses():
     assert gap.max() < 6 * 0.005 * 10_000 ** -0.25
 
 
+def test_near_truth_covers_each_group_of_a_hierarchical_truth():
+    # 2 groups of 2 true experts, fitted with 3 per group: the inner level over-specified.
+    truth_gate = gl.make_gate("hierarchical", outer="softmax", inner="laplace", n_groups=2, n_inner=2)
+    truth_model = gl.GaussianMoE(4, 1, truth_gate)
+    truth = truth_model.normalise(truth_model.random_params(GEN(20)))
+    gate = gl.make_gate("hierarchical", outer="softmax", inner="laplace", n_groups=2, n_inner=3)
+    model = gl.GaussianMoE(6, 1, gate)
+    n = 10 ** 12                                  # noise sd 0.05 n^-0.083 ~ 5e-3
+    start = near_truth(model, truth, n, n_starts=20, generator=GEN(21))
+    assert start["inner.W"].shape == (20, 2, 3, 1) and start["b"].shape == (20, 6)
+    x = torch.linspace(0, 1, 50, dtype=torch.float64).unsqueeze(-1)
+    true_w = truth_model.log_gate(x, truth).exp()                               # (N, 4)
+    for s in range(20):
+        params = {k: v[s] for k, v in start.items()}
+        # each fitted expert sits on a true expert of its own group ...
+        gap = (params["b"].view(2, 3, 1) - truth["b"].view(2, 1, 2)).abs()       # (G, J, J*)
+        atom = gap.argmin(-1)
+        assert gap.amin(-1).max() < 6 * 0.05 * n ** -0.083
+        assert all(set(row.tolist()) == {0, 1} for row in atom)                # every atom covered
+        # ... and the weights of the experts on one atom add up to the atom's weight.
+        w = model.log_gate(x, params).exp().view(50, 2, 3)
+        summed = torch.zeros(50, 2, 2, dtype=torch.float64).scatter_add_(
+            2, atom.unsqueeze(0).expand(50, 2, 3), w)
+        assert torch.allclose(summed.view(50, 4), true_w, atol=0.02)
+    with pytest.raises(ValueError, match="n_groups=2 and n_inner >= 2"):
+        small = gl.make_gate("hierarchical", outer="softmax", inner="laplace", n_groups=2, n_inner=1)
+        near_truth(gl.GaussianMoE(2, 1, small), truth, 100)
+
+
 def test_near_truth_needs_at_least_as_many_experts():
     _, truth = reference_truth()
     with pytest.raises(ValueError, match="'k' parameter must be an int in the range \\[2, inf\\)"):

@@ -64,6 +64,11 @@ def test_d2_laplace_and_strong_tables():
     assert TABLES["D2-laplace"].exponent("var", 2) == 2.0
     assert TABLES["D2-strong"].exponent("kappa1", 5) == 2.0
     assert TABLES["D2-softmax"].exponent("a", 1) == 1.0
+    # a hierarchical gate's prefixed blocks take the rows of their bare names
+    assert TABLES["D2-softmax"].exponent("inner.beta1", 2) == 4.0
+    assert TABLES["D2-laplace"].exponent("inner.W", 3) == 2.0
+    own = ExponentTable("own", "example", shared={"inner.W": 3.0, "W": 2.0})
+    assert own.exponent("inner.W", 2) == 3.0 and own.exponent("outer.W", 2) == 2.0
 
 
 def test_a_new_paper_is_a_new_table_row():

@@ -50,10 +50,13 @@ class ExponentTable:
     default_shared: float = 1.0
 
     def exponent(self, block: str, cell_size: int) -> float:
-        """The exponent of ``block`` in a cell of ``cell_size`` fitted atoms."""
+        """The exponent of ``block`` in a cell of ``cell_size`` fitted atoms. A prefixed
+        block (a hierarchical gate's "inner.beta1") takes its own row if the table has
+        one, else the row of its bare name ("beta1")."""
+        bare = block.rsplit(".", 1)[-1]
         if cell_size <= 1:
-            return float(self.single.get(block, self.default_single))
-        rule = self.shared.get(block, self.default_shared)
+            return float(self.single.get(block, self.single.get(bare, self.default_single)))
+        rule = self.shared.get(block, self.shared.get(bare, self.default_shared))
         if isinstance(rule, (int, float)):
             return float(rule)
         if cell_size not in self.rbar:

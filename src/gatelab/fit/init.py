@@ -44,39 +44,76 @@ def near_truth(model: GatedExperts, truth: Params, n: int, n_starts: int = 1,
     variance gets + |N(0, (0.005 n^-0.25)^2)|. An atom split over m fitted experts has its
     gate intercept lowered by log m so that its total mass is unchanged (gatelab's choice;
     the protocol leaves it open). ``truth`` is unbatched, for k* experts of the same family.
-    Hierarchical gates: exact-specified only, every block of the truth plus the noise.
-    Returns blocks of shape (n_starts, [replicates,] k, ...).
+    Hierarchical gates keep the truth's groups (outer blocks copied); within each group the
+    fitted inner experts cover the group's true experts as above, so the inner level may be
+    over-specified. Returns blocks of shape (n_starts, [replicates,] k, ...).
     """
     hierarchical = isinstance(model.gate, HierarchicalGate)
-    k_star = model.n_experts if hierarchical else truth["beta0"].shape[-1]
-    if hierarchical and truth["var"].shape[-1] != k_star:
-        raise ValueError("near_truth fits hierarchical gates exact-specified only (the same "
-                         "groups and experts as the truth); use random_starts otherwise.")
     lead = (n_starts,) if replicates is None else (n_starts, replicates)
     gate_names = set(model._gate_shapes())
     starts = []
     for _ in range(math.prod(lead)):
-        # Hierarchical blocks have a group axis: exact-specified, so no reassignment.
-        atoms = torch.arange(k_star) if hierarchical else covering_assignment(
-            model.n_experts, k_star, generator)
+        plan = (_hierarchical_plan(model, truth, generator) if hierarchical
+                else _flat_plan(model, truth, generator))
         start = {}
         for name, value in truth.items():
             if value.dim() == 0:  # no expert axis (a noise variance): copied as it is
                 start[name] = value.clone()
                 continue
             sd = (0.005 if name in gate_names else 0.05) * n ** -0.083
-            block = value if name in gate_names and hierarchical else value[atoms]
+            block = plan.pick(name, value)
             if name == "var":
                 noise = (0.005 * n ** -0.25) * torch.randn(block.shape, generator=generator,
                                                            dtype=block.dtype).abs()
             else:
                 noise = sd * torch.randn(block.shape, generator=generator, dtype=block.dtype)
             start[name] = block + noise
-        if not hierarchical:
-            start["beta0"] = start["beta0"] - torch.bincount(atoms, minlength=k_star)[atoms].log()
+        start[plan.intercept] = start[plan.intercept] - plan.log_split
         starts.append(model.normalise(start))
     return {k: torch.stack([s[k] for s in starts]).reshape(*lead, *starts[0][k].shape)
             for k in starts[0]}
+
+
+class _Plan:
+    """Which true row each fitted row copies, per block; ``log_split`` (log of how many
+    fitted experts share each one's atom) is taken off the ``intercept`` block."""
+
+    def __init__(self, rows: dict, default: Tensor, intercept: str, log_split: Tensor) -> None:
+        self.rows, self.default = rows, default
+        self.intercept, self.log_split = intercept, log_split
+
+    def pick(self, name: str, value: Tensor) -> Tensor:
+        rows = self.rows.get(name, self.default)
+        if rows is None:
+            return value.clone()
+        if rows.dim() == 2:  # (G, J): per group, along the inner axis
+            return value.gather(1, rows.view(*rows.shape, *[1] * (value.dim() - 2)).expand(
+                *rows.shape, *value.shape[2:]))
+        return value[rows]
+
+
+def _flat_plan(model: GatedExperts, truth: Params, generator: torch.Generator | None) -> _Plan:
+    k_star = truth["beta0"].shape[-1]
+    atoms = covering_assignment(model.n_experts, k_star, generator)
+    counts = torch.bincount(atoms, minlength=k_star)[atoms]
+    return _Plan({}, atoms, "beta0", counts.log().to(truth["beta0"].dtype))
+
+
+def _hierarchical_plan(model: GatedExperts, truth: Params,
+                       generator: torch.Generator | None) -> _Plan:
+    gate = model.gate
+    groups, j_star = truth["inner.beta0"].shape
+    if groups != gate.n_groups or gate.n_inner < j_star:
+        raise ValueError(f"near_truth keeps a hierarchical truth's groups and covers each "
+                         f"group's experts: fit n_groups={groups} and n_inner >= {j_star}; got "
+                         f"n_groups={gate.n_groups}, n_inner={gate.n_inner}.")
+    inner = torch.stack([covering_assignment(gate.n_inner, j_star, generator)
+                         for _ in range(groups)])                                # (G, J)
+    flat = (torch.arange(groups).unsqueeze(-1) * j_star + inner).flatten()      # (G * J,)
+    rows = {name: None for name in model._gate_shapes() if name.startswith("outer.")}
+    rows |= {name: inner for name in model._gate_shapes() if name.startswith("inner.")}
+    counts = torch.stack([torch.bincount(r, minlength=j_star)[r] for r in inner])
+    return _Plan(rows, flat, "inner.beta0", counts.log().to(truth["inner.beta0"].dtype))
 
 
 def near_truth_known(model, truth: Params, n: int, n_starts: int = 1,
