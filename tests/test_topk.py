@@ -107,11 +107,22 @@ def test_overspecified_segment_fit_equals_em_on_the_split_side():
             assert torch.allclose(fitted_b, ref.params["b"].sort().values, rtol=1e-8)
 
 
+def test_one_data_set_gives_the_batched_answer():
+    x, y = _data(600, 2, seed=30)
+    init = near_truth(TOP1, TRUTH, 600, 2, replicates=2, generator=torch.Generator().manual_seed(2))
+    batched = fit_topk_segments(TOP1, x, y, init)
+    single = fit_topk_segments(TOP1, x[1], y[1], {k: v[:, 1] for k, v in init.items()})
+    assert single.loglik.shape == (2,) and single.params["a"].shape == (2, 2, 1)
+    assert torch.equal(single.loglik, batched.loglik[:, 1])
+
+
 def test_segment_fit_rejects_dense_gates_and_other_experts():
     x, y = _data(100, 1)
     for model in (GaussianMoE(2, 1, "softmax"), GaussianMoE(2, 1, make_gate("topk", top_k=1), "polynomial")):
         with pytest.raises(ValueError, match="top-K softmax gate"):
             fit_topk_segments(model, x, y, {})
+    with pytest.raises(ValueError, match="keeps them all: it is a dense softmax gate"):
+        fit_topk_segments(GaussianMoE(2, 1, make_gate("topk", top_k=2)), x, y, {})
 
 
 def test_expected_weights_closed_forms_and_monte_carlo():

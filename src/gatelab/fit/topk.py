@@ -128,6 +128,9 @@ def segment_top_k(model: GaussianMoE) -> int:
         raise ValueError(f"fit_topk_segments fits a Gaussian MoE with one covariate, linear "
                          f"experts and a top-K softmax gate (make_gate('topk', top_k=K)); got "
                          f"{model!r}. Use fit_em for dense gates.")
+    if gate.top_k >= model.n_experts:
+        raise ValueError(f"A top-{gate.top_k} gate over {model.n_experts} experts keeps them all: "
+                         f"it is a dense softmax gate; fit it with fit_em.")
     return gate.top_k
 
 
@@ -137,42 +140,45 @@ def fit_topk_segments(model: GaussianMoE, x: Tensor, y: Tensor, init: Params, *,
     """Fit a top-K sparse softmax Gaussian MoE (k experts, one covariate, linear experts)
     to data from a two-region truth, as the limit described in the module docstring.
 
-    ``init`` holds starts (S, R, k, ...) in the model's own form (e.g. ``near_truth``).
-    Each start's experts go to the side whose OLS fit is nearest in (a, b, var); a start
-    that leaves a side with no expert, or with more than K, is skipped (log-likelihood
-    -inf). Every side with m >= 2 experts is fitted by EM from the start's own values with
-    a dense softmax gate, as the top-K gate is there. The result (S, R, ...) is in the
-    model's form, each side's experts' scores lifted by +-c (x - t), with c at least
-    ``BOUNDARY_SCALE`` times the largest within-side score, so that the top-K selection
-    switches at t. The log-likelihood is the model's own at the returned parameters."""
+    x (R, N, 1), y (R, N) with starts ``init`` (S, R, k, ...), or one data set x (N, 1),
+    y (N,) with starts (S, k, ...), in the model's own form (e.g. ``near_truth``). Each
+    start's experts go to the side whose OLS fit is nearest in (a, b, var); a start that
+    leaves a side with no expert, or with more than K, is skipped (log-likelihood -inf).
+    A side with m >= 2 experts is fitted by EM from the start's own values with a dense
+    softmax gate, as the top-K gate is there (the starts that give a side the same m are
+    one batched ``fit_em``). The result (S, R, ...) is in the model's form, each side's
+    experts' scores lifted by +-c (x - t), with c at least ``BOUNDARY_SCALE`` times the
+    largest within-side score, so that the top-K selection switches at t. The
+    log-likelihood is the model's own at the returned parameters."""
     top_k = segment_top_k(model)
+    if x.dim() == 2:
+        res = fit_topk_segments(model, x.unsqueeze(0), y.unsqueeze(0),
+                                {k: v.unsqueeze(1) for k, v in init.items()}, tol=tol,
+                                max_iter=max_iter, accelerate=accelerate, min_size=min_size,
+                                var_floor=var_floor)
+        return FitResult({k: v.squeeze(1) for k, v in res.params.items()},
+                         *[t.squeeze(1) for t in res[1:5]])
     x1 = x.squeeze(-1)
-    if x1.dim() == 1:
-        x1, y = x1.unsqueeze(0), y.unsqueeze(0)
     split = split_profile(x1, y, min_size, var_floor)
-    side = _assign_sides(init, split)                                   # (S, R, k) bool: right
-    shape = side.shape[:2]
+    right = _assign_sides(init, split)                                 # (S, R, k)
+    counts = torch.stack([(~right).sum(-1), right.sum(-1)], -1)        # (S, R, 2)
+    valid = (counts >= 1).all(-1) & (counts <= top_k).all(-1)
     out = {k: v.clone() for k, v in init.items()}
-    valid = torch.zeros(shape, dtype=torch.bool)
-    n_iter = torch.zeros(shape, dtype=torch.long)
-    converged = torch.zeros(shape, dtype=torch.bool)
-    degenerate = torch.zeros(shape, dtype=torch.bool)
+    n_iter = torch.zeros(valid.shape, dtype=torch.long)
+    converged, degenerate = valid.clone(), torch.zeros_like(valid)
     options = {"tol": tol, "max_iter": max_iter, "accelerate": accelerate, "var_floor": var_floor}
-    for r in range(shape[1]):
-        for s in range(shape[0]):
-            counts = (int((~side[s, r]).sum()), int(side[s, r].sum()))
-            if min(counts) < 1 or max(counts) > top_k:
-                continue
-            res = [_fit_side(model, x1[r], y[r], split, r, right, side[s, r] == right,
-                             {k: v[s, r] for k, v in init.items()}, options)
-                   for right in (False, True)]
-            lift = BOUNDARY_SCALE * (1.0 + max(_score_bound(p.params, x1[r]) for p in res))
+    for r in range(valid.shape[1]):
+        starts = valid[:, r].nonzero().flatten().tolist()
+        sides = [_fit_side(model, x1[r], y[r], split, r, j, right[:, r], starts,
+                           {k: v[:, r] for k, v in init.items()}, options) for j in (0, 1)]
+        for s in starts:
+            fits = [side[s] for side in sides]
+            lift = BOUNDARY_SCALE * (1.0 + max(_score_bound(f.params, x1[r]) for f in fits))
             for block in ("a", "b", "var", "beta0", "beta1"):
-                out[block][s, r] = _merge(block, res, side[s, r], split.boundary[r], lift)
-            valid[s, r] = True
-            n_iter[s, r] = max(p.n_iter for p in res)
-            converged[s, r] = all(p.converged for p in res)
-            degenerate[s, r] = any(p.degenerate for p in res)
+                out[block][s, r] = _merge(block, fits, right[s, r], split.boundary[r], lift)
+            n_iter[s, r] = max(f.n_iter for f in fits)
+            converged[s, r] = all(f.converged for f in fits)
+            degenerate[s, r] = any(f.degenerate for f in fits)
     out = model.normalise(out)
     # The log-likelihood of the returned parameters themselves, so that a side fit whose
     # gate ran off (overflowing its own bookkeeping) cannot win the choice of start.
@@ -191,28 +197,31 @@ def _assign_sides(init: Params, split: Split) -> Tensor:
 
 class _Side(NamedTuple):
     params: Params          # the side's experts (m, ...)
-    loglik: float
     n_iter: int
     converged: bool
     degenerate: bool
 
 
-def _fit_side(model: GaussianMoE, x: Tensor, y: Tensor, split: Split, r: int, right: bool,
-              members: Tensor, start: Params, options: dict) -> _Side:
-    """One side of one start: its OLS fit for one expert, else EM with a dense softmax."""
-    mask = (x > split.boundary[r]) if right else (x < split.boundary[r])
-    j = int(right)
-    m = int(members.sum())
-    if m == 1:
-        params = {"a": split.a[r, j].view(1, 1), "b": split.b[r, j].view(1),
-                  "var": split.var[r, j].view(1), "beta1": x.new_zeros(1, 1),
-                  "beta0": x.new_zeros(1)}
-        return _Side(params, float(split.loglik[r, j]), 1, True, False)
-    dense = GaussianMoE(m, 1, "softmax", model.expert, model.covariates)
-    init = {k: v[members] for k, v in start.items()}
-    res = fit_em(dense, x[mask].unsqueeze(-1), y[mask], init, **options)
-    return _Side(res.params, float(res.loglik), int(res.n_iter), bool(res.converged),
-                 bool(res.degenerate))
+def _fit_side(model: GaussianMoE, x: Tensor, y: Tensor, split: Split, r: int, j: int,
+              right: Tensor, starts: list[int], init: Params, options: dict) -> dict[int, _Side]:
+    """Side j (0 left, 1 right) of replicate r for every start in ``starts``: the side's
+    OLS fit where a start puts one expert there, else EM with a dense softmax gate, one
+    batched fit per number of experts m. ``right`` (S, k), ``init`` blocks (S, k, ...)."""
+    members = right if j else ~right
+    m_of = {s: int(members[s].sum()) for s in starts}
+    ols = {"a": split.a[r, j].view(1, 1), "b": split.b[r, j].view(1),
+           "var": split.var[r, j].view(1), "beta1": x.new_zeros(1, 1), "beta0": x.new_zeros(1)}
+    fits = {s: _Side(ols, 1, True, False) for s in starts if m_of[s] == 1}
+    mask = (x > split.boundary[r]) if j else (x < split.boundary[r])
+    for m in sorted(set(m_of.values()) - {1}):
+        group = [s for s in starts if m_of[s] == m]
+        batch = {k: torch.stack([v[s][members[s]] for s in group]) for k, v in init.items()}
+        dense = GaussianMoE(m, 1, "softmax", model.expert, model.covariates)
+        res = fit_em(dense, x[mask].unsqueeze(-1), y[mask], batch, **options)
+        for i, s in enumerate(group):
+            fits[s] = _Side({k: v[i] for k, v in res.params.items()}, int(res.n_iter[i]),
+                            bool(res.converged[i]), bool(res.degenerate[i]))
+    return fits
 
 
 def _score_bound(params: Params, x: Tensor) -> float:
