@@ -1,5 +1,6 @@
-"""Slow, obvious pure-Python references (loops over samples and experts, ``math`` only)
-that the vectorised gatelab code is tested against."""
+"""Slow, obvious pure-Python references (loops over samples and experts, ``math`` only;
+numpy's lstsq where a reference refits least squares) that the vectorised gatelab code is
+tested against."""
 
 from __future__ import annotations
 
@@ -114,3 +115,24 @@ def _mean(expert, x, p, i):
     if isinstance(expert, ex.ConstantExpert):
         return p["b"][i]
     raise NotImplementedError(expert)
+
+
+def split_by_refitting(x, y, min_size: int):
+    """The two-segment change-point MLE the obvious way: every split between sorted x
+    (at least ``min_size`` per side), both sides refitted by least squares (numpy lstsq),
+    scored by the heteroscedastic profile log-likelihood -m/2 (log(2 pi RSS/m) + 1) per
+    side. Returns (log-likelihood, last x on the left, first x on the right)."""
+    import numpy as np
+    order = np.argsort(x)
+    xs, ys = x[order], y[order]
+    best, where = -math.inf, 0
+    for m in range(min_size, len(x) - min_size + 1):
+        ll = 0.0
+        for sx, sy in ((xs[:m], ys[:m]), (xs[m:], ys[m:])):
+            design = np.stack([np.ones_like(sx), sx], 1)
+            coef = np.linalg.lstsq(design, sy, rcond=None)[0]
+            rss = float(((sy - design @ coef) ** 2).sum())
+            ll += -len(sx) / 2 * (math.log(2 * math.pi * rss / len(sx)) + 1)
+        if ll > best:
+            best, where = ll, m
+    return best, xs[where - 1], xs[where]

@@ -4,8 +4,8 @@ expected gate weights against closed forms and Monte Carlo."""
 
 import math
 
-import numpy as np
 import pytest
+import reference as ref
 import torch
 
 from gatelab.fit import fit_em, near_truth
@@ -26,22 +26,6 @@ def _data(n, replicates, seed=0):
     return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
 
 
-def _brute_force_split(x, y, min_size):
-    """Every split between sorted covariates, each side by numpy least squares."""
-    order = np.argsort(x)
-    xs, ys = x[order], y[order]
-    best = (-np.inf, None)
-    for m in range(min_size, len(x) - min_size + 1):
-        ll = 0.0
-        for sx, sy in ((xs[:m], ys[:m]), (xs[m:], ys[m:])):
-            design = np.stack([np.ones_like(sx), sx], 1)
-            coef = np.linalg.lstsq(design, sy, rcond=None)[0]
-            rss = float(((sy - design @ coef) ** 2).sum())
-            ll += -len(sx) / 2 * (math.log(2 * math.pi * rss / len(sx)) + 1)
-        best = max(best, (ll, m), key=lambda t: t[0])
-    return best[0], xs[best[1] - 1], xs[best[1]]
-
-
 def test_split_profile_is_the_brute_force_mle_batched():
     x, y = _data(120, 3)
     # A fourth replicate with no change point: its best split is decided by small
@@ -53,7 +37,7 @@ def test_split_profile_is_the_brute_force_mle_batched():
     for min_size in (5, 30):
         split = split_profile(x.squeeze(-1), y, min_size=min_size)
         for r in range(4):
-            ll, lo, hi = _brute_force_split(x[r, :, 0].numpy(), y[r].numpy(), min_size)
+            ll, lo, hi = ref.split_by_refitting(x[r, :, 0].numpy(), y[r].numpy(), min_size)
             assert float(split.loglik[r].sum()) == pytest.approx(ll, rel=1e-10)
             assert lo < float(split.boundary[r]) < hi
     # each side's expert: slope, intercept of its own least squares (left = expert 2)
