@@ -68,7 +68,8 @@ class GatedExperts(DensityModel):
         (with K = 1, exp(beta0_i) never enters the density; the probability that expert i
         is selected does). Gauss-Legendre with ``nodes`` points on each interval between
         crossings of two linear scores (where a top-K selection can switch), in the
-        covariate's quantile scale, so a selection boundary costs no accuracy.
+        covariate's quantile scale, so a selection boundary costs no accuracy. Other gates
+        get one interval, which suits smooth (dense) weights only.
         """
         import numpy as np
         if self.dim != 1:
