@@ -113,8 +113,7 @@ def _side_loglik(stats: Tensor, floor: Tensor) -> Tensor:
     """Profile Gaussian log-likelihood of an OLS fit, -m/2 (log(2 pi var) + 1), per split;
     -inf where a side has fewer than 3 samples."""
     count = stats[..., 0]
-    with torch.no_grad():
-        _, _, var = _ols(stats, floor)
+    _, _, var = _ols(stats, floor)
     ll = -0.5 * count * (torch.log(2 * math.pi * var) + 1)
     return torch.where(count >= 3, ll, float("-inf"))
 
