@@ -2,7 +2,6 @@
 single-process layer's outputs and gradients."""
 
 import os
-import socket
 
 import pytest
 import torch
@@ -31,9 +30,12 @@ def _inputs():
     return x, torch.randn(WORLD, TOKENS, D, generator=g, dtype=torch.float64)
 
 
-def _rank_main(rank, port, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+def _rank_main(rank, out_dir):
+    # A file store, not TCP: rank 0 then runs no store-server thread, which a CI run once
+    # saw abort at exit ("terminate called without an active exception") and which
+    # needs a free port besides.
+    store = "file://" + os.path.join(out_dir, "store")
+    dist.init_process_group("gloo", init_method=store, rank=rank, world_size=WORLD)
     try:
         layer = gn.ExpertParallelMoE(_layer())
         x, g = _inputs()
@@ -44,19 +46,15 @@ def _rank_main(rank, port, out_dir):
                     "counts": out.expert_counts,
                     "grads": {n: p.grad for n, p in layer.named_parameters()}},
                    os.path.join(out_dir, f"rank{rank}.pt"))
+        del layer, out  # drop the autograd graph that holds the group before teardown
+        dist.barrier()  # neither rank tears down while the other still talks
     finally:
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built")
 def test_two_gloo_ranks_match_the_single_process_layer(tmp_path):
-    mp.spawn(_rank_main, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_rank_main, args=(str(tmp_path),), nprocs=WORLD, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
 
     full = _layer()
