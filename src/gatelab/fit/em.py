@@ -11,7 +11,9 @@ space. M-step (an ECM/GEM step: each part never lowers the expected log-likeliho
 - variances: closed form sum_n r_ni (y_n - h_i(x_n))^2 / sum_n r_ni (the exact MLE),
   floored at ``var_floor * Var(y)`` with the fit flagged ``degenerate``;
 - the softmax gate: Newton/IRLS with the full Hessian and step halving; every other
-  gate (top-K, cosine, quadratic, Laplace, ...): the same Newton step by autograd.
+  gate (top-K, cosine, quadratic, Laplace, ...): the same Newton step by autograd; a
+  hierarchical gate: one such step per level and group (its Q splits, see
+  ``_hierarchical_update``).
 Stopping: |l_t - l_{t-1}| <= tol |l_{t-1}| on the log-likelihood l, or ``max_iter``.
 Limitation: with top-K gates the gate step cannot move the selection boundaries (a sample
 whose kept experts change gets Q = -inf, so halving refuses the step); fits keep the
@@ -36,13 +38,13 @@ from torch import Tensor
 
 from .._checks import check_inputs, check_int, check_positive
 from .._runtime import keep_freed_memory
-from ..gates import LinearGate
+from ..gates import Gate, HierarchicalGate, LinearGate
 from ..models import GaussianMoE
-from ..params import Params, pack, pick, unpack
+from ..params import Params, pack, pick, take_prefix, unpack, with_prefix
 from . import _fused
 from .newton import halving_step, newton_ascent, newton_direction
 
-__all__ = ["FitResult", "fit_em", "select_best", "e_step", "m_step"]
+__all__ = ["FitResult", "fit_em", "select_best", "e_step", "m_step", "gate_update"]
 
 
 class FitResult(NamedTuple):
@@ -145,13 +147,19 @@ def _irls_softmax(x_BND: Tensor, resp_BNE: Tensor, params: Params, steps: int) -
     """Newton/IRLS for the softmax gate with the full Hessian and step halving. The last
     expert's row stays fixed (identifiability); theta_i = (beta0_i, beta1_i).
 
-    gradient_i = sum_n (r_ni - w_ni) z_n,  -Hessian_ij = sum_n w_ni (d_ij - w_nj) z_n z_n^T.
-    Computed experts-first, (B, E, N): reductions over a short last axis are slow.
+    gradient_i = sum_n (r_ni - R_n w_ni) z_n,  -Hessian_ij = sum_n R_n w_ni (d_ij - w_nj) z_n z_n^T,
+    R_n = sum_i r_ni (1 in plain EM; a group's share of the responsibility for the inner
+    level of a hierarchical gate). Computed experts-first, (B, E, N): reductions over a
+    short last axis are slow.
     """
     z_BPN = torch.cat([torch.ones_like(x_BND[..., :1]), x_BND], dim=-1).transpose(-1, -2).contiguous()
-    zz = _outer(z_BPN.transpose(-1, -2))
     resp = resp_BNE.transpose(-1, -2).contiguous()
     resp_n = resp.sum(1, keepdim=True)
+    # _gate_stats takes rows that sum to 1: give it r / R, and R folded into z and z z^T.
+    stats_resp, stats_z, zz = resp, z_BPN, _outer(z_BPN.transpose(-1, -2))
+    if not bool(((resp_n - 1).abs() <= 1e-12).all()):
+        stats_resp = torch.where(resp_n > 0, resp / resp_n, 0.0)
+        stats_z, zz = z_BPN * resp_n, zz * resp_n.transpose(-1, -2)
     theta_BEP = torch.cat([params["beta0"].unsqueeze(-1), params["beta1"]], dim=-1)
     b, e, p = theta_BEP.shape
     last = theta_BEP[:, -1:]
@@ -168,7 +176,7 @@ def _irls_softmax(x_BND: Tensor, resp_BNE: Tensor, params: Params, steps: int) -
     theta = theta_BEP[:, :-1].reshape(b, -1)
     for _ in range(steps):
         w, _ = _softmax_experts_first(_combine(full(theta), z_BPN))
-        grad, diag, cross = _gate_stats(resp, w, z_BPN, zz)
+        grad, diag, cross = _gate_stats(stats_resp, w, stats_z, zz)
         direction = newton_direction(grad.reshape(b, -1), _softmax_neg_hessian(diag, cross))
         theta, _ = halving_step(q, theta, direction, q(theta))
     out = full(theta)
@@ -209,17 +217,50 @@ def _softmax_neg_hessian(diag_BEPP: Tensor, cross_BEEPP: Tensor) -> Tensor:
 
 
 def _gate_step(model: GaussianMoE, x_BND, resp_BNE, params, steps: int) -> Params:
-    gate = model.gate
-    shapes = model._gate_shapes()
-    if model.n_experts == 1:  # one expert: the normalised weight is 1 whatever the gate
-        return pick(params, shapes)
+    return gate_update(model.gate, model.n_experts, x_BND, resp_BNE,
+                       pick(params, model._gate_shapes()), steps)
+
+
+def gate_update(gate: Gate, n_experts: int, x_BND: Tensor, resp_BNE: Tensor,
+                gate_params: Params, steps: int) -> Params:
+    """``steps`` Newton steps on the gate's part of Q, sum_n sum_i r_ni log w_i(x_n), that
+    never lower it: IRLS for the plain softmax, autograd Newton for other gates, and for a
+    hierarchical gate one update per level (below)."""
+    if n_experts == 1:  # one expert: the normalised weight is 1 whatever the gate
+        return dict(gate_params)
     if _is_plain_softmax(gate):
-        return _irls_softmax(x_BND, resp_BNE, params, steps)
-    free = pack({k: m.expand(params[k].shape[:1] + m.shape)
-                 for k, m in gate.free_mask(model.n_experts, model.dim).items()}, shapes)
+        return _irls_softmax(x_BND, resp_BNE, gate_params, steps)
+    if isinstance(gate, HierarchicalGate):
+        return _hierarchical_update(gate, x_BND, resp_BNE, gate_params, steps)
+    shapes = gate.param_shapes(n_experts, x_BND.shape[-1])
+    free = pack({k: m.expand(gate_params[k].shape[:1] + m.shape)
+                 for k, m in gate.free_mask(n_experts, x_BND.shape[-1]).items()}, shapes)
     objective = lambda t: _gate_q(gate, x_BND, resp_BNE, unpack(t, shapes))  # noqa: E731
-    theta, _ = newton_ascent(objective, pack(pick(params, shapes), shapes), free, steps)
+    theta, _ = newton_ascent(objective, pack(pick(gate_params, shapes), shapes), free, steps)
     return unpack(theta, shapes)
+
+
+def _hierarchical_update(gate: HierarchicalGate, x_BND: Tensor, resp_BNE: Tensor,
+                         gate_params: Params, steps: int) -> Params:
+    """The hierarchical gate's Q splits by level (arXiv 2410.02935): with r_n,gj the
+    responsibility of expert j of group g and R_ng = sum_j r_n,gj,
+
+        sum_n sum_gj r_n,gj log(w_g(x_n) w_j|g(x_n))
+          = sum_n sum_g R_ng log w_g(x_n) + sum_g [sum_n sum_j r_n,gj log w_j|g(x_n)],
+
+    and the parts share no parameter: the outer gate is fitted to R, and each group's
+    inner gate to its own experts' responsibilities, the groups as one more batch axis.
+    Many small Newton systems instead of one over every block (far fewer autograd passes)."""
+    b, n, d = x_BND.shape
+    g, j = gate.n_groups, gate.n_inner
+    resp_BNGJ = resp_BNE.unflatten(-1, (g, j))
+    outer = gate_update(gate.outer, g, x_BND, resp_BNGJ.sum(-1),
+                        take_prefix("outer.", gate_params), steps)
+    inner_in = {k: v.flatten(0, 1) for k, v in take_prefix("inner.", gate_params).items()}
+    inner = gate_update(gate.inner, j, x_BND.unsqueeze(1).expand(b, g, n, d).flatten(0, 1),
+                        resp_BNGJ.movedim(2, 1).flatten(0, 1), inner_in, steps)
+    inner = {k: v.unflatten(0, (b, g)) for k, v in inner.items()}
+    return {**with_prefix("outer.", outer), **with_prefix("inner.", inner)}
 
 
 def m_step(model: GaussianMoE, x_BND: Tensor, y_BN: Tensor, resp_BNE: Tensor, params: Params,
