@@ -296,6 +296,23 @@ def test_halving_step_never_decreases():
     assert torch.all(val >= f(theta)) and out[1, 0] == 1.0 and 0 < out[0, 0] < 2
 
 
+def test_newton_ascent_leaves_rows_at_their_maximum_alone():
+    """A row already at its maximum is not stepped (nor re-evaluated); the other row
+    reaches its maximum in one step (the objective is quadratic)."""
+    calls = []
+
+    def f(t):
+        calls.append(t.shape[0])
+        return -(t - T([[1.0], [3.0]])).square().sum(-1)
+
+    theta, _ = newton_ascent(f, T([[1.0], [0.0]]))
+    assert theta[0, 0] == 1.0
+    torch.testing.assert_close(theta[1], T([3.0]))
+    again, _ = newton_ascent(f, theta)
+    assert torch.equal(again, theta)
+    assert len(calls) == 3  # one step that moved, then one gradient pass and no halving
+
+
 def test_bad_fit_arguments():
     model = gl.GaussianMoE(2, 1)
     _, truth, x, y = _data(n=50, reps=1)
