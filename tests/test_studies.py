@@ -9,6 +9,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
 import gatelab.cli as cli
 from gatelab.studies import (SpecError, Store, Study, catalogue, load_study, plan, rate,
@@ -287,6 +288,25 @@ def test_truth_blocks_must_be_used_by_some_setting(tmp_path):
     with pytest.raises(SpecError, match=r"truth.params: must be blocks that some setting's truth "
                                         r"uses \(unused: \['W'\]\)"):
         load_study(path)
+
+
+def test_a_setting_may_replace_truth_blocks_for_its_own_gate():
+    """The Laplace levels of the hierarchical truth take intercepts 0, not the softmax
+    levels' shared beta0 blocks; other settings keep the shared values."""
+    study = catalogue.get("hierarchical")
+    by_name = {s.name: s for s in study.settings}
+    ll, ss = study.truth_params(by_name["LL exact"]), study.truth_params(by_name["SS exact"])
+    assert torch.equal(ll["outer.beta0"], torch.zeros(2, dtype=torch.float64))
+    assert torch.equal(ll["inner.beta0"], torch.zeros(2, 2, dtype=torch.float64))
+    assert torch.equal(ss["outer.beta0"], torch.tensor([-4.0, 0.0], dtype=torch.float64))
+    data = study.to_dict()
+    data["settings"][3]["truth_params"] = {"beta9": [1.0]}
+    with pytest.raises(SpecError, match=r"settings\[3\]\.truth_params: must be blocks of this "
+                                        r"setting's truth"):
+        Study.from_dict(data)
+    data["settings"][3]["truth_params"] = {"outer.beta0": [0.0, 0.0, 0.0]}
+    with pytest.raises(SpecError, match=r"settings\[3\]\.truth_params: .*outer.beta0"):
+        Study.from_dict(data)
 
 
 def test_hierarchical_study_runs_with_exact_near_truth_starts(tmp_path):

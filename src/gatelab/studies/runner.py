@@ -28,7 +28,6 @@ from ..fit.topk import fit_topk_segments
 from ..losses import voronoi_loss, wasserstein
 from ..gates import HierarchicalGate
 from ..models import ContaminatedMoE, DeviatedGaussianMoE, GatedExperts
-from ..params import pick
 from .spec import Study
 from .store import FitRow, Store
 
@@ -67,14 +66,10 @@ def plan(study: Study, quick: bool = False, done: set | frozenset = frozenset())
 def run_unit(study: Study, unit: Unit) -> list[FitRow]:
     """Sample, start, fit and score the replicates of one unit (one batched fit)."""
     setting = next(s for s in study.settings if s.name == unit.setting)
-    known = setting.known or None
-    truth_model = study.truth.model(gate=setting.truth_gate, known=known,
-                                    gate_options=setting.truth_gate_options or None)
-    # A setting's own truth gate may have fewer blocks (a monomial quadratic gate has no
-    # beta1): it takes the blocks it has, in its identifiable form.
-    truth = truth_model.normalise(pick(study.truth.tensors(), truth_model.param_shapes()))
+    truth_model, truth = study.truth_model(setting), study.truth_params(setting)
     model = study.truth.model(setting.fitted_k, setting.gate or setting.truth_gate,
-                              setting.gate_options or setting.truth_gate_options or None, known)
+                              setting.gate_options or setting.truth_gate_options or None,
+                              setting.known or None)
     seeds = [seed_for(study, unit.setting, unit.n, r) for r in unit.replicates]
     xs, ys, starts = [], [], []
     for seed in seeds:

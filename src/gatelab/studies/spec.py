@@ -157,8 +157,11 @@ class Setting:
     setting's data come from the truth with another gate (same parameter values), e.g. a
     plain vs a perturbed cosine router; the fitted gate defaults to it. ``known``
     overrides the truth's known density for this setting (deviated / contaminated
-    studies: distinguishable or not). ``wasserstein``: orders r of the generalized
-    Wasserstein distance to record beside the Voronoi loss, as blocks "W1", "W2", ...."""
+    studies: distinguishable or not). ``truth_params`` replaces blocks of ``truth.params``
+    for this setting's truth, where its gate needs other values under the same block
+    name (e.g. the intercepts of a Laplace level, which place its boundaries differently
+    from a softmax level's). ``wasserstein``: orders r of the generalized Wasserstein
+    distance to record beside the Voronoi loss, as blocks "W1", "W2", ...."""
 
     name: str
     fitted_k: int
@@ -172,6 +175,7 @@ class Setting:
     loss_blocks: tuple[str, ...] = ()
     truth_gate: str | None = None
     truth_gate_options: Mapping[str, Any] = field(default_factory=dict)
+    truth_params: Mapping[str, Any] = field(default_factory=dict)
     known: Mapping[str, Any] = field(default_factory=dict)
     wasserstein: tuple[int, ...] = ()
     _path: str = "settings"
@@ -190,6 +194,8 @@ class Setting:
         _need(isinstance(self.wasserstein, (list, tuple)) and all(_is_int(r) for r in
               self.wasserstein), f"{p}.wasserstein", "a list of orders (ints >= 1)",
               self.wasserstein)
+        _need(isinstance(self.truth_params, Mapping), f"{p}.truth_params",
+              "a table of parameter blocks", self.truth_params)
 
 
 @dataclass(frozen=True)
@@ -247,17 +253,40 @@ class Study:
         used: set[str] = set()
         for s in self.settings:
             try:
-                model = self.truth.model(gate=s.truth_gate, known=s.known or None,
-                                         gate_options=s.truth_gate_options or None)
+                model = self.truth_model(s)
             except (ValueError, TypeError) as err:
                 raise SpecError(f"{s._path}.truth_gate: {err}") from None
-            missing = sorted(set(model.param_shapes()) - set(self.truth.params))
+            shapes = model.param_shapes()
+            extra = sorted(set(s.truth_params) - set(shapes))
+            _need(not extra, f"{s._path}.truth_params", f"blocks of this setting's truth "
+                  f"({sorted(shapes)}; not {extra})", sorted(s.truth_params))
+            missing = sorted(set(shapes) - set(self.truth.params) - set(s.truth_params))
             _need(not missing, f"{s._path}.truth_gate", f"a gate whose blocks truth.params "
                   f"holds (missing {missing})", s.truth_gate)
-            used |= set(model.param_shapes())
+            try:
+                self.truth_params(s)
+            except (ValueError, TypeError) as err:
+                raise SpecError(f"{s._path}.truth_params: {err}") from None
+            used |= set(shapes) - set(s.truth_params)
         unused = sorted(set(self.truth.params) - used)
         _need(not unused, "truth.params", "blocks that some setting's truth uses (unused: "
               f"{unused})", sorted(self.truth.params))
+
+    def truth_model(self, setting: Setting) -> GatedExperts:
+        """The model that generates ``setting``'s data."""
+        return self.truth.model(gate=setting.truth_gate, known=setting.known or None,
+                                gate_options=setting.truth_gate_options or None)
+
+    def truth_params(self, setting: Setting) -> Params:
+        """``setting``'s true parameters in identifiable form: the truth's blocks that its
+        model uses, with the setting's ``truth_params`` in place of the shared ones. (A
+        setting's gate may have fewer blocks than the truth, e.g. a monomial quadratic
+        gate has no beta1.)"""
+        model = self.truth_model(setting)
+        own = {k: torch.tensor(v, dtype=torch.float64) for k, v in setting.truth_params.items()}
+        params = {**pick(self.truth.tensors(), model.param_shapes()), **own}
+        model.check_params(params)
+        return model.normalise(params)
 
     def grid(self, quick: bool = False) -> tuple[tuple[int, ...], int]:
         """(sample sizes, replicates) of the full or the quick run."""
