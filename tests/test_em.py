@@ -8,7 +8,8 @@ from gatelab.demo import reference_truth
 from gatelab.fit import fit_em, near_truth, random_starts, select_best
 from gatelab.fit.em import _gate_q, _irls_softmax, e_step, gate_update, m_step
 from gatelab.fit.init import covering_assignment
-from gatelab.fit.newton import halving_step, newton_ascent, newton_direction
+from gatelab.fit.distance_gate import _derivatives, distance_gate_update
+from gatelab.fit.newton import grad_and_hessian, halving_step, newton_ascent, newton_direction
 from gatelab.params import pack, unpack
 
 T = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
@@ -150,6 +151,46 @@ def test_hierarchical_gate_update_by_level_reaches_the_joint_maximum(outer, inne
     if outer == inner == "softmax":
         for k in shapes:
             torch.testing.assert_close(by_level[k], joint[k], rtol=1e-6, atol=1e-6)
+
+
+def _distance_problem(name, d, seed=3):
+    g = GEN(seed)
+    x = torch.rand(3, 300, d, generator=g, dtype=torch.float64)
+    # rows summing to R_n < 1, as an inner level of a hierarchical gate gets them
+    resp = (torch.softmax(3 * torch.randn(3, 300, 3, generator=g, dtype=torch.float64), -1)
+            * torch.rand(3, 300, 1, generator=g, dtype=torch.float64))
+    theta = 0.5 * torch.randn(3, 3, 1 + d, generator=g, dtype=torch.float64)
+    return gl.make_gate(name), x, resp, theta
+
+
+@pytest.mark.parametrize("name", ["laplace", "gaussian"])
+@pytest.mark.parametrize("d", [1, 2])
+def test_distance_gate_derivatives_equal_autograd(name, d):
+    gate, x, resp, theta = _distance_problem(name, d)
+
+    def q(t):
+        t = t.reshape(3, 3, 1 + d)
+        return _gate_q(gate, x, resp, {"beta0": t[..., 0], "W": t[..., 1:]})
+
+    _, grad, hess = grad_and_hessian(q, theta.reshape(3, -1))
+    mine, neg_hess = _derivatives(gate, x, resp.transpose(-1, -2), theta)
+    torch.testing.assert_close(mine, grad, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(neg_hess, -hess, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", ["laplace", "gaussian"])
+def test_distance_gate_step_equals_the_autograd_newton_step(name):
+    gate, x, resp, theta = _distance_problem(name, 2)
+    start = gate.normalise({"beta0": theta[..., 0], "W": theta[..., 1:]})
+    shapes = gate.param_shapes(3, 2)
+    free = pack({k: m.expand(3, *m.shape) for k, m in gate.free_mask(3, 2).items()}, shapes)
+    auto, _ = newton_ascent(lambda t: _gate_q(gate, x, resp, unpack(t, shapes)),
+                            pack(start, shapes), free)
+    mine = distance_gate_update(gate, x, resp, start, steps=1)
+    for k, v in unpack(auto, shapes).items():
+        torch.testing.assert_close(mine[k], v, rtol=1e-9, atol=1e-10)
+    many = distance_gate_update(gate, x, resp, start, steps=20)
+    assert bool((_gate_q(gate, x, resp, many) >= _gate_q(gate, x, resp, mine) - 1e-9).all())
 
 
 def test_fast_kernel_gives_the_same_fit_as_the_general_one():

@@ -42,6 +42,7 @@ from ..gates import Gate, HierarchicalGate, LinearGate
 from ..models import GaussianMoE
 from ..params import Params, pack, pick, take_prefix, unpack, with_prefix
 from . import _fused
+from .distance_gate import distance_gate_update, is_distance_gate
 from .newton import halving_step, newton_ascent, newton_direction
 
 __all__ = ["FitResult", "fit_em", "select_best", "e_step", "m_step", "gate_update"]
@@ -224,7 +225,8 @@ def _gate_step(model: GaussianMoE, x_BND, resp_BNE, params, steps: int) -> Param
 def gate_update(gate: Gate, n_experts: int, x_BND: Tensor, resp_BNE: Tensor,
                 gate_params: Params, steps: int) -> Params:
     """``steps`` Newton steps on the gate's part of Q, sum_n sum_i r_ni log w_i(x_n), that
-    never lower it: IRLS for the plain softmax, autograd Newton for other gates, and for a
+    never lower it: IRLS for the plain softmax, closed-form Newton for Laplace and
+    Gaussian gates (``distance_gate``), autograd Newton for other gates, and for a
     hierarchical gate one update per level (below)."""
     if n_experts == 1:  # one expert: the normalised weight is 1 whatever the gate
         return dict(gate_params)
@@ -232,6 +234,8 @@ def gate_update(gate: Gate, n_experts: int, x_BND: Tensor, resp_BNE: Tensor,
         return _irls_softmax(x_BND, resp_BNE, gate_params, steps)
     if isinstance(gate, HierarchicalGate):
         return _hierarchical_update(gate, x_BND, resp_BNE, gate_params, steps)
+    if is_distance_gate(gate):
+        return distance_gate_update(gate, x_BND, resp_BNE, gate_params, steps)
     shapes = gate.param_shapes(n_experts, x_BND.shape[-1])
     free = pack({k: m.expand(gate_params[k].shape[:1] + m.shape)
                  for k, m in gate.free_mask(n_experts, x_BND.shape[-1]).items()}, shapes)
