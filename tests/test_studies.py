@@ -309,25 +309,27 @@ def test_a_setting_may_replace_truth_blocks_for_its_own_gate():
         Study.from_dict(data)
 
 
-def test_hierarchical_study_runs_with_exact_near_truth_starts(tmp_path):
-    study = catalogue.get("hierarchical")
+@pytest.mark.parametrize("name, settings", [("hierarchical", ("SS exact", "LL exact")),
+                                            ("hierarchical-over", ("SS over", "LL over"))])
+def test_hierarchical_studies_run_with_near_truth_starts(tmp_path, name, settings):
+    study = catalogue.get(name)
     data = study.to_dict()
     data.update(quick_sizes=[400, 800], quick_replicates=2,
-                settings=[s for s in data["settings"] if s["name"] in ("SS exact", "LL exact")],
+                settings=[s for s in data["settings"] if s["name"] in settings],
                 estimator={"tol": 1e-6, "max_iter": 200, "accelerate": True})
     small = Study.from_dict(data)
     with Store(tmp_path / "h.sqlite") as store:
         reproduce(small, store, quick=True, progress=False)
-        rows = store.rows("hierarchical")
+        rows = store.rows(name)
     assert len(rows) == 2 * 2 * 2
     assert all(math.isfinite(r.loss) for r in rows)
-    assert {"inner.W", "a", "b", "var"} <= set(next(r for r in rows if r.setting == "LL exact").blocks)
+    assert {"inner.W", "a", "b", "var"} <= set(next(r for r in rows if r.setting == settings[1]).blocks)
     # The atoms' masses are the products of the levels' intercept masses: they sum to 1,
     # so a fit at the truth has no mass error.
-    model = small.truth.model(gate="hierarchical", gate_options=data["settings"][1]["truth_gate_options"])
-    truth = model.normalise({k: v for k, v in small.truth.tensors().items() if k in model.param_shapes()})
+    laplace = next(s for s in small.settings if s.name == settings[1])
+    model = small.truth_model(laplace)
     from gatelab.studies.runner import _atom_masses
-    assert float(_atom_masses(model, truth).sum()) == pytest.approx(1.0)
+    assert float(_atom_masses(model, small.truth_params(laplace)).sum()) == pytest.approx(1.0)
 
 
 def test_median_rate_resists_a_few_huge_losses():
