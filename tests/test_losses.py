@@ -27,8 +27,11 @@ def test_zero_at_the_truth():
 def test_d1_by_hand_exact_specified():
     est = _estimate(beta0=[0.6, 0.0], a=[[-1.1], [1.0]], b=[1.0, -0.8])
     res = voronoi_loss(est, TRUTH, "D1")
-    mass = abs(math.exp(0.6) - math.exp(0.5))
-    atoms = math.exp(0.6) * 0.1 + math.exp(0.0) * 0.2   # |Delta a| of expert 1, |Delta b| of 2
+    # fitted masses on the truth's scale: exp(beta0) / sum exp(beta0) * (e^0.5 + e^0)
+    scale = (math.exp(0.5) + 1) / (math.exp(0.6) + 1)
+    m = [math.exp(0.6) * scale, scale]
+    mass = abs(m[0] - math.exp(0.5)) + abs(m[1] - 1)
+    atoms = m[0] * 0.1 + m[1] * 0.2   # |Delta a| of expert 1, |Delta b| of 2
     assert res.total.item() == pytest.approx(mass + atoms)
     assert res.mass.item() == pytest.approx(mass)
     # Per-block errors: one atom per cell, so each is that atom's distance; max over cells.
@@ -42,20 +45,40 @@ def test_d2_softmax_by_hand_over_specified():
            "a": T([[-1.0], [-0.8], [1.0]]), "b": T([1.2, 1.0, -1.0]), "var": T([0.5, 0.6, 0.25])}
     res = voronoi_loss(est, TRUTH, "D2-softmax")
     assert res.cells.tolist() == [0, 0, 1]
-    mass = abs(0.8 + 0.9 - math.exp(0.5)) + 0.0
+    scale = (math.exp(0.5) + 1) / (0.8 + 0.9 + 1)   # fitted masses on the truth's scale
+    mass = abs((0.8 + 0.9) * scale - math.exp(0.5)) + abs(scale - 1)
     # Cell of size 2: rbar = 4, so beta1 and b get 4, a and var get 2.
-    first = 0.8 * (0.1 ** 4 + 0.0 ** 2 + 0.2 ** 4 + 0.0 ** 2)
-    second = 0.9 * (0.1 ** 4 + 0.2 ** 2 + 0.0 ** 4 + 0.1 ** 2)
+    first = 0.8 * scale * (0.1 ** 4 + 0.0 ** 2 + 0.2 ** 4 + 0.0 ** 2)
+    second = 0.9 * scale * (0.1 ** 4 + 0.2 ** 2 + 0.0 ** 4 + 0.1 ** 2)
     assert res.total.item() == pytest.approx(mass + first + second)
     # Cell 0's mass-weighted mean |Delta a| = (0.8 * 0 + 0.9 * 0.2) / 1.7; cell 1's is 0.
     assert res.blocks["a"].item() == pytest.approx(0.9 * 0.2 / 1.7)
     assert res.blocks["var"].item() == pytest.approx(0.9 * 0.1 / 1.7)
 
 
-def test_a_diverged_gate_gives_an_infinite_loss_not_nan():
-    est = _estimate(beta0=[1000.0, 0.0])
-    res = voronoi_loss(est, TRUTH, "D1")
-    assert res.total.item() == float("inf") and res.blocks["a"].item() == float("inf")
+def test_the_mass_term_ignores_a_common_shift_of_the_intercepts():
+    """An exact split of the last true atom over the last two fitted experts: the gate is
+    the truth's, whatever constant is added to every intercept, so the loss is 0; pinning
+    the last fitted intercept at 0 (the truth's convention) would double that atom's mass."""
+    half = math.log(0.5)
+    est = {"beta1": T([[2.0], [0.0], [0.0]]), "a": T([[-1.0], [1.0], [1.0]]),
+           "b": T([1.0, -1.0, -1.0]), "var": T([0.5, 0.25, 0.25])}
+    for shift in (0.0, -half, 3.0):
+        est["beta0"] = T([0.5, half, half]) + shift
+        res = voronoi_loss(est, TRUTH, "D2-softmax")
+        assert res.cells.tolist() == [0, 1, 1]
+        assert res.total.item() == pytest.approx(0.0, abs=1e-12)
+
+
+def test_a_diverged_gate_gives_a_defined_loss_not_nan():
+    # An intercept run off to +inf: expert 0 takes all the mass, a finite mass error.
+    res = voronoi_loss(_estimate(beta0=[1000.0, 0.0]), TRUTH, "D1")
+    m_true = [math.exp(0.5), 1.0]
+    assert res.mass.item() == pytest.approx(abs(sum(m_true) - m_true[0]) + m_true[1])
+    # A gate slope run off to infinity: an infinite loss, also for the atom left no mass.
+    for beta0 in ([0.0, 0.0], [1000.0, 0.0]):
+        res = voronoi_loss(_estimate(beta0=beta0, beta1=[[2.0], [float("inf")]]), TRUTH, "D1")
+        assert res.total.item() == float("inf") and res.blocks["beta1"].item() == float("inf")
 
 
 def test_d2_laplace_and_strong_tables():

@@ -113,6 +113,18 @@ def masses(params: Mapping[str, Tensor], normaliser: str = "softmax") -> Tensor:
     return torch.sigmoid(beta0) if normaliser == "sigmoid" else torch.exp(beta0)
 
 
+def _fitted_masses(estimate: Mapping[str, Tensor], normaliser: str, m_true: Tensor) -> Tensor:
+    """The estimate's masses on the truth's scale. A softmax-type gate is unchanged when
+    every intercept moves by the same constant, so exp(beta0) has no scale of its own:
+    pinning the last fitted intercept at 0 matches the truth's convention only when the
+    last fitted expert alone covers the last true atom, not when it shares a split cell.
+    The fitted intercepts are therefore shifted so that the masses' total equals the
+    truth's: m_i = softmax(beta0)_i * sum_j m*_j (finite even for a diverged intercept)."""
+    if normaliser == "sigmoid":
+        return masses(estimate, normaliser)
+    return torch.softmax(estimate["beta0"], -1) * m_true.sum(-1, keepdim=True)
+
+
 def _block_rows(params: Mapping[str, Tensor], blocks: list[str], event_ndim: Mapping[str, int],
                 k: int) -> dict[str, Tensor]:
     """Each block as (..., K, size): one row per expert (the expert axis leads the event)."""
@@ -155,6 +167,9 @@ def voronoi_loss(estimate: Mapping[str, Tensor], truth: Mapping[str, Tensor],
     then the max over cells (weighting by mass keeps a vanishing extra expert, whose
     parameters are free to drift, from dominating).
 
+    Masses: m*_j = exp(beta0*_j) (sigmoid(beta0*_j) for sigmoid gates), and for the
+    estimate the same on the truth's scale (see ``_fitted_masses``: softmax intercepts
+    have no scale of their own).
     ``mass`` (..., K) and ``true_mass`` (J,) replace the masses read from beta0, for models
     whose atoms weigh otherwise: e.g. lam * p_i in the deviated MoE (arXiv 2402.05220).
     A fitted atom in a cell larger than the table defines (e.g. all four experts of a k = 4
@@ -162,8 +177,8 @@ def voronoi_loss(estimate: Mapping[str, Tensor], truth: Mapping[str, Tensor],
     that replicate's total loss +inf (studies flag such fits and leave them out of rates).
     """
     table = choose("loss table", table, TABLES) if isinstance(table, str) else table
-    m = masses(estimate, normaliser) if mass is None else mass
     m_true = masses(truth, normaliser) if true_mass is None else true_mass
+    m = _fitted_masses(estimate, normaliser, m_true) if mass is None else mass
     k, j = m.shape[-1], m_true.shape[-1]
     blocks = _atom_blocks(truth, blocks)
     ndim = {b: truth[b].dim() for b in blocks}
@@ -184,6 +199,8 @@ def voronoi_loss(estimate: Mapping[str, Tensor], truth: Mapping[str, Tensor],
         power = _exponents(table, name, size_of_atom, strict).to(dist.dtype)
         # An atom at zero distance adds nothing, even with a diverged (infinite) mass.
         term = torch.where(dist > 0, m * dist.pow(power), 0.0)
+        # A vanishing atom whose parameters ran off (0 * inf) has no defined term: +inf.
+        term = torch.nan_to_num(term, nan=float("inf"), posinf=float("inf"))
         # A cell larger than the table defines (strict=False): the loss is undefined, +inf.
         term = torch.where(torch.isnan(power), float("inf"), term)
         total = total + term.sum(-1)
@@ -225,8 +242,8 @@ def wasserstein(estimate: Mapping[str, Tensor], truth: Mapping[str, Tensor], ord
     import numpy as np
     from scipy.optimize import linprog
 
-    p = masses(estimate, normaliser) if mass is None else mass
     q = masses(truth, normaliser) if true_mass is None else true_mass
+    p = _fitted_masses(estimate, normaliser, q) if mass is None else mass
     k, j = p.shape[-1], q.shape[-1]
     blocks = _atom_blocks(truth, blocks)
     ndim = {b: truth[b].dim() for b in blocks}

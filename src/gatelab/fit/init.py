@@ -24,9 +24,9 @@ __all__ = ["covering_assignment", "from_responsibilities", "near_truth", "near_t
 
 def covering_assignment(k: int, k_star: int, generator: torch.Generator | None = None) -> Tensor:
     """Assign k fitted experts to k* true atoms at random so that every atom gets at
-    least one. The last fitted expert always takes the last true atom: softmax-type gates
-    are compared relative to the last expert (fixed at zero on both sides), so the two
-    reference experts must correspond. The other k - 1 experts cover atoms 0..k*-2 by a
+    least one. The last fitted expert always takes the last true atom, so that a start's
+    reference expert (intercept fixed at zero) sits on the truth's; the Voronoi loss does
+    not rely on it (it rescales the fitted masses, see ``losses._fitted_masses``). The other k - 1 experts cover atoms 0..k*-2 by a
     random permutation, padded with uniform draws over all atoms, shuffled."""
     check_int("k", k, k_star, fix="Fit at least as many experts as the truth has.")
     pad = torch.randint(k_star, (k - k_star,), generator=generator)
