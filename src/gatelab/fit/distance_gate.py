@@ -35,7 +35,7 @@ def is_distance_gate(gate: Gate) -> bool:
             and gate.top_k is None)
 
 
-def _distances(gate: Gate, x_BND: Tensor, w_BKED: Tensor) -> tuple[Tensor, Tensor]:
+def _distances(x_BND: Tensor, w_BKED: Tensor) -> tuple[Tensor, Tensor]:
     """x_n - W_i, (B, K, E, N, D), and ||x_n - W_i|| floored away from 0, (B, K, E, N)."""
     diff = x_BND[:, None, None] - w_BKED.unsqueeze(-2)
     dist = diff.square().sum(-1).clamp_min(torch.finfo(diff.dtype).tiny).sqrt()
@@ -49,14 +49,14 @@ def _scores(gate: Gate, dist: Tensor, beta0_BKE: Tensor) -> Tensor:
 
 def _q(gate: Gate, x_BND: Tensor, resp_BEN: Tensor, theta_BKEP: Tensor) -> Tensor:
     """The gate's Q at K candidates per problem: (B, K)."""
-    _, dist = _distances(gate, x_BND, theta_BKEP[..., 1:])
+    _, dist = _distances(x_BND, theta_BKEP[..., 1:])
     log_w = torch.log_softmax(_scores(gate, dist, theta_BKEP[..., 0]), dim=-2)
     return torch.where(resp_BEN.unsqueeze(1) > 0, resp_BEN.unsqueeze(1) * log_w, 0.0).sum((-1, -2))
 
 
 def _derivatives(gate: Gate, x_BND: Tensor, resp_BEN: Tensor, theta_BEP: Tensor):
     """Gradient (B, E*P) and negative Hessian (B, E*P, E*P) of the gate's Q."""
-    diff, dist = _distances(gate, x_BND, theta_BEP[:, None, :, 1:])
+    diff, dist = _distances(x_BND, theta_BEP[:, None, :, 1:])
     diff, dist = diff[:, 0], dist[:, 0]
     w = torch.softmax(_scores(gate, dist, theta_BEP[..., 0]), dim=-2)                 # (B, E, N)
     big_r = resp_BEN.sum(1, keepdim=True)

@@ -10,8 +10,9 @@ space. M-step (an ECM/GEM step: each part never lowers the expected log-likeliho
 - other experts (FFN): damped Newton steps on Q by autograd, with step halving;
 - variances: closed form sum_n r_ni (y_n - h_i(x_n))^2 / sum_n r_ni (the exact MLE),
   floored at ``var_floor * Var(y)`` with the fit flagged ``degenerate``;
-- the softmax gate: Newton/IRLS with the full Hessian and step halving; every other
-  gate (top-K, cosine, quadratic, Laplace, ...): the same Newton step by autograd; a
+- the softmax gate: Newton/IRLS with the full Hessian and step halving; Laplace and
+  Gaussian gates: the same Newton step from closed-form derivatives (``distance_gate``);
+  every other gate (top-K, cosine, quadratic, ...): the same step by autograd; a
   hierarchical gate: one such step per level and group (its Q splits, see
   ``_hierarchical_update``).
 Stopping: |l_t - l_{t-1}| <= tol |l_{t-1}| on the log-likelihood l, or ``max_iter``.
