@@ -84,3 +84,25 @@ def test_bad_expert_names_and_options():
         gl.make_expert("polynomial", degree=0)
     with pytest.raises(TypeError, match="Bad options for expert 'linear'"):
         gl.make_expert("linear", degree=2)
+
+
+def test_relu_experts_normalise_to_unit_inner_weights_and_keep_their_means():
+    """kappa2 relu(kappa1 . x + kappa0) is unchanged by (kappa1, kappa0) / c, kappa2 * c;
+    the identifiable form has ||(kappa1, kappa0)|| = 1, and other activations stay as given."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(50, 3, generator=g, dtype=torch.float64)
+    relu = gl.make_expert("ffn", activation="relu")
+    params = relu.random_params(4, 3, g, batch_shape=(2,))
+    out = relu.normalise(params)
+    torch.testing.assert_close(relu.mean(x, out), relu.mean(x, params))
+    inner = torch.cat([out["kappa1"], out["kappa0"].unsqueeze(-1)], -1)
+    torch.testing.assert_close(inner.norm(dim=-1), torch.ones(2, 4, dtype=torch.float64))
+    scaled = {**params, "kappa1": 3 * params["kappa1"], "kappa0": 3 * params["kappa0"],
+              "kappa2": params["kappa2"] / 3}
+    for k, v in relu.normalise(scaled).items():
+        torch.testing.assert_close(v, out[k])
+    gelu = gl.make_expert("ffn", activation="gelu")
+    assert all(torch.equal(v, params[k]) for k, v in gelu.normalise(params).items())
+    model = gl.MoERegression(4, 3, gate="sigmoid", expert=relu)
+    full = model.normalise({**model.random_params(g), **params})
+    torch.testing.assert_close(full["kappa2"], out["kappa2"])

@@ -52,6 +52,10 @@ class Expert(ABC):
         """Standard-normal draws for every block (tests and random starts)."""
         return random_blocks(self.param_shapes(n_experts, dim), generator, batch_shape, dtype)
 
+    def normalise(self, params: Params) -> Params:
+        """The identifiable representative of the experts' blocks (same functions)."""
+        return dict(params)
+
 
 @lru_cache(maxsize=64)
 def _monomials(dim: int, degree: int) -> tuple[tuple[int, ...], ...]:
@@ -127,6 +131,21 @@ class FFNExpert(Expert):
     def mean(self, x_ND: Tensor, params: Params) -> Tensor:
         pre = x_ND @ params["kappa1"].transpose(-1, -2) + params["kappa0"].unsqueeze(-2)
         return params["kappa2"].unsqueeze(-2) * ACTIVATIONS[self.activation](pre)
+
+    def normalise(self, params: Params) -> Params:
+        """ReLU is positively homogeneous, kappa2 relu(z) = (c kappa2) relu(z / c) for c > 0,
+        so only the direction of (kappa1_i, kappa0_i) is identified: the identifiable form
+        puts it on the unit sphere and moves its norm into kappa2_i. Other activations are
+        not homogeneous and are returned unchanged."""
+        out = dict(params)
+        if self.activation != "relu":
+            return out
+        inner = torch.cat([params["kappa1"], params["kappa0"].unsqueeze(-1)], dim=-1)
+        norm = inner.norm(dim=-1).clamp_min(torch.finfo(inner.dtype).tiny)
+        out["kappa1"] = params["kappa1"] / norm.unsqueeze(-1)
+        out["kappa0"] = params["kappa0"] / norm
+        out["kappa2"] = params["kappa2"] * norm
+        return out
 
 
 @dataclass(frozen=True)

@@ -94,9 +94,11 @@ class GatedExperts(DensityModel):
         return (quad.unsqueeze(-1) * weights).sum(-2)
 
     def normalise(self, params: Params) -> Params:
-        """Gate blocks in their identifiable form (last expert's shift blocks at zero)."""
+        """Gate and expert blocks in their identifiable form (e.g. the last expert's shift
+        blocks at zero, ReLU experts' inner weights on the unit sphere)."""
         gate = self.gate.normalise(pick(params, self._gate_shapes()))
-        return {**params, **gate}
+        experts = self.expert.normalise(pick(params, self._expert_shapes()))
+        return {**params, **gate, **experts}
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(n_experts={self.n_experts}, dim={self.dim}, "

@@ -82,7 +82,8 @@ def run_unit(study: Study, unit: Unit) -> list[FitRow]:
     start = time.perf_counter()
     res = select_best(_fit(study, model, torch.stack(xs), torch.stack(ys), init))
     seconds = (time.perf_counter() - start) / len(seeds)
-    loss, blocks = _losses(model, truth_model, setting, res.params, truth)
+    # Losses compare identifiable forms (e.g. ReLU experts' scale, a cosine router's norm).
+    loss, blocks = _losses(model, truth_model, setting, model.normalise(res.params), truth)
     # A gate that ran off to infinity (separation at small n) gives an infinite loss: the
     # row is kept, flagged degenerate, and left out of the rate fit by the report.
     degenerate = res.degenerate | ~torch.isfinite(loss.total)
