@@ -300,6 +300,15 @@ def test_a_setting_may_replace_truth_blocks_for_its_own_gate():
     assert torch.equal(ll["inner.beta0"], torch.zeros(2, 2, dtype=torch.float64))
     assert torch.equal(ss["outer.beta0"], torch.tensor([-4.0, 0.0], dtype=torch.float64))
     data = study.to_dict()
+    # a block only the settings that need it give
+    data["truth"]["params"].pop("outer.W")
+    for setting in data["settings"]:
+        if setting["truth_gate_options"]["outer"] == "laplace":
+            setting["truth_params"] = {**setting.get("truth_params", {}), "outer.W": [[0.7], [0.2]]}
+    own = Study.from_dict(data)
+    assert torch.equal(own.truth_params(own.settings[3])["outer.W"],
+                       torch.tensor([[0.7], [0.2]], dtype=torch.float64))
+    data = study.to_dict()
     data["settings"][3]["truth_params"] = {"beta9": [1.0]}
     with pytest.raises(SpecError, match=r"settings\[3\]\.truth_params: must be blocks of this "
                                         r"setting's truth"):

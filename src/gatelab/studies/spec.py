@@ -284,7 +284,8 @@ class Study:
         gate has no beta1.)"""
         model = self.truth_model(setting)
         own = {k: torch.tensor(v, dtype=torch.float64) for k, v in setting.truth_params.items()}
-        params = {**pick(self.truth.tensors(), model.param_shapes()), **own}
+        shared = self.truth.tensors()
+        params = {**{k: shared[k] for k in model.param_shapes() if k not in own}, **own}
         model.check_params(params)
         return model.normalise(params)
 
