@@ -363,3 +363,15 @@ def test_bad_fit_arguments():
         fit_em(model, x, y, truth, engine="gpu")
     with pytest.raises(ValueError, match="'y' must have shape"):
         fit_em(model, x, y[..., :-1], truth)
+
+
+def test_distance_gate_halving_in_chunks_equals_halving_at_once(monkeypatch):
+    """Large problems evaluate the shorter steps a few at a time: same steps."""
+    import gatelab.fit.distance_gate as dg
+    gate, x, resp, theta = _distance_problem("laplace", 2, seed=5)
+    start = gate.normalise({"beta0": 2 * theta[..., 0], "W": 2 * theta[..., 1:]})
+    at_once = distance_gate_update(gate, x, resp, start, steps=10)
+    monkeypatch.setattr(dg, "_MAX_ELEMENTS", 1)
+    chunked = distance_gate_update(gate, x, resp, start, steps=10)
+    for k, v in at_once.items():
+        assert torch.equal(chunked[k], v)

@@ -27,6 +27,7 @@ from .newton import newton_direction
 __all__ = ["is_distance_gate", "distance_gate_update"]
 
 _HALVINGS = 12
+_MAX_ELEMENTS = 2 ** 24
 
 
 def is_distance_gate(gate: Gate) -> bool:
@@ -62,7 +63,7 @@ def _derivatives(gate: Gate, x_BND: Tensor, resp_BEN: Tensor, theta_BEP: Tensor)
     big_r = resp_BEN.sum(1, keepdim=True)
     c = resp_BEN - big_r * w
     laplace = isinstance(gate, LaplaceGate)
-    dw = diff / dist.unsqueeze(-1) if laplace else 2 * diff                      # drho-term
+    dw = diff / dist.unsqueeze(-1) if laplace else 2 * diff                      # ds/dW
     jac = torch.cat([torch.ones_like(dist).unsqueeze(-1), dw], dim=-1)           # (B, E, N, P)
     b, e, n, p = jac.shape
     grad = torch.einsum("ben,benp->bep", c, jac)
@@ -98,7 +99,9 @@ def _halve(gate: Gate, x_BND: Tensor, resp_BEN: Tensor, theta: Tensor, direction
     rows = (~ok).nonzero().squeeze(-1)
     if rows.numel():
         steps = 0.5 ** torch.arange(1, _HALVINGS, dtype=theta.dtype, device=theta.device)
-        vals = q(steps, rows)
+        # as many candidates per call as keep the (rows, K, E, N, D) differences small
+        per_call = max(1, _MAX_ELEMENTS // (rows.numel() * x_BND[0].numel() * shape[0]))
+        vals = torch.cat([q(chunk, rows) for chunk in steps.split(per_call)], dim=-1)
         good = torch.isfinite(vals) & (vals >= value[rows].unsqueeze(-1))
         first = torch.where(good.any(-1), good.float().argmax(-1), -1)
         step = torch.where(first >= 0, steps[first.clamp_min(0)], 0.0)
