@@ -96,3 +96,13 @@ MODEL_CASES = {
 def model_and_params(case: str, seed: int = 0, batch_shape=()):
     model = MODEL_CASES[case]()
     return model, model.random_params(torch.Generator().manual_seed(seed), batch_shape)
+
+
+def run_small_study(name: str, db, **changes):
+    """A catalogue study with some keys replaced (e.g. a smaller quick grid), run quick
+    into the store at ``db``: (the study, its rows)."""
+    from gatelab.studies import Store, Study, catalogue, reproduce
+    small = Study.from_dict({**catalogue.get(name).to_dict(), **changes})
+    with Store(db) as store:
+        reproduce(small, store, quick=True, progress=False)
+        return small, store.rows(small.name)

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import gatelab.cli as cli
+from cases import run_small_study
 from gatelab.studies import (SpecError, Store, Study, catalogue, load_study, plan, rate,
                              rate_table, reproduce, seed_for, verdict)
 from gatelab.studies.rates import Rate
@@ -253,11 +254,8 @@ def test_cli_report_on_a_missing_store_exits_2(tmp_path):
 
 
 def test_least_squares_study_runs_with_its_own_truth_per_setting(tmp_path):
-    study = catalogue.get("cosine-vs-perturbed")
-    small = Study.from_dict({**study.to_dict(), "quick_sizes": [300, 600], "quick_replicates": 2})
-    with Store(tmp_path / "lsq.sqlite") as store:
-        reproduce(small, store, quick=True, progress=False)
-        rows = store.rows(small.name)
+    _, rows = run_small_study("cosine-vs-perturbed", tmp_path / "lsq.sqlite",
+                              quick_sizes=[300, 600], quick_replicates=2)
     assert len(rows) == 2 * 2 * 2 and all(np.isfinite(r.loss) for r in rows)
     # the two settings draw different data (different routers), from the same seeds' logic
     by = {(r.setting, r.n, r.replicate): r.loglik for r in rows}
@@ -321,15 +319,10 @@ def test_a_setting_may_replace_truth_blocks_for_its_own_gate():
 @pytest.mark.parametrize("name, settings", [("hierarchical", ("SS exact", "LL exact")),
                                             ("hierarchical-over", ("SS over", "LL over"))])
 def test_hierarchical_studies_run_with_near_truth_starts(tmp_path, name, settings):
-    study = catalogue.get(name)
-    data = study.to_dict()
-    data.update(quick_sizes=[400, 800], quick_replicates=2,
-                settings=[s for s in data["settings"] if s["name"] in settings],
-                estimator={"tol": 1e-6, "max_iter": 200, "accelerate": True})
-    small = Study.from_dict(data)
-    with Store(tmp_path / "h.sqlite") as store:
-        reproduce(small, store, quick=True, progress=False)
-        rows = store.rows(name)
+    chosen = [s for s in catalogue.get(name).to_dict()["settings"] if s["name"] in settings]
+    small, rows = run_small_study(name, tmp_path / "h.sqlite", quick_sizes=[400, 800],
+                                  quick_replicates=2, settings=chosen,
+                                  estimator={"tol": 1e-6, "max_iter": 200, "accelerate": True})
     assert len(rows) == 2 * 2 * 2
     assert all(math.isfinite(r.loss) for r in rows)
     assert {"inner.W", "a", "b", "var"} <= set(next(r for r in rows if r.setting == settings[1]).blocks)

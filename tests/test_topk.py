@@ -8,11 +8,11 @@ import pytest
 import reference as ref
 import torch
 
+from cases import run_small_study
 from gatelab.fit import fit_em, near_truth
 from gatelab.fit.topk import fit_topk_segments, split_profile
 from gatelab.gates import make_gate
 from gatelab.models import GaussianMoE
-from gatelab.studies import Store, Study, catalogue, reproduce
 
 D = torch.float64
 TRUTH = {"beta1": torch.tensor([[25.0], [0.0]], dtype=D), "beta0": torch.tensor([-8.0, 0.0], dtype=D),
@@ -127,11 +127,8 @@ def test_expected_weights_closed_forms_and_monte_carlo():
 
 
 def test_topk_study_runs_and_scores_the_boundary_through_the_mass(tmp_path):
-    study = catalogue.get("topk-gaussian")
-    small = Study.from_dict({**study.to_dict(), "quick_sizes": [500, 1000], "quick_replicates": 2})
-    with Store(tmp_path / "topk.sqlite") as store:
-        reproduce(small, store, quick=True, progress=False)
-        rows = store.rows(small.name)
+    _, rows = run_small_study("topk-gaussian", tmp_path / "topk.sqlite",
+                              quick_sizes=[500, 1000], quick_replicates=2)
     assert len(rows) == 2 * 2 * 2 and all(math.isfinite(r.loss) for r in rows)
     # k* = 2 and uniform x: the mass term is twice the boundary's error, well under 0.05 here
     assert all(0 < r.blocks["mass"] < 0.05 for r in rows)
