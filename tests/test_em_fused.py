@@ -5,7 +5,7 @@ import torch
 
 import gatelab as gl
 from gatelab.demo import reference_truth
-from gatelab.fit import _fused, fit_em, from_responsibilities, near_truth
+from gatelab.fit import _fused, fit_em, from_responsibilities
 from gatelab.fit.em import _broadcast_problem, _SoftmaxLinearKernel
 
 pytestmark = pytest.mark.skipif(_fused.load() is None, reason="no C compiler: no fused kernel")

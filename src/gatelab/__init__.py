@@ -1,5 +1,9 @@
 """gatelab: mixture-of-experts gating for convergence-rate studies and PyTorch layers."""
 
+from ._runtime import short_openmp_waits
+
+short_openmp_waits()  # before torch is imported: see gatelab._runtime
+
 from .covariates import GaussianCovariates, Grid, UniformBox, make_covariates
 from .experts import (ConstantExpert, Expert, FFNExpert, LinearExpert, PolynomialExpert,
                       make_expert)

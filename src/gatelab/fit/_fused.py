@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -39,7 +40,10 @@ def _cpu_flags() -> bytes:
 def _compile(target: Path) -> None:
     """Compile to a temporary name, then rename, so that concurrent workers never load a
     half-written library. -ffast-math is used to compile only, not to link: linking with
-    it would switch the whole process to flush-denormals-to-zero."""
+    it would switch the whole process to flush-denormals-to-zero. -fopenmp links
+    libgomp.so.1, and torch has loaded its own libgomp.so.1 by then: the loader reuses
+    that one, so the kernel and torch share one OpenMP runtime and one pool of threads
+    (tests/test_threads.py checks it), rather than two pools spinning against each other."""
     cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
     if cc is None:
         raise OSError("no C compiler")
@@ -69,15 +73,23 @@ def load() -> ctypes.CDLL | None:
                 lib = ctypes.CDLL(str(target))
                 lib.gatelab_estep.restype = ctypes.c_int
                 _lib = lib
-            except (OSError, subprocess.CalledProcessError):
-                _lib = None
+            except subprocess.CalledProcessError as err:
+                # A compiler that rejects the source is a bug to report, not a quiet
+                # fall-back: say so once, with the compiler's own words.
+                warnings.warn(f"gatelab: compiling {_SOURCE.name} failed, so EM uses its "
+                              f"PyTorch kernel (same results, slower). Compiler said:\n"
+                              f"{err.stderr.decode(errors='replace')[-2000:]}", RuntimeWarning,
+                              stacklevel=2)
+            except OSError:
+                pass  # no compiler, or a library that will not load: the PyTorch kernel
     return _lib
 
 
 def estep(f_BQN: Tensor, z_BPN: Tensor, y_BN: Tensor, coef_BEQ: Tensor, gate_BEP: Tensor,
-          var_BE: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+          var_BE: Tensor, threads: int = 1) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(ll (B,), S (B, E, Q*Q+Q+1), G (B, E, P), Hd (B, E, P, P), Hc (B, E, E, P, P)):
-    see ``_fused.c``. All inputs float64 and contiguous on the CPU."""
+    see ``_fused.c``. All inputs float64 and contiguous on the CPU. ``threads``: at most
+    this many threads, each taking whole problems (``gatelab._threads.split_threads``)."""
     lib = load()
     b, q, n = f_BQN.shape
     e, p = gate_BEP.shape[1], z_BPN.shape[1]
@@ -88,7 +100,7 @@ def estep(f_BQN: Tensor, z_BPN: Tensor, y_BN: Tensor, coef_BEQ: Tensor, gate_BEP
     hd = f_BQN.new_empty(b, e, p, p)
     hc = f_BQN.new_empty(b, e, e, p, p)
     ptr = lambda t: ctypes.c_void_p(t.data_ptr())  # noqa: E731
-    code = lib.gatelab_estep(b, n, e, q, p, torch.get_num_threads(), *map(ptr, args),
+    code = lib.gatelab_estep(b, n, e, q, p, threads, *map(ptr, args),
                              *map(ptr, (ll, s, g, hd, hc)))
     if code:
         raise ValueError(f"The fused E-step handles at most 16 experts; got {e}.")
@@ -96,7 +108,7 @@ def estep(f_BQN: Tensor, z_BPN: Tensor, y_BN: Tensor, coef_BEQ: Tensor, gate_BEP
 
 
 def em(f_BQN: Tensor, z_BPN: Tensor, y_BN: Tensor, floor_B: Tensor, coef_BEQ: Tensor,
-       gate_BEP: Tensor, var_BE: Tensor, tol: float, max_iter: int):
+       gate_BEP: Tensor, var_BE: Tensor, tol: float, max_iter: int, threads: int = 1):
     """Plain EM to convergence for every problem (``gatelab_em`` in ``_fused.c``): the
     steps of ``_SoftmaxLinearKernel.update`` and ``fit_em``'s stopping rule, in C.
     Returns (coef, gate, var, ll, n_iter, converged, degenerate)."""
@@ -108,7 +120,7 @@ def em(f_BQN: Tensor, z_BPN: Tensor, y_BN: Tensor, floor_B: Tensor, coef_BEQ: Te
     ll = f_BQN.new_empty(b)
     ints = [torch.zeros(b, dtype=torch.int32) for _ in range(3)]
     ptr = lambda t: ctypes.c_void_p(t.data_ptr())  # noqa: E731
-    code = lib.gatelab_em(b, n, e, q, p, torch.get_num_threads(), *map(ptr, data),
+    code = lib.gatelab_em(b, n, e, q, p, threads, *map(ptr, data),
                           ctypes.c_double(tol), max_iter, *map(ptr, (coef, gate, var, ll)),
                           *map(ptr, ints))
     if code:
@@ -118,7 +130,7 @@ def em(f_BQN: Tensor, z_BPN: Tensor, y_BN: Tensor, floor_B: Tensor, coef_BEQ: Te
 
 
 def mstep(f_BQN: Tensor, z_BPN: Tensor, y_BN: Tensor, resp_BNE: Tensor, floor_B: Tensor,
-          coef_BEQ: Tensor, gate_BEP: Tensor, var_BE: Tensor):
+          coef_BEQ: Tensor, gate_BEP: Tensor, var_BE: Tensor, threads: int = 1):
     """One M-step from given responsibilities (``gatelab_mstep``): the steps of ``m_step``
     for the softmax gate with linear experts (WLS, floored variances, one IRLS gate step
     with ``halving_step``'s halving). Returns (coef, gate, var, degenerate)."""
@@ -129,7 +141,7 @@ def mstep(f_BQN: Tensor, z_BPN: Tensor, y_BN: Tensor, resp_BNE: Tensor, floor_B:
     coef, gate, var = (t.clone().contiguous() for t in (coef_BEQ, gate_BEP, var_BE))
     degenerate = torch.zeros(b, dtype=torch.int32)
     ptr = lambda t: ctypes.c_void_p(t.data_ptr())  # noqa: E731
-    code = lib.gatelab_mstep(b, n, e, q, p, torch.get_num_threads(), *map(ptr, data),
+    code = lib.gatelab_mstep(b, n, e, q, p, threads, *map(ptr, data),
                              *map(ptr, (coef, gate, var, degenerate)))
     if code:
         raise ValueError(f"The fused M-step handles at most 16 experts; got {e}.")

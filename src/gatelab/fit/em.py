@@ -39,6 +39,7 @@ from torch import Tensor
 
 from .._checks import check_inputs, check_int, check_positive
 from .._runtime import keep_freed_memory
+from .._threads import split_threads, threads_for, using_threads
 from ..gates import Gate, HierarchicalGate, LinearGate
 from ..models import GaussianMoE
 from ..params import Params, pack, pick, take_prefix, unpack, with_prefix
@@ -348,6 +349,7 @@ class _SoftmaxLinearKernel:
         self.q, self.p = self.f_T.shape[1], self.z_T.shape[1]
         self.fused = _fused.load() is not None if fused is None else fused
         self.fused = self.fused and model.n_experts <= 16 and x.dtype == torch.float64
+        self.threads = split_threads(x.shape[0], y.numel() * model.n_experts)
         self.y = y.unsqueeze(-2).contiguous()                          # (B, 1, N)
         if not self.fused:
             f, z = self.f_T.transpose(-1, -2), self.z_T.transpose(-1, -2)
@@ -371,7 +373,7 @@ class _SoftmaxLinearKernel:
         gate = torch.cat([params["beta0"].unsqueeze(-1), params["beta1"]], dim=-1)
         if self.fused:
             ll, s, g, hd, hc = _fused.estep(self.f_T, self.z_T, self.y.squeeze(-2),
-                                            self._coef(params), gate, params["var"])
+                                            self._coef(params), gate, params["var"], self.threads)
             return ll, (s, g[:, :-1], hd[:, :-1], hc[:, :-1, :-1])
         var = params["var"].unsqueeze(-1)
         s = _combine(gate, self.z_T)                                   # scores
@@ -581,10 +583,18 @@ def fit_em(model: GaussianMoE, x: Tensor, y: Tensor, init: Params, *, tol: float
     check_int("max_iter", max_iter, 1)
     check_int("gate_steps", gate_steps, 1)
     x, y, params, lead = _broadcast_problem(model, x, y, model.normalise(init))
-    kernel = _make_kernel(model, x, y, var_floor * y.var(-1), gate_steps, engine)
-    shapes = model.param_shapes()
-    b = x.shape[0]
-    del x, y
+    # Work per pass: samples x experts (the known-part models have no n_experts).
+    with using_threads(threads_for(y.numel() * params["var"].shape[-1])):
+        kernel = _make_kernel(model, x, y, var_floor * y.var(-1), gate_steps, engine)
+        del x, y
+        return _run_em(kernel, model.param_shapes(), params, lead, tol, max_iter,
+                       accelerate, record)
+
+
+def _run_em(kernel, shapes, params: Params, lead, tol: float, max_iter: int, accelerate: bool,
+            record: bool) -> FitResult:
+    """The loop of ``fit_em`` over a kernel's B problems."""
+    b = params["var"].shape[0]
     out = {k: v.clone() for k, v in params.items()}
     out_ll = params["var"].new_full((b,), float("nan"))
     n_iter = torch.zeros(b, dtype=torch.long)
@@ -637,7 +647,7 @@ def _fused_plain_em(kernel: _SoftmaxLinearKernel, params: Params, lead, tol: flo
     gate = torch.cat([params["beta0"].unsqueeze(-1), params["beta1"]], dim=-1)
     coef, gate, var, ll, n_iter, converged, degenerate = _fused.em(
         kernel.f_T, kernel.z_T, kernel.y.squeeze(-2), kernel.floor, kernel._coef(params), gate,
-        params["var"], tol, max_iter)
+        params["var"], tol, max_iter, kernel.threads)
     out = {"b": coef[..., 0], "beta0": gate[..., 0], "beta1": gate[..., 1:], "var": var}
     if kernel.has_a:
         out["a"] = coef[..., 1:]

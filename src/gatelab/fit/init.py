@@ -15,6 +15,7 @@ from .._checks import check_inputs, check_int
 from ..gates import HierarchicalGate
 from ..models import GatedExperts, GaussianMoE
 from ..params import Params
+from .._threads import threads_for, using_threads
 from . import _fused
 from .em import _broadcast_problem, _make_kernel, m_step
 
@@ -157,19 +158,21 @@ def from_responsibilities(model: GaussianMoE, x: Tensor, y: Tensor, resp: Tensor
         base[name] = torch.zeros_like(base[name]) if gate_init is None else gate_init[name]
     xb, yb, params, _ = _broadcast_problem(model, x, y, base)
     resp_b = resp.to(xb.dtype).expand(*lead, *resp.shape[-2:]).reshape(xb.shape[0], *resp.shape[-2:])
-    floor = 1e-8 * yb.var(-1)
-    kernel = _make_kernel(model, xb, yb, floor, 1, engine)
-    if getattr(kernel, "fused", False):  # the same M-step, in C
-        new = _fused_m_step(kernel, resp_b, params)
-    else:
-        new, _ = m_step(model, xb, yb, resp_b, params, floor)
+    with using_threads(threads_for(resp_b.numel())):
+        floor = 1e-8 * yb.var(-1)
+        kernel = _make_kernel(model, xb, yb, floor, 1, engine)
+        if getattr(kernel, "fused", False):  # the same M-step, in C
+            new = _fused_m_step(kernel, resp_b, params)
+        else:
+            new, _ = m_step(model, xb, yb, resp_b, params, floor)
     return {k: v.reshape(*lead, *v.shape[1:]) for k, v in new.items()}
 
 
 def _fused_m_step(kernel, resp_BNE: Tensor, params: Params) -> Params:
     gate = torch.cat([params["beta0"].unsqueeze(-1), params["beta1"]], dim=-1)
     coef, gate, var, _ = _fused.mstep(kernel.f_T, kernel.z_T, kernel.y.squeeze(-2), resp_BNE,
-                                      kernel.floor, kernel._coef(params), gate, params["var"])
+                                      kernel.floor, kernel._coef(params), gate, params["var"],
+                                      kernel.threads)
     out = {**params, "b": coef[..., 0], "beta0": gate[..., 0], "beta1": gate[..., 1:], "var": var}
     if kernel.has_a:
         out["a"] = coef[..., 1:]

@@ -21,6 +21,7 @@ import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
 from .._checks import check_int, check_positive
+from .._threads import threads_for, using_threads
 from ..models import MoERegression
 from ..params import Params, Shapes, pack, unpack
 
@@ -109,7 +110,14 @@ def fit_lsq(model: MoERegression, x: Tensor, y: Tensor, init: Params, *, tol: fl
     check_positive("tol", tol)
     check_int("max_iter", max_iter, 1)
     x, y, params, lead = _broadcast_problem(model, x, y, init)
-    problem = _Problem(model, x, y, model.normalise(params))
+    with using_threads(threads_for(y.numel() * model.n_experts)):
+        return _run_lsq(_Problem(model, x, y, model.normalise(params)), lead, tol, max_iter,
+                        lam0, record)
+
+
+def _run_lsq(problem: _Problem, lead, tol: float, max_iter: int, lam0: float,
+             record: bool) -> LSQResult:
+    """The Levenberg-Marquardt loop of ``fit_lsq`` over the problem's B rows."""
     theta = problem.theta()
     b = theta.shape[0]
     lam = torch.full((b,), lam0, dtype=theta.dtype)
@@ -141,7 +149,7 @@ def fit_lsq(model: MoERegression, x: Tensor, y: Tensor, init: Params, *, tol: fl
         if history is not None:
             history[idx, it] = rss[idx]
     fitted = problem.params(theta)
-    fitted["nu"] = (rss / y.shape[-1]).clamp_min(torch.finfo(rss.dtype).tiny)
+    fitted["nu"] = (rss / problem.y.shape[-1]).clamp_min(torch.finfo(rss.dtype).tiny)
     shape = lambda t: t.reshape(tuple(lead) + tuple(t.shape[1:]))  # noqa: E731
     return LSQResult({k: shape(v) for k, v in fitted.items()}, shape(rss), shape(n_iter),
                      shape(converged), None if history is None else shape(history))

@@ -34,6 +34,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from .._threads import threads_for, using_threads
 from ..experts import LinearExpert
 from ..gates import LinearGate
 from ..models import GaussianMoE
@@ -158,7 +159,8 @@ def fit_topk_segments(model: GaussianMoE, x: Tensor, y: Tensor, init: Params, *,
         return FitResult({k: v.squeeze(1) for k, v in res.params.items()},
                          *[t.squeeze(1) for t in res[1:5]])
     x1 = x.squeeze(-1)
-    split = split_profile(x1, y, min_size, var_floor)
+    with using_threads(threads_for(y.numel())):
+        split = split_profile(x1, y, min_size, var_floor)
     right = _assign_sides(init, split)                                 # (S, R, k)
     counts = torch.stack([(~right).sum(-1), right.sum(-1)], -1)        # (S, R, 2)
     valid = (counts >= 1).all(-1) & (counts <= top_k).all(-1)

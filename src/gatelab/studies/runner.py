@@ -10,7 +10,6 @@ results do not depend on worker count, order or chunking.
 from __future__ import annotations
 
 import hashlib
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -22,6 +21,7 @@ from typing import NamedTuple, TextIO
 import torch
 
 from .. import __version__
+from .._threads import available_cores
 from ..fit import FitResult, fit_em, fit_lsq, near_truth, select_best
 from ..fit.init import near_truth_known
 from ..fit.topk import fit_topk_segments
@@ -216,7 +216,15 @@ class RunStats(NamedTuple):
 
 
 def _init_worker(threads: int) -> None:
+    """A pool worker's share of the cores: its fits choose their threads within it."""
     torch.set_num_threads(threads)
+
+
+def pool_shape(workers: int, cores: int) -> tuple[int, int]:
+    """(workers, threads per worker) with workers x threads <= cores: more workers than
+    cores would only make them take turns, so they are capped at the cores."""
+    workers = max(1, min(workers, cores))
+    return workers, max(1, cores // workers)
 
 
 BACKENDS = ("local", "ray")
@@ -228,7 +236,7 @@ def reproduce(study: Study, store: Store, quick: bool = False, workers: int = 1,
     """Run every missing fit of ``study`` and commit each unit's rows as it finishes.
 
     ``backend="local"``: in this process, or with ``workers`` > 1 a local process pool
-    (spawned workers, torch threads split between them). ``backend="ray"``: the same work
+    (spawned workers, at most one per core, the cores split between them). ``backend="ray"``: the same work
     units as Ray tasks, on the cluster at ``address`` (``ray.init(address=...)``) or, with
     no address, on a local Ray instance of ``workers`` CPUs. Either way only this process
     writes the store. Interrupting (Ctrl-C, SIGKILL) loses only the units in flight; a
@@ -265,7 +273,7 @@ def reproduce(study: Study, store: Store, quick: bool = False, workers: int = 1,
 
 
 def _run_pool(study: Study, units: list[Unit], workers: int, commit) -> None:
-    threads = max(1, (os.cpu_count() or 1) // workers)
+    workers, threads = pool_shape(workers, available_cores())
     with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_init_worker,
                              initargs=(threads,)) as pool:
         pending = {pool.submit(run_unit, study, u) for u in units}
@@ -280,9 +288,11 @@ def _run_pool(study: Study, units: list[Unit], workers: int, commit) -> None:
             raise
 
 
-def _run_unit_one_thread(study: Study, unit: Unit) -> list[FitRow]:
-    """A Ray task: one CPU, so one torch thread."""
-    torch.set_num_threads(1)
+def _run_ray_unit(study: Study, unit: Unit) -> list[FitRow]:
+    """A Ray task: as many torch threads as the CPUs Ray gave it (``num_cpus``)."""
+    import ray
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
+    torch.set_num_threads(max(1, int(cpus)))
     return run_unit(study, unit)
 
 
@@ -296,7 +306,7 @@ def _run_ray(study: Study, units: list[Unit], cpus: int, address: str | None, co
     if started:
         options = {"address": address} if address else {"num_cpus": cpus}
         ray.init(include_dashboard=False, log_to_driver=False, **options)
-    task = ray.remote(num_cpus=1)(_run_unit_one_thread)
+    task = ray.remote(num_cpus=1)(_run_ray_unit)
     pending = [task.remote(study, u) for u in units]
     try:
         while pending:
