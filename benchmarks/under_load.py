@@ -78,8 +78,7 @@ def write_csv(x, y) -> str:
 
 def measure(data, repeats: int) -> dict[str, float]:
     x, y, labels, csv = data
-    gatelab = str(Path(sys.executable).with_name("gatelab"))
-    cli = [gatelab, "fit", csv, "--x", "x", "--y", "y", "--experts", "2", "--json"]
+    cli = [str(Path(sys.executable).with_name("gatelab")), "fit", csv, "--x", "x", "--y", "y", "--experts", "2", "--json"]
     return {
         "single": median_time(lambda: gatelab_fit(x[0], y[0], labels[0], 1e-6), 5 * repeats),
         "batched": median_time(lambda: gatelab_fit(x, y, labels, 1e-6), repeats),

@@ -1,8 +1,10 @@
 """gatelab: mixture-of-experts gating for convergence-rate studies and PyTorch layers."""
 
-from ._runtime import short_openmp_waits
+from ._runtime import collector_paused, short_openmp_waits
 
 short_openmp_waits()  # before torch is imported: see gatelab._runtime
+with collector_paused():  # a faster import of torch: see gatelab._runtime
+    import torch  # noqa: F401
 
 from .covariates import GaussianCovariates, Grid, UniformBox, make_covariates
 from .experts import (ConstantExpert, Expert, FFNExpert, LinearExpert, PolynomialExpert,

@@ -10,6 +10,23 @@ import torch
 from torch import Tensor
 
 
+def broadcast_shapes(*shapes) -> torch.Size:
+    """The broadcast of integer shapes (NumPy's rule); RuntimeError, as torch's, when they
+    do not broadcast. ``torch.broadcast_shapes`` imports torch's symbolic-shape machinery
+    (and sympy, 0.2 s) on its first call, which a command-line fit should not pay."""
+    out: list[int] = []
+    for shape in shapes:
+        shape = tuple(shape)
+        if len(shape) > len(out):
+            out = [1] * (len(shape) - len(out)) + out
+        for i, n in enumerate(shape, start=len(out) - len(shape)):
+            if out[i] == 1:
+                out[i] = n
+            elif n != 1 and n != out[i]:
+                raise RuntimeError(f"Shape mismatch: {[tuple(s) for s in shapes]} do not "
+                                   f"broadcast to a single shape.")
+    return torch.Size(out)
+
 def check_int(name: str, value: Any, low: int, high: int | None = None, fix: str = "") -> int:
     """Return ``value`` if it is an int in [low, high], else raise ``ValueError``/``TypeError``."""
     if isinstance(value, bool) or not isinstance(value, int):
@@ -135,7 +152,7 @@ def check_blocks(params: Mapping[str, Tensor], shapes: Mapping[str, tuple[int, .
         if not bool(((t >= 0) & (t <= 1)).all()):
             raise ValueError(f"Parameter block '{name}' (a proportion) must lie in [0, 1].")
     try:
-        return torch.broadcast_shapes(*batches)
+        return broadcast_shapes(*batches)
     except RuntimeError:
         raise ValueError(f"Parameter blocks have batch shapes that do not broadcast: "
                          f"{[tuple(b) for b in batches]}. Give every block the same leading "

@@ -22,8 +22,26 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import gc
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+@contextmanager
+def collector_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector for the block (restoring its state after).
+    Importing torch creates about a million objects, and the collector walks the growing
+    heap again and again while it does: paused, ``import gatelab`` takes about 0.1 s less
+    (of 0.9 s), which a command-line fit notices."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
 
 def short_openmp_waits() -> bool:
     """Set ``GOMP_SPINCOUNT=10000`` for the torch about to be loaded; True if it was set."""

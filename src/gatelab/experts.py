@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._checks import build, check_int, choose
+from ._checks import broadcast_shapes, build, check_int, choose
 from .params import Params, Shapes, random_blocks
 
 __all__ = ["Expert", "LinearExpert", "PolynomialExpert", "FFNExpert", "ConstantExpert",
@@ -163,7 +163,7 @@ class ConstantExpert(Expert):
 
     def mean(self, x_ND: Tensor, params: Params) -> Tensor:
         b = params["b"].unsqueeze(-2)
-        batch = torch.broadcast_shapes(b.shape[:-2], x_ND.shape[:-2])
+        batch = broadcast_shapes(b.shape[:-2], x_ND.shape[:-2])
         return b.expand(*batch, x_ND.shape[-2], b.shape[-1])
 
 

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._checks import build, check_int, check_positive, choose
+from ._checks import broadcast_shapes, build, check_int, check_positive, choose
 from .params import Params, Shapes, random_blocks, take_prefix, with_prefix
 
 __all__ = [
@@ -354,7 +354,7 @@ class InputFreeGate(Gate):
 
     def scores(self, x_ND: Tensor, params: Params) -> Tensor:
         beta0 = params["beta0"].unsqueeze(-2)
-        return beta0.expand(*torch.broadcast_shapes(beta0.shape[:-2], x_ND.shape[:-2]),
+        return beta0.expand(*broadcast_shapes(beta0.shape[:-2], x_ND.shape[:-2]),
                             x_ND.shape[-2], beta0.shape[-1])
 
 

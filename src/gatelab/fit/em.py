@@ -37,7 +37,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .._checks import check_inputs, check_int, check_positive
+from .._checks import broadcast_shapes, check_inputs, check_int, check_positive
 from .._runtime import keep_freed_memory
 from .._threads import split_threads, threads_for, using_threads
 from ..gates import Gate, HierarchicalGate, LinearGate
@@ -554,7 +554,7 @@ def _broadcast_problem(model: GaussianMoE, x, y, init: Params):
     dtype = next(iter(init.values())).dtype
     x, y = check_inputs(x, model.dim, y)
     x, y = x.to(dtype), y.to(dtype)
-    lead = torch.broadcast_shapes(batch, x.shape[:-2])
+    lead = broadcast_shapes(batch, x.shape[:-2])
     shapes = model.param_shapes()
     params = {k: init[k].expand(tuple(lead) + tuple(shapes[k])).reshape(-1, *shapes[k]).clone()
               for k in shapes}

@@ -12,7 +12,6 @@ scikit-learn is installed the classes derive from its ``BaseEstimator`` and
 from __future__ import annotations
 
 import inspect
-import math
 import warnings
 from typing import Any
 
@@ -23,9 +22,7 @@ from torch import Tensor
 from .._checks import check_finite, check_int, check_positive
 from ..experts import Expert
 from ..gates import Gate
-from ..models import GaussianMoE
-from .em import fit_em, select_best
-from .init import random_starts
+from .single import aic, bic, fit_best_of_starts
 
 try:  # optional: scikit-learn integration
     from sklearn.base import BaseEstimator as _Base
@@ -155,20 +152,14 @@ class GaussianMoERegressor(_Regressor, _Base):
         check_positive("tol", self.tol)
         x = check_X(X, torch.float64)
         t = check_y(y, x.shape[0], torch.float64)
-        model = GaussianMoE(self.n_experts, x.shape[1], self.gate, self.expert)
-        n_params = _n_free_parameters(model)
-        if x.shape[0] <= n_params:
-            raise ValueError(f"n_samples={x.shape[0]} must exceed the number of free parameters "
-                             f"({n_params} for n_experts={self.n_experts} with {x.shape[1]} "
-                             f"feature(s)). Collect more data or fit fewer experts.")
         # Without a random_state, draw a seed from torch's global generator (not torch.seed(),
         # which would reseed the caller's generator as a side effect).
         seed = self.random_state if self.random_state is not None else \
             int(torch.randint(2 ** 31, ()).item())
-        generator = torch.Generator().manual_seed(int(seed))
-        init = random_starts(model, x, t, self.n_init, generator)
-        res = select_best(fit_em(model, x, t, init, tol=self.tol, max_iter=self.max_iter,
-                                 var_floor=self.var_floor, accelerate=self.accelerate))
+        model, res = fit_best_of_starts(x, t, self.n_experts, self.gate, self.expert,
+                                        n_init=self.n_init, tol=self.tol, max_iter=self.max_iter,
+                                        accelerate=self.accelerate, var_floor=self.var_floor,
+                                        seed=seed)
         self.model_, self.params_ = model, res.params
         self.loglik_ = float(res.loglik)
         self.lower_bound_ = self.loglik_ / x.shape[0]
@@ -211,16 +202,8 @@ class GaussianMoERegressor(_Regressor, _Base):
 
     def aic(self, X: Any, y: Any) -> float:
         """Akaike information criterion -2 log L + 2 p (lower is better)."""
-        return -2 * self.log_likelihood(X, y) + 2 * _n_free_parameters(self.model_)
+        return aic(self.log_likelihood(X, y), self.model_)
 
     def bic(self, X: Any, y: Any) -> float:
         """Bayesian information criterion -2 log L + p log n (lower is better)."""
-        n = self._x(X).shape[0]
-        return -2 * self.log_likelihood(X, y) + _n_free_parameters(self.model_) * math.log(n)
-
-
-def _n_free_parameters(model: GaussianMoE) -> int:
-    """Free parameters: every block entry, less the gate entries fixed for identifiability."""
-    gate_free = sum(int(m.sum()) for m in model.gate.free_mask(model.n_experts, model.dim).values())
-    others = sum(math.prod(s) for k, s in model.param_shapes().items() if k not in model._gate_shapes())
-    return gate_free + others
+        return bic(self.log_likelihood(X, y), self.model_, self._x(X).shape[0])

@@ -12,7 +12,7 @@ from typing import Any, NamedTuple, Protocol
 import torch
 from torch import Tensor
 
-from .._checks import check_blocks, check_inputs, check_int
+from .._checks import broadcast_shapes, check_blocks, check_inputs, check_int
 from ..covariates import Covariates, UniformBox, make_covariates
 from ..params import Params, Shapes, random_blocks
 
@@ -116,7 +116,7 @@ class Model(ABC):
         batch = self.check_params(params)
         x, y = check_inputs(x, self.dim, y)
         try:
-            torch.broadcast_shapes(x.shape[:-2], batch)
+            broadcast_shapes(x.shape[:-2], batch)
         except RuntimeError:
             raise ValueError(f"x has batch shape {tuple(x.shape[:-2])} but the parameters have "
                              f"{tuple(batch)}; they must broadcast (one replicate axis each, "
