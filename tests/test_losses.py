@@ -56,6 +56,23 @@ def test_d2_softmax_by_hand_over_specified():
     assert res.blocks["var"].item() == pytest.approx(0.9 * 0.1 / 1.7)
 
 
+def test_d2_laplace_by_hand_over_specified():
+    """MODELS.md: in the Laplace Gaussian MoE (arXiv 2402.03226) W and a get exponent 2,
+    b gets rbar and the variance rbar/2, in a cell of more than one fitted atom."""
+    truth = {"W": T([[0.0], [1.0]]), "beta0": T([0.5, 0.0]), "a": T([[-1.0], [1.0]]),
+             "b": T([1.0, -1.0]), "var": T([0.5, 0.25])}
+    est = {"W": T([[0.1], [0.0], [1.0]]), "beta0": T([math.log(0.8), math.log(0.9), 0.0]),
+           "a": T([[-1.0], [-0.7], [1.0]]), "b": T([1.2, 1.0, -1.0]), "var": T([0.5, 0.6, 0.25])}
+    res = voronoi_loss(est, truth, "D2-laplace")
+    assert res.cells.tolist() == [0, 0, 1]
+    scale = (math.exp(0.5) + 1) / (0.8 + 0.9 + 1)
+    mass = abs((0.8 + 0.9) * scale - math.exp(0.5)) + abs(scale - 1)
+    # Cell of size 2, rbar = 4: |dW|^2, |da|^2, |db|^4, |dvar|^2.
+    first = 0.8 * scale * (0.1 ** 2 + 0.0 ** 2 + 0.2 ** 4 + 0.0 ** 2)
+    second = 0.9 * scale * (0.0 ** 2 + 0.3 ** 2 + 0.0 ** 4 + 0.1 ** 2)
+    assert res.total.item() == pytest.approx(mass + first + second, rel=1e-12)
+
+
 def test_the_mass_term_ignores_a_common_shift_of_the_intercepts():
     """An exact split of the last true atom over the last two fitted experts: the gate is
     the truth's, whatever constant is added to every intercept, so the loss is 0; pinning

@@ -16,6 +16,7 @@ from cases import run_small_study
 from gatelab.studies import (SpecError, Store, Study, catalogue, load_study, plan, rate,
                              rate_table, reproduce, seed_for, verdict)
 from gatelab.studies.rates import Rate
+from gatelab.studies.runner import Unit, run_unit
 
 TINY = """
 name = "tiny"
@@ -119,6 +120,20 @@ def test_seeds_depend_on_the_unit_only(tiny):
     assert a == seed_for(tiny, "exact", 300, 1)
     others = {seed_for(tiny, s, n, r) for s in ("exact", "over") for n in (300, 600) for r in range(3)}
     assert len(others) == 12 and 0 <= a < 2 ** 63
+
+
+def test_a_resumed_unit_draws_the_data_of_its_own_replicates(tiny):
+    """Replicates 1 and 2 run alone (a resume after replicate 0 was saved) get the seeds,
+    data and fits they get inside the full unit: seeds follow the replicate number, not
+    the position within the unit."""
+    full = run_unit(tiny, Unit("exact", 300, (0, 1, 2)))
+    resumed = run_unit(tiny, Unit("exact", 300, (1, 2)))
+    assert [r.replicate for r in resumed] == [1, 2]
+    for row, ref in zip(resumed, full[1:]):
+        assert row.seed == ref.seed == seed_for(tiny, "exact", 300, row.replicate)
+        assert row.loglik == pytest.approx(ref.loglik, rel=1e-9)
+        assert row.loss == pytest.approx(ref.loss, rel=1e-6)
+    assert full[0].loglik != pytest.approx(resumed[0].loglik, rel=1e-6)  # the data differ
 
 
 def test_plan_skips_finished_replicates(tiny):

@@ -76,7 +76,11 @@ def _derivatives(gate: Gate, x_BND: Tensor, resp_BEN: Tensor, theta_BEP: Tensor)
     eye_d = torch.eye(d, dtype=jac.dtype, device=jac.device)
     if laplace:  # K = -(I - u u^T) / d
         u = diff / dist.unsqueeze(-1)
-        curv = -(eye_d - u.unsqueeze(-1) * u.unsqueeze(-2)) / dist[..., None, None]
+        # A sample at a location (random starts put W_i on a data point) sits on the
+        # cone's tip, where s_i has no curvature to speak of: 1 / d there (1e154) would
+        # swamp the Hessian and freeze the gate. Such samples add no curvature.
+        inv = torch.where(dist > 1e-8 * dist.amax(-1, keepdim=True), 1 / dist, 0.0)
+        curv = -(eye_d - u.unsqueeze(-1) * u.unsqueeze(-2)) * inv[..., None, None]
         k_sum = torch.einsum("ben,benpq->bepq", c, curv)
     else:        # K = -2 I
         k_sum = -2 * c.sum(-1)[..., None, None] * eye_d
