@@ -243,9 +243,13 @@ def test_cli_reproduce_json_and_report(tiny_path, tmp_path, capsys):
     assert (tmp_path / "again" / "tiny" / "report.html").exists()
 
 
-def test_ctrl_c_says_how_to_resume(tiny_path, tmp_path):
+def test_ctrl_c_says_how_to_resume(tmp_path):
+    # Large later sizes, so that the run is still going when the signal comes (the tiny
+    # study can finish between two looks at the store).
+    path = tmp_path / "slower.toml"
+    path.write_text(TINY.replace("sizes = [300, 600, 1200]", "sizes = [300, 40000, 80000]"))
     db = tmp_path / "int.sqlite"
-    cmd = [sys.executable, "-m", "gatelab.cli", "reproduce", str(tiny_path), "--db", str(db),
+    cmd = [sys.executable, "-m", "gatelab.cli", "reproduce", str(path), "--db", str(db),
            "--out", str(tmp_path / "o")]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
