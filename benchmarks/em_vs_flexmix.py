@@ -222,10 +222,15 @@ def part_e(n: int, tol: float, max_iter: int) -> None:
     print(f"    gatelab.cli import {parts[0]:.2f} s (torch's own import is most of it); first "
           f"fit in a process {parts[1] * 1e3:.0f} ms, the next {parts[2] * 1e3:.0f} ms "
           f"(first-fit overhead {(parts[1] - parts[2]) * 1e3:.0f} ms)")
+    torch_secs, _ = wall([sys.executable, "-c", "import torch, os; os._exit(0)"])
     ok = g_secs < r_secs and g["loglik"] >= r["loglik"] - 1e-6
     print(f"    ratio flexmix / gatelab {r_secs / g_secs:.2f}; loglik >= flexmix's: "
           f"{verdict(g['loglik'] >= r['loglik'] - 1e-6)}; target (faster end to end): "
           f"{verdict(ok)}")
+    if not ok:
+        print(f"    why: a bare `python -c 'import torch'` takes {torch_secs:.2f} s here, "
+              f"{torch_secs / r_secs:.0%} of flexmix's whole run; gatelab's own share is "
+              f"{g_secs - torch_secs:.2f} s ({g_secs / r_secs - 1:+.0%} in all)")
     for f in (csv, pt):
         f.unlink()
     folder.rmdir()
