@@ -16,7 +16,7 @@ from cases import run_small_study
 from gatelab.studies import (SpecError, Store, Study, catalogue, load_study, plan, rate,
                              rate_table, reproduce, seed_for, verdict)
 from gatelab.studies.rates import Rate
-from gatelab.studies.runner import Unit, run_unit
+from gatelab.studies.runner import StaleResults, Unit, run_unit, setting_hash
 
 TINY = """
 name = "tiny"
@@ -362,3 +362,76 @@ def test_median_rate_resists_a_few_huge_losses():
     assert rate(ns, losses, n_boot=200).slope > 0  # the mean follows the outlier
     with pytest.raises(ValueError, match="Unknown statistic"):
         rate(ns, losses, statistic="mode")
+
+
+# --- results follow the spec ---------------------------------------------------------------
+
+def _run(path, db, text, **options):
+    path.write_text(text)
+    with Store(db) as store:
+        stats = reproduce(load_study(path), store, quick=True, progress=False, **options)
+        return stats, {(r.setting, r.n, r.replicate): r for r in store.rows("tiny")}
+
+
+def test_a_changed_spec_is_refused_not_answered_with_old_rows(tmp_path):
+    path, db = tmp_path / "s.toml", tmp_path / "s.sqlite"
+    _, before = _run(path, db, TINY)
+    changed = TINY.replace("beta1 = [[25.0], [0.0]]", "beta1 = [[20.0], [0.0]]")
+    with pytest.raises(StaleResults, match=r"settings exact \(4 fits\), over \(4 fits\).*--overwrite"):
+        _run(path, db, changed)
+    res = subprocess.run([sys.executable, "-m", "gatelab.cli", "reproduce", str(path), "--quick",
+                          "--db", str(db), "--out", str(tmp_path / "o")], capture_output=True,
+                         text=True)
+    assert res.returncode == 2 and "another version of its spec" in res.stderr, res.stderr
+    with Store(db) as store:   # refused before writing anything
+        assert store.study_spec("tiny")["truth"]["params"]["beta1"] == [[25.0], [0.0]]
+        assert {(r.setting, r.n, r.replicate): r for r in store.rows("tiny")} == before
+
+
+def test_overwrite_recomputes_exactly_the_changed_settings(tmp_path):
+    path, db = tmp_path / "s.toml", tmp_path / "s.sqlite"
+    _, before = _run(path, db, TINY)
+    stats, after = _run(path, db, TINY.replace("n_starts = 2", "n_starts = 3"), overwrite=True)
+    assert stats.fits == 4 and stats.skipped == 4          # the 'over' setting only
+    for key, row in after.items():
+        if key[0] == "exact":
+            assert row == before[key]
+        else:
+            assert row.spec_hash != before[key].spec_hash and row.seed == before[key].seed
+
+
+def test_words_theory_and_grid_do_not_make_rows_stale(tmp_path):
+    path, db = tmp_path / "s.toml", tmp_path / "s.sqlite"
+    _run(path, db, TINY)
+    text = (TINY.replace("a small softmax study for tests", "reworded")
+            .replace("theory = -0.5", "theory = -0.25").replace("replicates = 3", "replicates = 4"))
+    stats, _ = _run(path, db, text)
+    assert stats.fits == 0 and stats.skipped == 8
+
+
+def test_the_hash_includes_the_fitters_defaults(tiny):
+    with_options = lambda est: Study.from_dict({**tiny.to_dict(), "estimator": est})  # noqa: E731
+    setting = tiny.settings[0]
+    partial = setting_hash(with_options({"tol": 1e-6}), setting)
+    # fit_em's own defaults: max_iter 2000, accelerate False
+    assert partial == setting_hash(with_options({"tol": 1e-6, "max_iter": 2000,
+                                                 "accelerate": False}), setting)
+    assert partial != setting_hash(with_options({"tol": 1e-6, "accelerate": True}), setting)
+    assert setting_hash(tiny, tiny.settings[0]) != setting_hash(tiny, tiny.settings[1])
+
+
+def test_a_store_from_before_hashes_is_stale(tmp_path, tiny):
+    db = tmp_path / "old.sqlite"
+    with sqlite3.connect(db) as conn:   # the schema without spec_hash, one old row
+        conn.executescript(
+            "CREATE TABLE fits (study TEXT NOT NULL, setting TEXT NOT NULL, n INTEGER NOT NULL,"
+            " replicate INTEGER NOT NULL, seed INTEGER NOT NULL, loss REAL, mass REAL, blocks TEXT"
+            " NOT NULL, loglik REAL, n_iter INTEGER, converged INTEGER, degenerate INTEGER, seconds"
+            " REAL, version TEXT, created REAL, PRIMARY KEY (study, setting, n, replicate));"
+            "INSERT INTO fits VALUES ('tiny', 'exact', 300, 0, 1, 0.1, 0.0, '{}', -1.0, 5, 1, 0, 0.1,"
+            " '0.1.0', 0.0);")
+    with Store(db) as store:
+        with pytest.raises(StaleResults, match=r"exact \(1 fits\)"):
+            reproduce(tiny, store, quick=True, progress=False)
+        stats = reproduce(tiny, store, quick=True, progress=False, overwrite=True)
+        assert stats.fits == 8 and len(store.rows("tiny")) == 8

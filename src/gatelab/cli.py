@@ -165,7 +165,8 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     out = Path(args.out or f"runs/{study.name}")
     with Store(db) as store:
         stats = reproduce(study, store, quick=args.quick, workers=args.workers,
-                          progress=not args.json, backend=args.backend, address=args.address)
+                          progress=not args.json, backend=args.backend, address=args.address,
+                          overwrite=args.overwrite)
         sizes, reps = study.grid(args.quick)
         rows = [r for r in store.rows(study.name) if r.n in set(sizes) and r.replicate < reps]
         table = rate_table(study, rows)
@@ -248,6 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="Ray cluster address (default: a local Ray instance)")
     p.add_argument("--db", help="results store (default runs/NAME.sqlite)")
     p.add_argument("--out", help="report folder (default runs/NAME)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="recompute the fits of settings whose spec changed since they were "
+                        "stored (without it such a store is refused)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(run=cmd_reproduce)
     p = sub.add_parser("report", help="rates and reports of the studies in a results store")

@@ -10,6 +10,8 @@ results do not depend on worker count, order or chunking.
 from __future__ import annotations
 
 import hashlib
+import inspect
+import json
 import sys
 import time
 from collections.abc import Callable
@@ -28,10 +30,11 @@ from ..fit.topk import fit_topk_segments
 from ..losses import voronoi_loss, wasserstein
 from ..gates import HierarchicalGate
 from ..models import ContaminatedMoE, DeviatedGaussianMoE, GatedExperts
-from .spec import Study
+from .spec import Setting, Study
 from .store import FitRow, Store
 
-__all__ = ["seed_for", "Unit", "plan", "run_unit", "RunStats", "reproduce"]
+__all__ = ["seed_for", "setting_hash", "StaleResults", "Unit", "plan", "run_unit", "RunStats",
+           "reproduce"]
 
 # Largest (starts x replicates x n x experts) batch one unit fits at once (memory bound).
 _MAX_BATCH_ELEMENTS = 20_000_000
@@ -41,6 +44,60 @@ def seed_for(study: Study, setting: str, n: int, replicate: int) -> int:
     """A 63-bit seed from (study seed, study name, setting, n, replicate) alone."""
     key = f"{study.seed}|{study.name}|{setting}|{n}|{replicate}".encode()
     return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
+
+
+# Bumped whenever a change to sampling, starts, fitting or losses changes the rows that an
+# unchanged spec gives, so that stores recompute rather than mix old rows with new.
+ROWS_VERSION = 1
+# Spec fields that change what is reported, not any row: the grid (a row is keyed by its
+# n and replicate), words, and the theory a slope is compared with.
+_STUDY_PRESENTATION = ("sizes", "quick_sizes", "replicates", "quick_replicates", "paper",
+                       "description", "notes")
+_SETTING_PRESENTATION = ("theory", "theory_blocks")
+_FITTERS = {"em": fit_em, "segments": fit_topk_segments, "lsq": fit_lsq}
+
+
+def resolved_estimator(study: Study) -> dict:
+    """The estimator options a fit runs with: the study's, over the fitter's defaults."""
+    method = study.estimator.get("method", "em")
+    params = inspect.signature(_FITTERS[method]).parameters
+    options = {name: params[name].default for name in ("tol", "max_iter", "accelerate")
+               if name in params}
+    options.update({k: v for k, v in study.estimator.items() if k in params or k == "method"})
+    return {**options, "method": method}
+
+
+def setting_hash(study: Study, setting: Setting) -> str:
+    """A hash of everything that makes one setting's rows: the study's seed, name, truth
+    and resolved estimator, the setting's fields (defaults included) and ROWS_VERSION."""
+    spec = study.to_dict()
+    inputs = {k: v for k, v in spec.items() if k not in ("settings", *_STUDY_PRESENTATION)}
+    inputs["estimator"] = resolved_estimator(study)
+    mine = next(s for s in spec["settings"] if s["name"] == setting.name)
+    inputs["setting"] = {k: v for k, v in mine.items() if k not in _SETTING_PRESENTATION}
+    inputs["rows_version"] = ROWS_VERSION
+    text = json.dumps(inputs, sort_keys=True, default=repr)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class StaleResults(ValueError):
+    """The store holds rows of this study made from other inputs than the spec's."""
+
+
+def _check_stale(study: Study, store: Store, hashes: dict[str, str], overwrite: bool) -> None:
+    stale = store.stale(study.name, hashes)
+    if not stale:
+        return
+    if overwrite:
+        store.delete_stale(study.name, hashes)
+        return
+    what = ", ".join(f"{name} ({count} fits{'' if name in hashes else ', no longer in the spec'})"
+                     for name, count in sorted(stale.items()))
+    raise StaleResults(
+        f"{store.path} holds fits of study {study.name!r} made from another version of its "
+        f"spec (settings {what}): they would not match the spec you ran. Rerun with "
+        f"--overwrite (reproduce(..., overwrite=True)) to recompute exactly those settings, "
+        f"keeping the others, or pass a new --db.")
 
 
 @dataclass(frozen=True)
@@ -87,10 +144,11 @@ def run_unit(study: Study, unit: Unit) -> list[FitRow]:
     # A gate that ran off to infinity (separation at small n) gives an infinite loss: the
     # row is kept, flagged degenerate, and left out of the rate fit by the report.
     degenerate = res.degenerate | ~torch.isfinite(loss.total)
+    digest = setting_hash(study, setting)
     return [FitRow(study.name, unit.setting, unit.n, r, seed, float(loss.total[i]),
                    float(loss.mass[i]), {k: float(v[i]) for k, v in blocks.items()},
                    float(res.loglik[i]), int(res.n_iter[i]), bool(res.converged[i]),
-                   bool(degenerate[i]), seconds, __version__)
+                   bool(degenerate[i]), seconds, __version__, digest)
             for i, (r, seed) in enumerate(zip(unit.replicates, seeds))]
 
 
@@ -232,7 +290,8 @@ BACKENDS = ("local", "ray")
 
 def reproduce(study: Study, store: Store, quick: bool = False, workers: int = 1,
               progress: bool = True, on_rows: Callable[[list[FitRow]], None] | None = None,
-              backend: str = "local", address: str | None = None) -> RunStats:
+              backend: str = "local", address: str | None = None,
+              overwrite: bool = False) -> RunStats:
     """Run every missing fit of ``study`` and commit each unit's rows as it finishes.
 
     ``backend="local"``: in this process, or with ``workers`` > 1 a local process pool
@@ -240,13 +299,17 @@ def reproduce(study: Study, store: Store, quick: bool = False, workers: int = 1,
     units as Ray tasks, on the cluster at ``address`` (``ray.init(address=...)``) or, with
     no address, on a local Ray instance of ``workers`` CPUs. Either way only this process
     writes the store. Interrupting (Ctrl-C, SIGKILL) loses only the units in flight; a
-    rerun skips every committed row.
+    rerun skips every committed row. Rows made from another version of the spec (see
+    ``setting_hash``) raise ``StaleResults``, or with ``overwrite`` are deleted and
+    recomputed (rows of unchanged settings are kept).
     """
     if backend not in BACKENDS:
         raise ValueError(f"Unknown backend {backend!r}. Valid: {', '.join(BACKENDS)}.")
+    hashes = {s.name: setting_hash(study, s) for s in study.settings}
+    _check_stale(study, store, hashes, overwrite)
     store.save_study(study.name, study.to_dict())
     sizes, replicates = study.grid(quick)
-    done = store.done(study.name)
+    done = store.done(study.name, hashes)
     units = plan(study, quick, done)
     todo = sum(len(u.replicates) for u in units)
     skipped = len(study.settings) * len(sizes) * replicates - todo

@@ -3,7 +3,9 @@
 The primary key (study, setting, n, replicate) makes reruns idempotent: finished rows
 are skipped, and a run killed mid-way (even with SIGKILL) loses only the fits in flight,
 because each work unit's rows are committed together after the unit finishes. The WAL
-journal keeps readers (reports) and the writer apart.
+journal keeps readers (reports) and the writer apart. Each row records the hash of the
+inputs that made it (``spec_hash``, see ``runner.setting_hash``), so that a changed spec
+is never answered with old rows.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +24,7 @@ CREATE TABLE IF NOT EXISTS fits (
     study TEXT NOT NULL, setting TEXT NOT NULL, n INTEGER NOT NULL, replicate INTEGER NOT NULL,
     seed INTEGER NOT NULL, loss REAL, mass REAL, blocks TEXT NOT NULL, loglik REAL,
     n_iter INTEGER, converged INTEGER, degenerate INTEGER, seconds REAL,
-    version TEXT, created REAL,
+    version TEXT, created REAL, spec_hash TEXT,
     PRIMARY KEY (study, setting, n, replicate)
 );
 CREATE TABLE IF NOT EXISTS studies (name TEXT PRIMARY KEY, spec TEXT NOT NULL, updated REAL);
@@ -47,6 +49,7 @@ class FitRow:
     degenerate: bool
     seconds: float
     version: str
+    spec_hash: str = ""   # the inputs that made the row (runner.setting_hash)
 
 
 class Store:
@@ -60,6 +63,10 @@ class Store:
             self.conn = sqlite3.connect(self.path, timeout=60)
             self.conn.execute("PRAGMA journal_mode=WAL")
             self.conn.executescript(_SCHEMA)
+            columns = {r[1] for r in self.conn.execute("PRAGMA table_info(fits)")}
+            if "spec_hash" not in columns:  # a store from before hashes: its rows are stale
+                with self.conn:
+                    self.conn.execute("ALTER TABLE fits ADD COLUMN spec_hash TEXT")
         except sqlite3.DatabaseError as err:
             raise ValueError(f"{self.path} is not a gatelab results store ({err}). Pass another "
                              f"--db path.") from None
@@ -85,28 +92,54 @@ class Store:
     def studies(self) -> list[str]:
         return [r[0] for r in self.conn.execute("SELECT name FROM studies ORDER BY name")]
 
-    def done(self, study: str) -> set[tuple[str, int, int]]:
-        """(setting, n, replicate) of every finished fit of ``study``."""
-        cur = self.conn.execute("SELECT setting, n, replicate FROM fits WHERE study = ?", (study,))
-        return set(cur.fetchall())
+    def done(self, study: str, hashes: Mapping[str, str] | None = None) -> set[tuple[str, int, int]]:
+        """(setting, n, replicate) of every finished fit of ``study``; with ``hashes``
+        (setting -> spec hash), only the fits made from those inputs."""
+        cur = self.conn.execute("SELECT setting, n, replicate, spec_hash FROM fits WHERE study = ?",
+                                (study,))
+        return {(s, n, r) for s, n, r, h in cur if hashes is None or hashes.get(s) == h}
+
+    def stale(self, study: str, hashes: Mapping[str, str]) -> dict[str, int]:
+        """Fits of ``study`` not made from ``hashes`` (a changed or removed setting, or a
+        row from before hashes were recorded): count per setting."""
+        cur = self.conn.execute("SELECT setting, spec_hash, COUNT(*) FROM fits WHERE study = ? "
+                                "GROUP BY setting, spec_hash", (study,))
+        out: dict[str, int] = {}
+        for setting, digest, count in cur:
+            if hashes.get(setting) != digest:
+                out[setting] = out.get(setting, 0) + count
+        return out
+
+    def delete_stale(self, study: str, hashes: Mapping[str, str]) -> int:
+        """Delete the fits ``stale`` counts, in one transaction; returns how many."""
+        count = sum(self.stale(study, hashes).values())
+        keep = list(hashes.items())
+        with self.conn:
+            self.conn.execute("CREATE TEMP TABLE IF NOT EXISTS keep (setting TEXT, spec_hash TEXT)")
+            self.conn.execute("DELETE FROM keep")
+            self.conn.executemany("INSERT INTO keep VALUES (?, ?)", keep)
+            self.conn.execute("DELETE FROM fits WHERE study = ? AND NOT EXISTS (SELECT 1 FROM keep "
+                              "WHERE keep.setting = fits.setting AND keep.spec_hash = fits.spec_hash)",
+                              (study,))
+        return count
 
     def add(self, rows: Iterable[FitRow]) -> int:
         """Insert rows in one transaction; rows already present are left as they are."""
         values = [(r.study, r.setting, r.n, r.replicate, r.seed, r.loss, r.mass,
                    json.dumps(r.blocks), r.loglik, r.n_iter, int(r.converged), int(r.degenerate),
-                   r.seconds, r.version, time.time()) for r in rows]
+                   r.seconds, r.version, time.time(), r.spec_hash) for r in rows]
         with self.conn:
             cur = self.conn.executemany(
-                "INSERT OR IGNORE INTO fits VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT OR IGNORE INTO fits VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 values)
         return cur.rowcount
 
     def rows(self, study: str) -> list[FitRow]:
         cur = self.conn.execute(
             "SELECT study, setting, n, replicate, seed, loss, mass, blocks, loglik, n_iter, "
-            "converged, degenerate, seconds, version FROM fits WHERE study = ? "
+            "converged, degenerate, seconds, version, spec_hash FROM fits WHERE study = ? "
             "ORDER BY setting, n, replicate", (study,))
         nan = float("nan")  # SQLite stores NaN as NULL
         return [FitRow(*r[:5], nan if r[5] is None else r[5], nan if r[6] is None else r[6],
                        json.loads(r[7]), nan if r[8] is None else r[8], r[9], bool(r[10]),
-                       bool(r[11]), r[12], r[13]) for r in cur]
+                       bool(r[11]), r[12], r[13], r[14] or "") for r in cur]
