@@ -12,10 +12,10 @@ import torch
 from torch import Tensor
 
 from .._checks import check_inputs, check_int
+from .._threads import threads_for, using_threads
 from ..gates import HierarchicalGate
 from ..models import GatedExperts, GaussianMoE
 from ..params import Params
-from .._threads import threads_for, using_threads
 from . import _fused
 from .em import _broadcast_problem, _make_kernel, m_step
 
