@@ -1,6 +1,8 @@
 import subprocess
 import sys
 
+import pytest
+
 import gatelab as gl
 import gatelab.cli as cli
 from gatelab.demo import ks_uniform, run_demo
@@ -29,3 +31,25 @@ def test_bad_arguments_exit_2_with_a_message():
     res = subprocess.run([sys.executable, "-m", "gatelab.cli", "demo", "--n", "0"],
                          capture_output=True, text=True)
     assert res.returncode == 2 and "'n' parameter must be an int" in res.stderr
+
+
+def test_a_csv_with_a_byte_order_mark_reads_its_first_column(tmp_path):
+    path = tmp_path / "excel.csv"
+    path.write_text("x,y\n0.1,1.0\n0.2,2.0\n", encoding="utf-8-sig")   # starts with EF BB BF
+    x, y = cli._read_csv(str(path), ["x"], "y")
+    assert x.tolist() == [[0.1], [0.2]] and y.tolist() == [1.0, 2.0]
+
+
+def test_a_binary_file_is_named_in_the_error(tmp_path):
+    path = tmp_path / "picture.png"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe\x00\x01")
+    with pytest.raises(cli.UsageError, match=r"picture\.png is not a CSV text file"):
+        cli._read_csv(str(path), ["x"], "y")
+
+
+@pytest.mark.parametrize("workers", ["0", "-2", "two"])
+def test_workers_must_be_a_positive_whole_number(workers, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["reproduce", "no-such-study.toml", "--workers", workers])
+    assert exit_info.value.code == 2
+    assert "--workers: must be a whole number >= 1" in capsys.readouterr().err

@@ -43,10 +43,14 @@ def _read_csv(path: str, x_cols: list[str], y_col: str):
 
     import numpy as np
     try:
-        with open(path, newline="") as f:
+        # utf-8-sig: a byte-order mark (Excel writes one) is not part of the first column name
+        with open(path, newline="", encoding="utf-8-sig") as f:
             rows = list(csv.reader(f))
     except OSError as err:
         raise UsageError(f"cannot read {path}: {err.strerror}") from None
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise UsageError(f"{path} is not a CSV text file ({err}); save it as CSV (UTF-8) with "
+                         f"a header row.") from None
     if not rows:
         raise UsageError(f"{path} is empty; it needs a header row and data rows.")
     header, body = [h.strip() for h in rows[0]], rows[1:]
@@ -212,6 +216,17 @@ def _gate_options(args: argparse.Namespace) -> dict:
     return {} if args.top_k is None else {"top_k": args.top_k}
 
 
+def _positive_int(text: str) -> int:
+    """An argparse type: a whole number >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1; got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gatelab", description=_first_line(sys.modules[__package__]))
     sub = parser.add_subparsers(dest="command", required=True)
@@ -243,7 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("reproduce", help="run or resume a study; print rates; write a report")
     p.add_argument("name", help="a built-in study (see 'gatelab studies') or a .toml file")
     p.add_argument("--quick", action="store_true", help="the reduced grid (minutes)")
-    p.add_argument("--workers", type=int, default=1, help="local worker processes")
+    p.add_argument("--workers", type=_positive_int, default=1,
+                   help="local worker processes (at most one per core is used)")
     p.add_argument("--backend", default="local", choices=["local", "ray"],
                    help="local processes, or Ray tasks (pip install 'gatelab[ray]')")
     p.add_argument("--address", help="Ray cluster address (default: a local Ray instance)")
