@@ -106,3 +106,17 @@ def run_small_study(name: str, db, **changes):
     with Store(db) as store:
         reproduce(small, store, quick=True, progress=False)
         return small, store.rows(small.name)
+
+
+def sigmoid_regression_data(n: int = 400, seed: int = 0, noise_sd: float = 0.2):
+    """x (n, 1) uniform on [-3, 3] and y from a two-expert sigmoid-gated MoE regression
+    (gates 2x + 0.5 and -x, experts x and 1 - 2x) plus N(0, noise_sd^2) noise."""
+    f64 = torch.float64
+    model = gl.MoERegression(2, 1, "sigmoid")
+    truth = {"beta1": torch.tensor([[2.0], [-1.0]], dtype=f64),
+             "beta0": torch.tensor([0.5, 0.0], dtype=f64),
+             "a": torch.tensor([[1.0], [-2.0]], dtype=f64), "b": torch.tensor([0.0, 1.0], dtype=f64),
+             "nu": torch.tensor(noise_sd ** 2, dtype=f64)}
+    g = torch.Generator().manual_seed(seed)
+    x = 6 * torch.rand(n, 1, generator=g, dtype=f64) - 3
+    return x, model.predict(x, truth) + noise_sd * torch.randn(n, generator=g, dtype=f64)

@@ -435,3 +435,71 @@ def test_a_store_from_before_hashes_is_stale(tmp_path, tiny):
             reproduce(tiny, store, quick=True, progress=False)
         stats = reproduce(tiny, store, quick=True, progress=False, overwrite=True)
         assert stats.fits == 8 and len(store.rows("tiny")) == 8
+
+
+# --- reports agree with themselves (issue 11, point 6) -------------------------------------
+
+def _synthetic_rows(study, setting, per_n, slope=-0.5, seed=0):
+    """Rows of one setting with loss c n^slope (lognormal noise) and block errors alike."""
+    from gatelab.studies.store import FitRow
+    rng = np.random.default_rng(seed)
+    rows = []
+    for n in (300, 600, 1200):
+        for r in range(per_n):
+            v = float(n ** slope * rng.lognormal(0, 0.2))
+            rows.append(FitRow(study.name, setting, n, r, 0, v, v, {"a": v, "mass": v}, -1.0,
+                               10, True, False, 0.1, "t", "", "converged"))
+    return rows
+
+
+def test_a_left_out_fit_is_left_out_of_every_slope_and_counted_once(tiny):
+    import dataclasses
+
+    from gatelab.studies.rates import fit_summary, left_out
+    rows = _synthetic_rows(tiny, "exact", 6)
+    clean = {r["block"]: r["slope"] for r in rate_table(tiny, rows, n_boot=50)}
+    # one run-off fit (finite but huge total, as in the k = 4 report) and one fit with an
+    # infinite block error
+    rows[0] = dataclasses.replace(rows[0], loss=2.6e18, status="separated")
+    rows[7] = dataclasses.replace(rows[7], blocks={"a": math.inf, "mass": 0.1})
+    assert [left_out(r) for r in (rows[0], rows[7], rows[1])] == ["separated", "infinite loss", None]
+    table = rate_table(tiny, rows, n_boot=50)
+    assert {r["block"] for r in table} == {"total", "a", "mass"}
+    for r in table:
+        assert r["excluded"] == 2
+        # the poisoned point drew a steep slope through no point before; now it is gone
+        assert abs(r["slope"] - clean[r["block"]]) < 0.2
+    assert fit_summary(rows) == ("18 fits: 17 converged, 1 separated; left out of the slopes: "
+                                 "2 (1 infinite loss, 1 separated)")
+
+
+def test_fewer_than_three_replicates_get_no_verdict(tiny):
+    def total_verdict(per_n):
+        table = rate_table(tiny, _synthetic_rows(tiny, "exact", per_n), n_boot=50)
+        return next(r for r in table if r["block"] == "total")["verdict"]
+
+    assert total_verdict(2) == "too few"
+    assert total_verdict(3) in ("within CI", "faster", "slower")
+    assert verdict(-0.5, Rate(-0.45, -0.6, -0.4), replicates=2) == "too few"
+
+
+def test_quick_runs_never_have_more_replicates_than_the_full_grid(tiny):
+    import dataclasses
+    study = dataclasses.replace(tiny, replicates=2, quick_replicates=10)
+    assert study.grid(quick=True)[1] == 2
+    assert tiny.grid(quick=True)[1] == 2 and tiny.grid()[1] == 3
+
+
+def test_report_plots_wrap_and_label_their_panels(tiny, tmp_path):
+    from PIL import Image
+
+    from gatelab.studies.report import PANELS_PER_ROW, plot_setting
+    from gatelab.studies.store import FitRow
+    rows = [FitRow("tiny", "exact", n, r, 0, 1.0 / n, 0.1, {b: 1.0 / n for b in
+                                                            ("a", "b", "beta1", "mass", "var")},
+                   -1.0, 1, True, False, 0.1, "t", "", "converged")
+            for n in (300, 600, 1200) for r in range(3)]
+    png = plot_setting(tiny, "exact", rows, tmp_path / "p.png")
+    width, height = Image.open(png).size
+    assert PANELS_PER_ROW == 3
+    assert width < 1000 and height > width / 2    # 6 panels: two rows of three, not one strip

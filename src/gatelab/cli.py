@@ -10,6 +10,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from .experts import EXPERTS
 from .gates import GATES, example_gate, make_gate
 
 
@@ -100,41 +101,78 @@ def _seconds_since_process_start() -> float | None:
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
-    """Fit a Gaussian MoE to a CSV file and print the estimate. Times reported: ``seconds``,
-    the fit itself (random starts and EM); ``seconds_read``, reading the CSV file;
-    ``seconds_since_start``, the whole process up to the result (imports included)."""
+    """Fit a Gaussian MoE to a CSV file by EM and print the estimate. Times reported:
+    ``seconds``, the fit itself (random starts and EM); ``seconds_read``, reading the CSV
+    file; ``seconds_since_start``, the whole process up to the result (imports included)."""
+    from .fit.single import fit_best_of_starts
+    return _fit_command(args, "Gaussian MoE", lambda x, t, gate: fit_best_of_starts(
+        x, t, args.experts, gate, args.expert, n_init=args.n_init, tol=args.tol,
+        max_iter=args.max_iter, gate_ridge=args.gate_ridge, seed=args.seed))
+
+
+def cmd_fit_lsq(args: argparse.Namespace) -> int:
+    """Fit an MoE regression (any gate, sigmoid included) by least squares; as ``fit``."""
+    from .fit.single import fit_lsq_best_of_starts
+    return _fit_command(args, "MoE regression (least squares)", lambda x, t, gate:
+                        fit_lsq_best_of_starts(x, t, args.experts, gate, args.expert,
+                                               n_init=args.n_init, tol=args.tol,
+                                               max_iter=args.max_iter, seed=args.seed))
+
+
+def _fit_command(args: argparse.Namespace, what: str, fit) -> int:
+    """Read the CSV, run ``fit(x, y, gate)``, print the result (or one JSON object). The
+    status is information, not an error: the exit code is 0 whatever it is."""
     import json
     import time
 
     import torch
 
-    from .fit.single import aic, bic, fit_best_of_starts
+    from .fit.lsq import profile_loglik
+    from .fit.single import aic, bic
+    from .fit.status import STATUS_MEANING, FitStatus
     start = time.perf_counter()
     X, y = _read_csv(args.data, args.x, args.y)
     read = time.perf_counter() - start
+    gate = make_gate(args.gate, **_gate_options(args))
+    _check_experts(args, gate)
     x, t = torch.from_numpy(X), torch.from_numpy(y)
     start = time.perf_counter()
-    model, res = fit_best_of_starts(x, t, args.experts, make_gate(args.gate, **_gate_options(args)),
-                                    args.expert, n_init=args.n_init, tol=args.tol,
-                                    max_iter=args.max_iter, seed=args.seed)
+    model, res = fit(x, t, gate)
     seconds = time.perf_counter() - start
-    loglik = float(res.loglik)
-    result = {"loglik": loglik, "n_iter": int(res.n_iter), "converged": bool(res.converged),
-              "degenerate": bool(res.degenerate), "seconds": seconds, "seconds_read": read,
+    rss = getattr(res, "rss", None)
+    loglik = float(res.loglik if rss is None else profile_loglik(rss, len(y)))
+    status = FitStatus(int(res.status))
+    result = {"status": status.name.lower(), "status_meaning": STATUS_MEANING[status],
+              "loglik": loglik, "n_iter": int(res.n_iter), "converged": bool(res.converged),
+              "seconds": seconds, "seconds_read": read,
               "seconds_since_start": _seconds_since_process_start(), "n_samples": len(y),
               "aic": aic(loglik, model), "bic": bic(loglik, model, len(y)),
               "params": {k: v.tolist() for k, v in res.params.items()}}
+    if rss is None:
+        result["degenerate"] = bool(res.degenerate)
+    else:
+        result["rss"] = float(rss)
     if args.json:
         print(json.dumps(result))
         return 0
-    print(f"Gaussian MoE, {args.experts} experts, gate {args.gate}, expert {args.expert}; "
+    print(f"{what}, {model.n_experts} experts, gate {args.gate}, expert {args.expert}; "
           f"n = {len(y)}")
-    print(f"log-likelihood {loglik:.6f}  iterations {result['n_iter']}  converged "
-          f"{result['converged']}  fit {seconds:.3f} s  AIC {result['aic']:.3f}  "
-          f"BIC {result['bic']:.3f}")
+    print(f"status: {STATUS_MEANING[status]}")
+    fit_line = "" if rss is None else f"RSS {float(rss):.6f}  "
+    print(f"{fit_line}log-likelihood {loglik:.6f}  iterations {result['n_iter']}  fit "
+          f"{seconds:.3f} s  AIC {result['aic']:.3f}  BIC {result['bic']:.3f}")
     for name, value in res.params.items():
         print(f"  {name:<6} {value.numpy().round(6).tolist()}")
     return 0
+
+
+def _check_experts(args: argparse.Namespace, gate) -> None:
+    """--experts, or for a hierarchical gate n_groups * n_inner (which it must equal)."""
+    groups = getattr(gate, "n_groups", None)
+    if args.experts is None:
+        if groups is None:
+            raise UsageError("--experts K is required (the number of experts).")
+        args.experts = groups * gate.n_inner
 
 
 def cmd_studies(args: argparse.Namespace) -> int:
@@ -152,7 +190,7 @@ def _print_rates(table: list[dict]) -> None:
     for r in table:
         theory = "" if r["theory"] is None else f"{r['theory']:+.3f}"
         ci = f"[{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]"
-        note = f" ({r['excluded']} diverged fits left out)" if r["excluded"] else ""
+        note = f" ({r['excluded']} left out)" if r["excluded"] else ""
         print(f"{r['setting']:<22} {r['loss']:<11} {r['block']:<7} {r['slope']:+7.3f}  {ci:<18} "
               f"{theory:>7}  {r['verdict']:<10} {r['median_slope']:+12.3f}{note}")
 
@@ -163,6 +201,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .studies import Store, catalogue, rate_table, reproduce
+    from .studies.rates import fit_summary
     from .studies.report import write_report
     study = catalogue.get(args.name)
     db = Path(args.db or f"runs/{study.name}.sqlite")
@@ -178,10 +217,11 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"study": study.name, "seconds": stats.seconds, "fits": stats.fits,
                           "skipped": stats.skipped, "db": str(db), "report": str(report),
-                          "rates": table}))
+                          "summary": fit_summary(rows), "rates": table}))
         return 0
     print(f"{study.name}: {stats.fits} fits run, {stats.skipped} already in {db}, "
           f"{stats.seconds:.1f} s")
+    print(fit_summary(rows))
     _print_rates(table)
     print(f"report: {report}")
     return 0
@@ -192,6 +232,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .studies import Store, Study, rate_table
+    from .studies.rates import fit_summary
     from .studies.report import write_report
     if not Path(args.db).exists():
         raise UsageError(f"{args.db} does not exist; run 'gatelab reproduce NAME --db {args.db}' "
@@ -206,14 +247,55 @@ def cmd_report(args: argparse.Namespace) -> int:
             table = rate_table(study, rows)
             out = Path(args.out or Path(args.db).with_suffix("")) / name
             report = write_report(study, rows, table, out, None)
-            print(f"{name}: {len(rows)} fits")
+            print(f"{name}: {fit_summary(rows)}")
             _print_rates(table)
             print(f"report: {report}")
     return 0
 
 
 def _gate_options(args: argparse.Namespace) -> dict:
-    return {} if args.top_k is None else {"top_k": args.top_k}
+    """Gate options from the command line, with CLI words for what a gate needs."""
+    options = {} if args.top_k is None else {"top_k": args.top_k}
+    if args.gate == "topk" and args.top_k is None:
+        raise UsageError("--gate topk needs --top-k K (how many experts each sample keeps).")
+    if args.gate == "hierarchical":
+        if args.n_groups is None or args.n_inner is None:
+            raise UsageError("--gate hierarchical needs --n-groups G and --n-inner J "
+                             "(G groups of J experts; --experts is then G * J).")
+        options |= {"n_groups": args.n_groups, "n_inner": args.n_inner,
+                    "outer": args.outer, "inner": args.inner}
+    elif args.n_groups is not None or args.n_inner is not None:
+        raise UsageError("--n-groups and --n-inner belong to --gate hierarchical.")
+    return options
+
+
+def _add_fit_arguments(p: argparse.ArgumentParser, gates: list[str], tol: float,
+                       max_iter: int) -> None:
+    p.add_argument("data", help="CSV file with a header row")
+    p.add_argument("--x", action="append", required=True, metavar="COL",
+                   help="covariate column (repeat for several)")
+    p.add_argument("--y", required=True, metavar="COL", help="response column")
+    p.add_argument("--experts", type=_positive_int, metavar="K",
+                   help="number of experts (with --gate hierarchical: G * J, the default)")
+    p.add_argument("--gate", default="softmax", choices=gates, metavar="GATE",
+                   help=f"one of: {', '.join(gates)}")
+    p.add_argument("--top-k", type=_positive_int, default=None, metavar="K",
+                   help="experts kept per sample (needed by --gate topk)")
+    p.add_argument("--n-groups", type=_positive_int, metavar="G",
+                   help="--gate hierarchical: number of groups")
+    p.add_argument("--n-inner", type=_positive_int, metavar="J",
+                   help="--gate hierarchical: experts per group")
+    level_gates = [g for g in gates if g not in ("hierarchical", "topk", "sigmoid")]
+    for level in ("outer", "inner"):
+        p.add_argument(f"--{level}", default="softmax", choices=level_gates, metavar="GATE",
+                       help=f"--gate hierarchical: the {level} level's gate (default softmax)")
+    p.add_argument("--expert", default="linear", choices=list(EXPERTS),
+                   help="expert family (default linear)")
+    p.add_argument("--n-init", type=_positive_int, default=5, help="random starts (best kept)")
+    p.add_argument("--tol", type=float, default=tol, help="relative tolerance")
+    p.add_argument("--max-iter", type=_positive_int, default=max_iter)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
 def _positive_int(text: str) -> int:
@@ -238,21 +320,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--replicates", type=int, default=40, help="replicates, drawn as one batch")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=cmd_demo)
-    p = sub.add_parser("fit", help="fit a Gaussian MoE to a CSV file by EM")
-    p.add_argument("data", help="CSV file with a header row")
-    p.add_argument("--x", action="append", required=True, metavar="COL",
-                   help="covariate column (repeat for several)")
-    p.add_argument("--y", required=True, metavar="COL", help="response column")
-    p.add_argument("--experts", type=int, required=True, help="number of experts k")
-    p.add_argument("--gate", default="softmax", help=f"one of: {', '.join(GATES)}")
-    p.add_argument("--top-k", type=int, default=None, help="top-K selection for the gate")
-    p.add_argument("--expert", default="linear", help="linear, polynomial, ffn or constant")
-    p.add_argument("--n-init", type=int, default=5, help="random starts (best kept)")
-    p.add_argument("--tol", type=float, default=1e-6, help="relative log-likelihood tolerance")
-    p.add_argument("--max-iter", type=int, default=2000)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p = sub.add_parser("fit", help="fit a Gaussian MoE to a CSV file by EM (maximum likelihood)",
+                       description="Fit a Gaussian MoE by EM. Its gate weights must sum to one; "
+                                   "for sigmoid gating use 'gatelab fit-lsq'.")
+    _add_fit_arguments(p, [g for g in GATES if g != "sigmoid"], 1e-6, 2000)
+    p.add_argument("--gate-ridge", type=float, default=0.0, metavar="LAMBDA",
+                   help="penalise linear gate slopes by LAMBDA/2 ||beta1||^2 (default 0: the "
+                        "MLE); for data the gate separates")
     p.set_defaults(run=cmd_fit)
+    p = sub.add_parser("fit-lsq", help="fit an MoE regression to a CSV file by least squares "
+                                       "(any gate, sigmoid included)")
+    _add_fit_arguments(p, list(GATES), 1e-8, 500)
+    p.set_defaults(run=cmd_fit_lsq)
     p = sub.add_parser("studies", help="list the built-in convergence-rate studies")
     p.set_defaults(run=cmd_studies)
     p = sub.add_parser("reproduce", help="run or resume a study; print rates; write a report")
@@ -294,7 +373,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 # Commands that leave nothing open behind them (no store, no pool, no Ray): they may end
 # the process at once. Tearing torch down at a normal exit takes about 0.3 s, a quarter
 # of a command-line fit from start to finish.
-_FAST_EXIT = ("fit", "gates", "studies")
+_FAST_EXIT = ("fit", "fit-lsq", "gates", "studies")
 
 
 def run() -> None:
@@ -305,7 +384,12 @@ def run() -> None:
     # In this process they live to the end, so take them out of its view; ``main``
     # itself leaves the collector alone, for callers that go on running.
     gc.freeze()
-    code = main(argv)
+    try:
+        code = main(argv)
+        sys.stdout.flush()
+    except BrokenPipeError:  # the reader left (e.g. `| head`): not worth a traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 1
     if argv and argv[0] in _FAST_EXIT:
         sys.stdout.flush()
         sys.stderr.flush()

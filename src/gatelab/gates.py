@@ -103,7 +103,12 @@ class Gate(ABC):
 
     def select(self, scores_NE: Tensor) -> Tensor:
         """Top-K selection (identity when ``top_k`` is None)."""
-        return scores_NE if self.top_k is None else top_k_mask(scores_NE, self.top_k)
+        if self.top_k is None:
+            return scores_NE
+        if self.top_k > scores_NE.shape[-1]:
+            raise ValueError(f"top_k={self.top_k} exceeds the {scores_NE.shape[-1]} experts this "
+                             f"gate routes over; choose top_k <= {scores_NE.shape[-1]}.")
+        return top_k_mask(scores_NE, self.top_k)
 
     def weights(self, x_ND: Tensor, params: Params) -> Tensor:
         """Gate weights w(x), shape (..., N, E)."""
@@ -142,6 +147,14 @@ class Gate(ABC):
                       batch_shape: tuple[int, ...] = (), dtype: torch.dtype = torch.float64) -> Params:
         """Standard-normal draws for every block (tests and random starts)."""
         return random_blocks(self.param_shapes(n_experts, dim), generator, batch_shape, dtype)
+
+    def random_start_blocks(self) -> tuple[str, ...]:
+        """Blocks that data-driven random starts draw at random instead of at zero: those
+        where a flat gate is a point its estimator cannot leave. A top-K gate at zero slopes
+        ties every score, so the selection (and with K = 1 the gate) never changes."""
+        if self.top_k is not None and "beta1" in self.param_shapes(2, 1):
+            return ("beta1",)
+        return ()
 
     def free_mask(self, n_experts: int, dim: int) -> dict[str, Tensor]:
         """Boolean masks of the entries an estimator may move: all but, for softmax-type
@@ -231,6 +244,10 @@ class CosineGate(Gate):
         if self.unit_beta:
             s = s / (_norm(beta1) + self.tau1).unsqueeze(-2)
         return s + params["beta0"].unsqueeze(-2)
+
+    def random_start_blocks(self) -> tuple[str, ...]:
+        """At beta1 = 0 the cosine score is 0/0 (taken as 0) with no usable derivative."""
+        return ("beta1",)
 
     def normalise(self, params: Params) -> Params:
         """With tau1 = 0 the score depends on beta1_i only through its direction, so the
@@ -406,6 +423,10 @@ class HierarchicalGate(Gate):
         log_inner_GNJ = self.inner.log_weights(x_ND.unsqueeze(-3), take_prefix("inner.", params))
         log_inner_NGJ = log_inner_GNJ.movedim(-3, -2)
         return (log_outer_NG.unsqueeze(-1) + log_inner_NGJ).flatten(-2)
+
+    def random_start_blocks(self) -> tuple[str, ...]:
+        return (tuple(f"outer.{b}" for b in self.outer.random_start_blocks())
+                + tuple(f"inner.{b}" for b in self.inner.random_start_blocks()))
 
     def free_mask(self, n_experts: int, dim: int) -> dict[str, Tensor]:
         inner = {k: m.expand(self.n_groups, *m.shape)

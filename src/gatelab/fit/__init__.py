@@ -5,11 +5,13 @@ from .em import FitResult, e_step, fit_em, m_step, select_best
 from .em_known import trainable_part
 from .init import from_responsibilities, near_truth, random_starts
 from .lsq import LSQResult, fit_lsq
+from .status import STATUS_MEANING, FitStatus, status_names
 from .topk import fit_topk_segments, split_profile
 
 __all__ = ["FitResult", "e_step", "fit_em", "trainable_part", "m_step", "select_best", "GaussianMoERegressor",
            "NotFittedError", "from_responsibilities", "near_truth", "random_starts", "LSQResult",
-           "fit_lsq", "fit_topk_segments", "split_profile"]
+           "fit_lsq", "fit_topk_segments", "split_profile", "FitStatus", "STATUS_MEANING",
+           "status_names"]
 
 
 def __getattr__(name: str):

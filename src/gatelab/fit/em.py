@@ -32,6 +32,7 @@ Shape legend: B problems, N samples, D features, E experts, P parameters.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -46,6 +47,7 @@ from ..params import Params, pack, pick, take_prefix, unpack, with_prefix
 from . import _fused
 from .distance_gate import distance_gate_update, is_distance_gate
 from .newton import halving_step, newton_ascent, newton_direction
+from .status import MIN_EXPERT_WEIGHT, fit_status
 
 __all__ = ["FitResult", "fit_em", "select_best", "e_step", "m_step", "gate_update"]
 
@@ -58,6 +60,7 @@ class FitResult(NamedTuple):
     n_iter: Tensor       # (*batch,) EM updates done
     converged: Tensor    # (*batch,) bool: stopped on the tolerance, not on max_iter
     degenerate: Tensor   # (*batch,) bool: a variance was floored or an expert emptied
+    status: Tensor | None = None   # (*batch,) int8 ``FitStatus`` codes (see ``fit.status``)
     history: Tensor | None = None  # (*batch, max_iter + 1) log-likelihood trace, NaN-padded
 
 
@@ -127,7 +130,7 @@ def _variances(model, x_BND, y_BN, resp_BNE, params, floor_B) -> tuple[Tensor, T
     nk_BE = resp_BNE.sum(-2)
     var = (resp_BNE * (y_BN.unsqueeze(-1) - mu).square()).sum(-2) / nk_BE.clamp_min(1e-300)
     var = torch.where(nk_BE > 1e-10, var, params["var"])
-    low = (var < floor_B.unsqueeze(-1)) | (nk_BE < 1.0)
+    low = (var < floor_B.unsqueeze(-1)) | (nk_BE < MIN_EXPERT_WEIGHT)
     return torch.maximum(var, floor_B.unsqueeze(-1)), low.any(-1)
 
 
@@ -219,35 +222,63 @@ def _softmax_neg_hessian(diag_BEPP: Tensor, cross_BEEPP: Tensor) -> Tensor:
     return (block_diag - cross_BEEPP.permute(0, 1, 3, 2, 4)).reshape(b, e * p, e * p)
 
 
-def _gate_step(model: GaussianMoE, x_BND, resp_BNE, params, steps: int) -> Params:
+def _gate_step(model: GaussianMoE, x_BND, resp_BNE, params, steps: int,
+               ridge: float = 0.0) -> Params:
     return gate_update(model.gate, model.n_experts, x_BND, resp_BNE,
-                       pick(params, model._gate_shapes()), steps)
+                       pick(params, model._gate_shapes()), steps, ridge)
+
+
+def slope_penalty(params: Params, ridge: float) -> Tensor | float:
+    """(ridge / 2) * sum of squared gate slopes (every block named ``beta1``, a
+    hierarchical gate's levels included), per problem (B,); 0 when ridge is 0."""
+    if ridge == 0:
+        return 0.0
+    return 0.5 * ridge * sum(v.square().flatten(1).sum(-1) for k, v in params.items()
+                             if k.rsplit(".", 1)[-1] == "beta1")
+
+
+def check_gate_ridge(model, ridge: float) -> None:
+    """``gate_ridge`` penalises the slopes of linear (softmax, top-K) gates only."""
+    if ridge < 0 or not math.isfinite(ridge):
+        raise ValueError(f"gate_ridge must be a finite number >= 0; got {ridge}.")
+    if ridge == 0:
+        return
+    gate = getattr(model, "gate", None)
+    levels = [gate.outer, gate.inner] if isinstance(gate, HierarchicalGate) else [gate]
+    if not all(isinstance(g, LinearGate) for g in levels):
+        raise ValueError(f"gate_ridge penalises the slopes beta1 of linear gates (softmax, "
+                         f"topk); the gate of {model!r} has none. Use gate_ridge=0.")
 
 
 def gate_update(gate: Gate, n_experts: int, x_BND: Tensor, resp_BNE: Tensor,
-                gate_params: Params, steps: int) -> Params:
+                gate_params: Params, steps: int, ridge: float = 0.0) -> Params:
     """``steps`` Newton steps on the gate's part of Q, sum_n sum_i r_ni log w_i(x_n), that
     never lower it: IRLS for the plain softmax, closed-form Newton for Laplace and
     Gaussian gates (``distance_gate``), autograd Newton for other gates, and for a
-    hierarchical gate one update per level (below)."""
+    hierarchical gate one update per level (below). With ``ridge`` > 0 the objective is
+    Q - (ridge / 2) ||beta1||^2 (``slope_penalty``), by autograd Newton."""
     if n_experts == 1:  # one expert: the normalised weight is 1 whatever the gate
         return dict(gate_params)
-    if _is_plain_softmax(gate):
-        return _irls_softmax(x_BND, resp_BNE, gate_params, steps)
     if isinstance(gate, HierarchicalGate):
-        return _hierarchical_update(gate, x_BND, resp_BNE, gate_params, steps)
-    if is_distance_gate(gate):
+        return _hierarchical_update(gate, x_BND, resp_BNE, gate_params, steps, ridge)
+    if ridge == 0 and _is_plain_softmax(gate):
+        return _irls_softmax(x_BND, resp_BNE, gate_params, steps)
+    if ridge == 0 and is_distance_gate(gate):
         return distance_gate_update(gate, x_BND, resp_BNE, gate_params, steps)
     shapes = gate.param_shapes(n_experts, x_BND.shape[-1])
     free = pack({k: m.expand(gate_params[k].shape[:1] + m.shape)
                  for k, m in gate.free_mask(n_experts, x_BND.shape[-1]).items()}, shapes)
-    objective = lambda t: _gate_q(gate, x_BND, resp_BNE, unpack(t, shapes))  # noqa: E731
+
+    def objective(t: Tensor) -> Tensor:
+        p = unpack(t, shapes)
+        return _gate_q(gate, x_BND, resp_BNE, p) - slope_penalty(p, ridge)
+
     theta, _ = newton_ascent(objective, pack(pick(gate_params, shapes), shapes), free, steps)
     return unpack(theta, shapes)
 
 
 def _hierarchical_update(gate: HierarchicalGate, x_BND: Tensor, resp_BNE: Tensor,
-                         gate_params: Params, steps: int) -> Params:
+                         gate_params: Params, steps: int, ridge: float = 0.0) -> Params:
     """The hierarchical gate's Q splits by level (arXiv 2410.02935): with r_n,gj the
     responsibility of expert j of group g and R_ng = sum_j r_n,gj,
 
@@ -261,24 +292,25 @@ def _hierarchical_update(gate: HierarchicalGate, x_BND: Tensor, resp_BNE: Tensor
     g, j = gate.n_groups, gate.n_inner
     resp_BNGJ = resp_BNE.unflatten(-1, (g, j))
     outer = gate_update(gate.outer, g, x_BND, resp_BNGJ.sum(-1),
-                        take_prefix("outer.", gate_params), steps)
+                        take_prefix("outer.", gate_params), steps, ridge)
     inner_in = {k: v.flatten(0, 1) for k, v in take_prefix("inner.", gate_params).items()}
     inner = gate_update(gate.inner, j, x_BND.unsqueeze(1).expand(b, g, n, d).flatten(0, 1),
-                        resp_BNGJ.movedim(2, 1).flatten(0, 1), inner_in, steps)
+                        resp_BNGJ.movedim(2, 1).flatten(0, 1), inner_in, steps, ridge)
     inner = {k: v.unflatten(0, (b, g)) for k, v in inner.items()}
     return {**with_prefix("outer.", outer), **with_prefix("inner.", inner)}
 
 
 def m_step(model: GaussianMoE, x_BND: Tensor, y_BN: Tensor, resp_BNE: Tensor, params: Params,
-           floor_B: Tensor, gate_steps: int = 1) -> tuple[Params, Tensor]:
-    """One ECM update of every block from the responsibilities; returns (params, degenerate)."""
+           floor_B: Tensor, gate_steps: int = 1, gate_ridge: float = 0.0) -> tuple[Params, Tensor]:
+    """One ECM update of every block from the responsibilities; returns (params, degenerate).
+    ``gate_ridge`` as in ``fit_em``."""
     new = dict(params)
     if model.expert.linear_in_params:
         new.update(_wls_experts(model, x_BND, y_BN, resp_BNE, params))
     else:
         new.update(_newton_experts(model, x_BND, y_BN, resp_BNE, params, gate_steps))
     new["var"], degenerate = _variances(model, x_BND, y_BN, resp_BNE, new, floor_B)
-    new.update(_gate_step(model, x_BND, resp_BNE, params, gate_steps))
+    new.update(_gate_step(model, x_BND, resp_BNE, params, gate_steps, gate_ridge))
     return new, degenerate
 
 
@@ -307,21 +339,27 @@ def _set_rows(state, idx, value):
 class _GeneralKernel:
     """Any gate, any expert: the reference path, in the (B, N, E) layout of the models.
     Its update is m_step then e_step; m_step's parts never lower Q, so the likelihood
-    never decreases."""
+    never decreases. With a gate ridge its "log-likelihood" is the penalised one,
+    l - (ridge / 2) ||beta1||^2, which is what then never decreases."""
 
-    def __init__(self, model: GaussianMoE, x: Tensor, y: Tensor, floor: Tensor, gate_steps: int):
+    def __init__(self, model: GaussianMoE, x: Tensor, y: Tensor, floor: Tensor, gate_steps: int,
+                 gate_ridge: float = 0.0):
         self.model, self.x, self.y, self.floor, self.gate_steps = model, x, y, floor, gate_steps
+        self.gate_ridge = gate_ridge
 
     def e_step(self, params: Params):
-        return e_step(self.model, self.x, self.y, params)
+        ll, resp = e_step(self.model, self.x, self.y, params)
+        return ll - slope_penalty(params, self.gate_ridge), resp
 
     def update(self, params: Params, resp: Tensor, ll: Tensor):
-        new, degenerate = m_step(self.model, self.x, self.y, resp, params, self.floor, self.gate_steps)
+        new, degenerate = m_step(self.model, self.x, self.y, resp, params, self.floor,
+                                 self.gate_steps, self.gate_ridge)
         ll_new, resp_new = self.e_step(new)
         return new, ll_new, resp_new, degenerate
 
     def subset(self, idx: Tensor) -> _GeneralKernel:
-        return _GeneralKernel(self.model, self.x[idx], self.y[idx], self.floor[idx], self.gate_steps)
+        return _GeneralKernel(self.model, self.x[idx], self.y[idx], self.floor[idx],
+                              self.gate_steps, self.gate_ridge)
 
 
 class _SoftmaxLinearKernel:
@@ -394,7 +432,7 @@ class _SoftmaxLinearKernel:
         rss = syy - 2 * (coef * rhs).sum(-1) + (coef.unsqueeze(-2) @ gram @ coef.unsqueeze(-1))[..., 0, 0]
         nk = gram[..., 0, 0]
         var = torch.where(nk > 1e-10, rss.clamp_min(0) / nk.clamp_min(1e-300), params["var"])
-        low = (var < self.floor.unsqueeze(-1)) | (nk < 1.0)
+        low = (var < self.floor.unsqueeze(-1)) | (nk < MIN_EXPERT_WEIGHT)
         out = {"b": coef[..., 0], "var": torch.maximum(var, self.floor.unsqueeze(-1))}
         if self.has_a:
             out["a"] = coef[..., 1:]
@@ -481,7 +519,8 @@ def _max_over_experts(t_BEN: Tensor) -> Tensor:
 ENGINES = ("auto", "tensor", "general")
 
 
-def _make_kernel(model: GaussianMoE, x, y, floor, gate_steps, engine: str = "auto"):
+def _make_kernel(model: GaussianMoE, x, y, floor, gate_steps, engine: str = "auto",
+                 gate_ridge: float = 0.0):
     from ..models import ContaminatedMoE, DeviatedGaussianMoE
     if engine not in ENGINES:
         raise ValueError(f"Unknown engine {engine!r}. Valid: {', '.join(ENGINES)}.")
@@ -489,10 +528,10 @@ def _make_kernel(model: GaussianMoE, x, y, floor, gate_steps, engine: str = "aut
         from .em_known import KnownPartKernel  # imports this module: import it late
         return KnownPartKernel(model, x, y, floor, gate_steps)
     fast = (engine != "general" and _is_plain_softmax(model.gate)
-            and model.expert.linear_in_params and gate_steps == 1)
+            and model.expert.linear_in_params and gate_steps == 1 and gate_ridge == 0)
     if fast:
         return _SoftmaxLinearKernel(model, x, y, floor, gate_steps, fused=None if engine == "auto" else False)
-    return _GeneralKernel(model, x, y, floor, gate_steps)
+    return _GeneralKernel(model, x, y, floor, gate_steps, gate_ridge)
 
 
 # --- the fitting loop --------------------------------------------------------------------
@@ -566,34 +605,52 @@ def _broadcast_problem(model: GaussianMoE, x, y, init: Params):
 @torch.no_grad()
 def fit_em(model: GaussianMoE, x: Tensor, y: Tensor, init: Params, *, tol: float = 1e-6,
            max_iter: int = 2000, var_floor: float = 1e-8, gate_steps: int = 1,
-           accelerate: bool = False, record: bool = False, engine: str = "auto") -> FitResult:
+           accelerate: bool = False, record: bool = False, engine: str = "auto",
+           gate_ridge: float = 0.0) -> FitResult:
     """Fit a Gaussian MoE by EM from ``init``, batched over its leading dimensions. Also
     fits a ``DeviatedGaussianMoE`` or ``ContaminatedMoE`` (see ``em_known``).
 
     ``init`` blocks have shape (*batch, ...) (e.g. (starts, replicates, ...)); x and y
     broadcast against them ((replicates, N, D) or one data set (N, D)). Each problem stops
     on its own when the relative change of its log-likelihood falls to ``tol``, or after
-    ``max_iter`` EM updates. Results have the batch shape; ``record`` keeps the
-    log-likelihood after every update (for monotonicity checks). ``engine="tensor"``
-    keeps the fast kernel in PyTorch (no C), ``engine="general"``
+    ``max_iter`` EM updates. Results have the batch shape, each with a ``status`` (see
+    ``gatelab.fit.status``: converged, max_iter, stuck, separated or degenerate);
+    ``record`` keeps the log-likelihood after every update (for monotonicity checks).
+    ``engine="tensor"`` keeps the fast kernel in PyTorch (no C), ``engine="general"``
     forces the reference kernel (the fast one is used by default where it applies).
+
+    ``gate_ridge`` > 0 maximises the penalised likelihood l - (gate_ridge / 2) ||beta1||^2
+    over linear gates' slopes instead of l, for data that a gate separates (status
+    ``separated``), where the MLE runs off to infinite slopes. It is an option, not the
+    default: the penalised estimate is not the MLE. The log-likelihood returned is l.
     """
     keep_freed_memory()
     check_positive("tol", tol)
     check_int("max_iter", max_iter, 1)
     check_int("gate_steps", gate_steps, 1)
+    check_gate_ridge(model, gate_ridge)
     x, y, params, lead = _broadcast_problem(model, x, y, model.normalise(init))
     # Work per pass: samples x experts (the known-part models have no n_experts).
     with using_threads(threads_for(y.numel() * params["var"].shape[-1])):
-        kernel = _make_kernel(model, x, y, var_floor * y.var(-1), gate_steps, engine)
-        del x, y
-        return _run_em(kernel, model.param_shapes(), params, lead, tol, max_iter,
-                       accelerate, record)
+        kernel = _make_kernel(model, x, y, var_floor * y.var(-1), gate_steps, engine, gate_ridge)
+        res = _run_em(kernel, model.param_shapes(), params, tol, max_iter, accelerate, record)
+        del kernel
+        status = fit_status(model, x, y, params, res.params, res.converged, res.degenerate)
+    loglik = res.loglik + slope_penalty(res.params, gate_ridge)
+    return _shaped(res._replace(loglik=loglik, status=status), lead)
 
 
-def _run_em(kernel, shapes, params: Params, lead, tol: float, max_iter: int, accelerate: bool,
+def _shaped(res, lead):
+    """A flat result (a ``FitResult`` or ``LSQResult``, fields (B, ...)) with the batch
+    shape ``lead`` restored on every field."""
+    shape = lambda t: None if t is None else t.reshape(tuple(lead) + tuple(t.shape[1:]))  # noqa: E731
+    return type(res)({k: shape(v) for k, v in res.params.items()}, *[shape(t) for t in res[1:]])
+
+
+def _run_em(kernel, shapes, params: Params, tol: float, max_iter: int, accelerate: bool,
             record: bool) -> FitResult:
-    """The loop of ``fit_em`` over a kernel's B problems."""
+    """The loop of ``fit_em`` over a kernel's B problems; a flat result (B, ...) without
+    its status."""
     b = params["var"].shape[0]
     out = {k: v.clone() for k, v in params.items()}
     out_ll = params["var"].new_full((b,), float("nan"))
@@ -601,7 +658,7 @@ def _run_em(kernel, shapes, params: Params, lead, tol: float, max_iter: int, acc
     converged, degenerate = torch.zeros(b, dtype=torch.bool), torch.zeros(b, dtype=torch.bool)
     history = out_ll.new_full((b, max_iter + 1), float("nan")) if record else None
     if not (accelerate or record) and getattr(kernel, "fused", False):
-        return _fused_plain_em(kernel, params, lead, tol, max_iter)
+        return _fused_plain_em(kernel, params, tol, max_iter)
     update = _squarem_update if accelerate else _plain_update
     idx = torch.arange(b)                       # problems in the kernel's rows
     live = torch.ones(b, dtype=torch.bool)      # rows still iterating
@@ -633,13 +690,10 @@ def _run_em(kernel, shapes, params: Params, lead, tol: float, max_iter: int, acc
             state, params = _rows(state, keep), {n: v[keep] for n, v in params.items()}
             aux = {n: v[keep] for n, v in aux.items()}
             live = torch.ones(keep.numel(), dtype=torch.bool)
-    shape = lambda t: t.reshape(tuple(lead) + tuple(t.shape[1:]))  # noqa: E731
-    return FitResult({k: shape(v) for k, v in out.items()}, shape(out_ll), shape(n_iter),
-                     shape(converged), shape(degenerate),
-                     None if history is None else shape(history))
+    return FitResult(out, out_ll, n_iter, converged, degenerate, history=history)
 
 
-def _fused_plain_em(kernel: _SoftmaxLinearKernel, params: Params, lead, tol: float,
+def _fused_plain_em(kernel: _SoftmaxLinearKernel, params: Params, tol: float,
                     max_iter: int) -> FitResult:
     """Plain EM with every iteration in C (``_fused.em``): the same updates and stopping
     rule as the loop of ``fit_em`` with ``_SoftmaxLinearKernel``, without a Python round
@@ -651,21 +705,19 @@ def _fused_plain_em(kernel: _SoftmaxLinearKernel, params: Params, lead, tol: flo
     out = {"b": coef[..., 0], "beta0": gate[..., 0], "beta1": gate[..., 1:], "var": var}
     if kernel.has_a:
         out["a"] = coef[..., 1:]
-    shape = lambda t: t.reshape(tuple(lead) + tuple(t.shape[1:]))  # noqa: E731
-    return FitResult({k: shape(out[k]) for k in params}, shape(ll), shape(n_iter),
-                     shape(converged), shape(degenerate))
+    return FitResult({k: out[k] for k in params}, ll, n_iter, converged, degenerate)
 
 
-def select_best(result: FitResult, dim: int = 0) -> FitResult:
-    """Keep, along ``dim`` (the restarts axis), the fit with the highest log-likelihood."""
-    ll = torch.nan_to_num(result.loglik, nan=float("-inf"))
-    best = ll.argmax(dim=dim, keepdim=True)
+def select_best(result, dim: int = 0):
+    """Keep, along ``dim`` (the restarts axis), the fit with the highest log-likelihood (a
+    ``FitResult``) or the lowest residual sum of squares (an ``LSQResult``)."""
+    score = result.loglik if isinstance(result, FitResult) else -result.rss
+    best = torch.nan_to_num(score, nan=float("-inf")).argmax(dim=dim, keepdim=True)
 
     def take(t: Tensor) -> Tensor:
         index = best.view(*best.shape, *[1] * (t.dim() - best.dim())).expand(
             *best.shape, *t.shape[best.dim():])
         return t.gather(dim, index).squeeze(dim)
 
-    return FitResult({k: take(v) for k, v in result.params.items()}, take(result.loglik),
-                     take(result.n_iter), take(result.converged), take(result.degenerate),
-                     None if result.history is None else take(result.history))
+    return type(result)({k: take(v) for k, v in result.params.items()},
+                        *[None if t is None else take(t) for t in result[1:]])

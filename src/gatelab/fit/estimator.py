@@ -23,6 +23,7 @@ from .._checks import check_finite, check_int, check_positive
 from ..experts import Expert
 from ..gates import Gate
 from .single import aic, bic, fit_best_of_starts
+from .status import status_names
 
 try:  # optional: scikit-learn integration
     from sklearn.base import BaseEstimator as _Base
@@ -119,22 +120,28 @@ class GaussianMoERegressor(_Regressor, _Base):
     n_experts : number of experts k >= 1.
     gate : a gate name from ``gatelab.GATES`` (softmax-type) or a ``Gate``.
     expert : 'linear', 'polynomial', 'ffn', 'constant' or an ``Expert``.
-    n_init : random starts, fitted together; the best log-likelihood is kept.
+    n_init : random starts, fitted together; the best log-likelihood is kept. The
+        likelihood of a mixture has many local maxima, so the default is 5 (as on the
+        command line); polynomial experts also start from the linear fit.
     tol, max_iter : stop when the relative log-likelihood change is <= tol.
     accelerate : SQUAREM acceleration (monotone); helps most when k is over-specified.
     var_floor : variances are floored at var_floor * Var(y); floored fits set
         ``degenerate_``.
+    gate_ridge : penalise linear gates' slopes by (gate_ridge / 2) ||beta1||^2 (0: the
+        MLE); for data a gate separates (``status_ == "separated"``).
     random_state : int seed for the starts.
 
     Fitted attributes: ``params_`` (dict of tensors), ``model_``, ``loglik_`` (total),
     ``lower_bound_`` (mean log-likelihood per sample, as scikit-learn's mixtures report),
-    ``converged_``, ``n_iter_``, ``degenerate_``, ``n_features_in_``.
+    ``status_`` (how the fit ended: converged, max_iter, separated, degenerate or stuck;
+    see ``gatelab.fit.status``), ``converged_``, ``n_iter_``, ``degenerate_``,
+    ``n_features_in_``.
     """
 
     def __init__(self, n_experts: int = 2, gate: str | Gate = "softmax",
-                 expert: str | Expert = "linear", *, n_init: int = 1, tol: float = 1e-6,
+                 expert: str | Expert = "linear", *, n_init: int = 5, tol: float = 1e-6,
                  max_iter: int = 2000, accelerate: bool = True, var_floor: float = 1e-8,
-                 random_state: int | None = None) -> None:
+                 gate_ridge: float = 0.0, random_state: int | None = None) -> None:
         self.n_experts = n_experts
         self.gate = gate
         self.expert = expert
@@ -143,6 +150,7 @@ class GaussianMoERegressor(_Regressor, _Base):
         self.max_iter = max_iter
         self.accelerate = accelerate
         self.var_floor = var_floor
+        self.gate_ridge = gate_ridge
         self.random_state = random_state
 
     # -- fitting --------------------------------------------------------------------
@@ -159,12 +167,13 @@ class GaussianMoERegressor(_Regressor, _Base):
         model, res = fit_best_of_starts(x, t, self.n_experts, self.gate, self.expert,
                                         n_init=self.n_init, tol=self.tol, max_iter=self.max_iter,
                                         accelerate=self.accelerate, var_floor=self.var_floor,
-                                        seed=seed)
+                                        gate_ridge=self.gate_ridge, seed=seed)
         self.model_, self.params_ = model, res.params
         self.loglik_ = float(res.loglik)
         self.lower_bound_ = self.loglik_ / x.shape[0]
         self.converged_, self.n_iter_ = bool(res.converged), int(res.n_iter)
         self.degenerate_ = bool(res.degenerate)
+        self.status_ = status_names(res.status)[0]
         self.n_features_in_ = x.shape[1]
         return self
 

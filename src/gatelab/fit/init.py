@@ -182,17 +182,34 @@ def _fused_m_step(kernel, resp_BNE: Tensor, params: Params) -> Params:
 def random_starts(model: GaussianMoE, x: Tensor, y: Tensor, n_starts: int = 1,
                   generator: torch.Generator | None = None) -> Params:
     """Data-driven random starts: random soft responsibilities (softmax of N(0, 3^2)
-    logits per sample) followed by one M-step from a flat gate. Gates with location
-    blocks ``W`` (Laplace, Gaussian) start at randomly chosen data points.
+    logits per sample) followed by one M-step from a flat gate. Gate location blocks
+    ``W`` (Laplace, Gaussian gates, at either level of a hierarchical gate) start at
+    randomly chosen data points, and the gate's ``random_start_blocks`` (where a flat gate
+    cannot move: cosine and top-K slopes) at N(0, 1 / Var(x_d)) draws.
     x (..., N, D), y (..., N); returns blocks of shape (n_starts, ..., k, ...)."""
     x, y = check_inputs(x, model.dim, y)
     check_int("n_starts", n_starts, 1)
     lead = (n_starts, *x.shape[:-2])
-    gate = {k: torch.zeros((*lead, *v), dtype=x.dtype) for k, v in model._gate_shapes().items()}
-    if "W" in gate:
-        rows = torch.randint(x.shape[-2], (*lead, model.n_experts), generator=generator)
-        xs = x.expand(*lead, *x.shape[-2:])
-        gate["W"] = xs.gather(-2, rows.unsqueeze(-1).expand(*rows.shape, model.dim))
+    drawn = set(model.gate.random_start_blocks())
+    gate = {}
+    for name, shape in model._gate_shapes().items():
+        if name.rsplit(".", 1)[-1] == "W":
+            gate[name] = _data_points(x, lead, shape[:-1], generator)
+        elif name in drawn:
+            noise = torch.randn((*lead, *shape), generator=generator, dtype=x.dtype)
+            gate[name] = noise / x.std(-2).clamp_min(1e-12).view(*x.shape[:-2], *[1] * (len(shape) - 1), -1)
+        else:
+            gate[name] = torch.zeros((*lead, *shape), dtype=x.dtype)
     logits = 3.0 * torch.randn((*lead, x.shape[-2], model.n_experts), generator=generator,
                                dtype=x.dtype)
     return from_responsibilities(model, x, y, torch.softmax(logits, -1), gate, generator)
+
+
+def _data_points(x: Tensor, lead: tuple[int, ...], count: tuple[int, ...],
+                 generator: torch.Generator | None) -> Tensor:
+    """Randomly chosen rows of x (..., N, D): (*lead, *count, D)."""
+    m = math.prod(count)
+    rows = torch.randint(x.shape[-2], (*lead, m), generator=generator)
+    xs = x.expand(*lead, *x.shape[-2:])
+    picked = xs.gather(-2, rows.unsqueeze(-1).expand(*rows.shape, x.shape[-1]))
+    return picked.reshape(*lead, *count, x.shape[-1])

@@ -24,8 +24,15 @@ from .._checks import check_int, check_positive
 from .._threads import threads_for, using_threads
 from ..models import MoERegression
 from ..params import Params, Shapes, pack, unpack
+from .status import fit_status
 
-__all__ = ["LSQResult", "fit_lsq"]
+__all__ = ["LSQResult", "fit_lsq", "profile_loglik"]
+
+
+def profile_loglik(rss: Tensor, n: int) -> Tensor:
+    """The Gaussian log-likelihood at the least-squares fit with its MLE noise variance
+    RSS / n: -n/2 (log(2 pi RSS / n) + 1)."""
+    return -0.5 * n * (torch.log(2 * torch.pi * rss / n) + 1)
 
 
 class LSQResult(NamedTuple):
@@ -35,6 +42,7 @@ class LSQResult(NamedTuple):
     rss: Tensor          # (*batch,)
     n_iter: Tensor       # (*batch,)
     converged: Tensor    # (*batch,) bool
+    status: Tensor | None = None   # (*batch,) int8 ``FitStatus`` codes (see ``fit.status``)
     history: Tensor | None = None  # (*batch, max_iter + 1) RSS trace, NaN-padded
 
 
@@ -105,19 +113,25 @@ def fit_lsq(model: MoERegression, x: Tensor, y: Tensor, init: Params, *, tol: fl
     dimensions (as ``fit_em``). Each problem stops when even an undamped Gauss-Newton step
     is predicted to lower the RSS by a relative ``tol`` or less, or when a lightly damped
     step (lam <= 1) lowered it by a relative ``tol`` or less (heavily damped steps are
-    short by construction, so their small decrease says nothing), or after ``max_iter``."""
-    from .em import _broadcast_problem
+    short by construction, so their small decrease says nothing), or after ``max_iter``.
+    Each fit has a ``status`` (``gatelab.fit.status``); ``degenerate`` there means
+    RSS / N <= ``VARIANCE_COLLAPSE`` Var(y), a fit through the points."""
+    from .em import _broadcast_problem, _shaped
     check_positive("tol", tol)
     check_int("max_iter", max_iter, 1)
     x, y, params, lead = _broadcast_problem(model, x, y, init)
+    start = model.normalise(params)
     with using_threads(threads_for(y.numel() * model.n_experts)):
-        return _run_lsq(_Problem(model, x, y, model.normalise(params)), lead, tol, max_iter,
-                        lam0, record)
+        res = _run_lsq(_Problem(model, x, y, start), tol, max_iter, lam0, record)
+        status = fit_status(model, x, y, start, res.params, res.converged,
+                            torch.zeros_like(res.converged))
+    return _shaped(res._replace(status=status), lead)
 
 
-def _run_lsq(problem: _Problem, lead, tol: float, max_iter: int, lam0: float,
+def _run_lsq(problem: _Problem, tol: float, max_iter: int, lam0: float,
              record: bool) -> LSQResult:
-    """The Levenberg-Marquardt loop of ``fit_lsq`` over the problem's B rows."""
+    """The Levenberg-Marquardt loop of ``fit_lsq`` over the problem's B rows (a flat
+    result without its status)."""
     theta = problem.theta()
     b = theta.shape[0]
     lam = torch.full((b,), lam0, dtype=theta.dtype)
@@ -150,6 +164,4 @@ def _run_lsq(problem: _Problem, lead, tol: float, max_iter: int, lam0: float,
             history[idx, it] = rss[idx]
     fitted = problem.params(theta)
     fitted["nu"] = (rss / problem.y.shape[-1]).clamp_min(torch.finfo(rss.dtype).tiny)
-    shape = lambda t: t.reshape(tuple(lead) + tuple(t.shape[1:]))  # noqa: E731
-    return LSQResult({k: shape(v) for k, v in fitted.items()}, shape(rss), shape(n_iter),
-                     shape(converged), None if history is None else shape(history))
+    return LSQResult(fitted, rss, n_iter, converged, history=history)

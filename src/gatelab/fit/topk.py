@@ -40,8 +40,10 @@ from ..gates import LinearGate
 from ..models import GaussianMoE
 from ..params import Params
 from .em import FitResult, fit_em
+from .status import VARIANCE_COLLAPSE, FitStatus
 
-__all__ = ["Split", "split_profile", "fit_topk_segments", "segment_top_k", "BOUNDARY_SCALE"]
+__all__ = ["Split", "split_profile", "fit_topk_segments", "segment_top_k", "random_sides",
+           "BOUNDARY_SCALE"]
 
 #: Gate-score slope that stands in for the infinite one of the limiting model: a
 #: wrong-side expert's weight is exp(-1e6 |x - t|), below 1e-40 beyond 1e-4 of the boundary.
@@ -131,45 +133,55 @@ def segment_top_k(model: GaussianMoE) -> int:
     if gate.top_k >= model.n_experts:
         raise ValueError(f"A top-{gate.top_k} gate over {model.n_experts} experts keeps them all: "
                          f"it is a dense softmax gate; fit it with fit_em.")
+    if model.n_experts > 2 * gate.top_k:
+        raise ValueError(f"fit_topk_segments gives each side of the boundary at most K = "
+                         f"{gate.top_k} experts, so it fits at most {2 * gate.top_k}; got "
+                         f"n_experts={model.n_experts}. Fit fewer experts or a larger top_k.")
     return gate.top_k
 
 
 def fit_topk_segments(model: GaussianMoE, x: Tensor, y: Tensor, init: Params, *,
                       tol: float = 1e-6, max_iter: int = 2000, accelerate: bool = False,
-                      min_size: int = 5, var_floor: float = 1e-8) -> FitResult:
+                      min_size: int = 5, var_floor: float = 1e-8,
+                      sides: Tensor | None = None) -> FitResult:
     """Fit a top-K sparse softmax Gaussian MoE (k experts, one covariate, linear experts)
     to data from a two-region truth, as the limit described in the module docstring.
 
     x (R, N, 1), y (R, N) with starts ``init`` (S, R, k, ...), or one data set x (N, 1),
-    y (N,) with starts (S, k, ...), in the model's own form (e.g. ``near_truth``). Each
-    start's experts go to the side whose OLS fit is nearest in (a, b, var); a start that
-    leaves a side with no expert, or with more than K, is skipped (log-likelihood -inf).
+    y (N,) with starts (S, k, ...), in the model's own form (e.g. ``near_truth`` or
+    ``random_starts``). Each start's experts go to the side whose OLS fit is nearest in
+    (a, b, var), as far as each side gets between 1 and K experts (``_assign_sides``);
+    or ``sides`` gives the assignment, (S, [R,] k) bool, True for the right side (e.g.
+    ``random_sides`` for random starts, whose experts all resemble the pooled fit).
     A side with m >= 2 experts is fitted by EM from the start's own values with a dense
     softmax gate, as the top-K gate is there (the starts that give a side the same m are
     one batched ``fit_em``). The result (S, R, ...) is in the model's form, each side's
     experts' scores lifted by +-c (x - t), with c at least ``BOUNDARY_SCALE`` times the
     largest within-side score, so that the top-K selection switches at t. The
-    log-likelihood is the model's own at the returned parameters."""
+    log-likelihood is the model's own at the returned parameters. The status is the most
+    serious of the two sides' (``gatelab.fit.status``): the lifted boundary is the
+    limiting model by design, not a separated fit."""
     top_k = segment_top_k(model)
     if x.dim() == 2:
         res = fit_topk_segments(model, x.unsqueeze(0), y.unsqueeze(0),
                                 {k: v.unsqueeze(1) for k, v in init.items()}, tol=tol,
                                 max_iter=max_iter, accelerate=accelerate, min_size=min_size,
-                                var_floor=var_floor)
+                                var_floor=var_floor,
+                                sides=None if sides is None else sides.unsqueeze(1))
         return FitResult({k: v.squeeze(1) for k, v in res.params.items()},
-                         *[t.squeeze(1) for t in res[1:5]])
+                         *[t.squeeze(1) for t in res[1:6]])
     x1 = x.squeeze(-1)
     with using_threads(threads_for(y.numel())):
         split = split_profile(x1, y, min_size, var_floor)
-    right = _assign_sides(init, split)                                 # (S, R, k)
-    counts = torch.stack([(~right).sum(-1), right.sum(-1)], -1)        # (S, R, 2)
-    valid = (counts >= 1).all(-1) & (counts <= top_k).all(-1)
+    right = _assign_sides(init, split, top_k) if sides is None else _checked_sides(sides, init, top_k)
     out = {k: v.clone() for k, v in init.items()}
-    n_iter = torch.zeros(valid.shape, dtype=torch.long)
-    converged, degenerate = valid.clone(), torch.zeros_like(valid)
+    shape = right.shape[:2]
+    n_iter = torch.zeros(shape, dtype=torch.long)
+    converged, degenerate = torch.ones(shape, dtype=torch.bool), torch.zeros(shape, dtype=torch.bool)
+    status = torch.zeros(shape, dtype=torch.int8)
     options = {"tol": tol, "max_iter": max_iter, "accelerate": accelerate, "var_floor": var_floor}
-    for r in range(valid.shape[1]):
-        starts = valid[:, r].nonzero().flatten().tolist()
+    for r in range(shape[1]):
+        starts = list(range(shape[0]))
         sides = [_fit_side(model, x1[r], y[r], split, r, j, right[:, r], starts,
                            {k: v[:, r] for k, v in init.items()}, options) for j in (0, 1)]
         for s in starts:
@@ -180,20 +192,53 @@ def fit_topk_segments(model: GaussianMoE, x: Tensor, y: Tensor, init: Params, *,
             n_iter[s, r] = max(f.n_iter for f in fits)
             converged[s, r] = all(f.converged for f in fits)
             degenerate[s, r] = any(f.degenerate for f in fits)
+            status[s, r] = max(f.status for f in fits)
     out = model.normalise(out)
     # The log-likelihood of the returned parameters themselves, so that a side fit whose
     # gate ran off (overflowing its own bookkeeping) cannot win the choice of start.
-    loglik = torch.where(valid, model.log_likelihood(x1.unsqueeze(-1), y, out), float("-inf"))
-    loglik = torch.nan_to_num(loglik, nan=float("-inf"))
-    return FitResult(out, loglik, n_iter, converged, degenerate | ~torch.isfinite(loglik))
+    loglik = torch.nan_to_num(model.log_likelihood(x1.unsqueeze(-1), y, out), nan=float("-inf"))
+    broken = ~torch.isfinite(loglik)
+    status[broken] = torch.maximum(status[broken], torch.tensor(FitStatus.DEGENERATE, dtype=torch.int8))
+    return FitResult(out, loglik, n_iter, converged, degenerate | broken, status)
 
 
-def _assign_sides(init: Params, split: Split) -> Tensor:
-    """True where a start's expert is nearer the right side's OLS fit (a, b, var)."""
+def random_sides(n_starts: int, n_experts: int, top_k: int,
+                 generator: torch.Generator | None = None) -> Tensor:
+    """Side assignments for ``n_starts`` starts, (S, k) bool (True: right): start s puts
+    the c-th feasible count of experts on the right (every count from max(1, k - K) to
+    min(K, k - 1), in turn), a random choice of which."""
+    counts = list(range(max(1, n_experts - top_k), min(top_k, n_experts - 1) + 1))
+    rows = []
+    for s in range(n_starts):
+        order = torch.randperm(n_experts, generator=generator)
+        rows.append(order < counts[s % len(counts)])
+    return torch.stack(rows)
+
+
+def _checked_sides(sides: Tensor, init: Params, top_k: int) -> Tensor:
+    if sides.dtype != torch.bool or sides.shape != init["var"].shape:
+        raise ValueError(f"sides must be a bool tensor of shape {tuple(init['var'].shape)} "
+                         f"(starts, [replicates,] experts); got {sides.dtype} "
+                         f"{tuple(sides.shape)}.")
+    n_right = sides.sum(-1)
+    k = sides.shape[-1]
+    if bool(((n_right < max(1, k - top_k)) | (n_right > min(top_k, k - 1))).any()):
+        raise ValueError(f"sides must give each side 1 to top_k={top_k} experts.")
+    return sides
+
+
+def _assign_sides(init: Params, split: Split, top_k: int) -> Tensor:
+    """True where a start's expert goes to the right side: the experts nearest the right
+    side's OLS fit in (a, b, var), relative to the left's, as many as are nearer to it,
+    but at least k - K and at most K (each side gets 1 to K experts; k <= 2K)."""
     start = torch.stack([init["a"][..., 0], init["b"], init["var"]], -1)        # (S, R, k, 3)
     sides = torch.stack([split.a, split.b, split.var], -1)                      # (R, 2, 3)
     dist = (start.unsqueeze(-2) - sides.unsqueeze(-3)).square().sum(-1)        # (S, R, k, 2)
-    return dist[..., 1] < dist[..., 0]
+    lean = dist[..., 1] - dist[..., 0]                # < 0: nearer the right side
+    k = lean.shape[-1]
+    n_right = (lean < 0).sum(-1).clamp(max(1, k - top_k), min(top_k, k - 1))   # (S, R)
+    rank = lean.argsort(-1).argsort(-1)               # 0 for the most right-leaning expert
+    return rank < n_right.unsqueeze(-1)
 
 
 class _Side(NamedTuple):
@@ -201,6 +246,7 @@ class _Side(NamedTuple):
     n_iter: int
     converged: bool
     degenerate: bool
+    status: int             # a ``FitStatus`` code
 
 
 def _fit_side(model: GaussianMoE, x: Tensor, y: Tensor, split: Split, r: int, j: int,
@@ -212,7 +258,9 @@ def _fit_side(model: GaussianMoE, x: Tensor, y: Tensor, split: Split, r: int, j:
     m_of = {s: int(members[s].sum()) for s in starts}
     ols = {"a": split.a[r, j].view(1, 1), "b": split.b[r, j].view(1),
            "var": split.var[r, j].view(1), "beta1": x.new_zeros(1, 1), "beta0": x.new_zeros(1)}
-    fits = {s: _Side(ols, 1, True, False) for s in starts if m_of[s] == 1}
+    collapsed = bool(split.var[r, j] <= VARIANCE_COLLAPSE * y.var())
+    ols_status = FitStatus.DEGENERATE if collapsed else FitStatus.CONVERGED
+    fits = {s: _Side(ols, 1, True, collapsed, ols_status) for s in starts if m_of[s] == 1}
     mask = (x > split.boundary[r]) if j else (x < split.boundary[r])
     for m in sorted(set(m_of.values()) - {1}):
         group = [s for s in starts if m_of[s] == m]
@@ -221,7 +269,7 @@ def _fit_side(model: GaussianMoE, x: Tensor, y: Tensor, split: Split, r: int, j:
         res = fit_em(dense, x[mask].unsqueeze(-1), y[mask], batch, **options)
         for i, s in enumerate(group):
             fits[s] = _Side({k: v[i] for k, v in res.params.items()}, int(res.n_iter[i]),
-                            bool(res.converged[i]), bool(res.degenerate[i]))
+                            bool(res.converged[i]), bool(res.degenerate[i]), int(res.status[i]))
     return fits
 
 

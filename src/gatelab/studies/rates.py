@@ -7,7 +7,7 @@ its largest value."""
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -16,7 +16,24 @@ import numpy as np
 from .spec import Study
 from .store import FitRow
 
-__all__ = ["Rate", "slope", "rate", "verdict", "rate_table"]
+__all__ = ["Rate", "slope", "rate", "verdict", "rate_table", "left_out", "fit_summary",
+           "MIN_VERDICT_REPLICATES"]
+
+#: A bootstrap over fewer replicates than this has (next to) no spread: its interval says
+#: nothing, so no verdict is given.
+MIN_VERDICT_REPLICATES = 3
+
+
+def left_out(row: FitRow) -> str | None:
+    """Why a fit is left out of every slope of its setting, or None if it is used: its gate
+    separated the data ("separated", see ``gatelab.fit.status``: the MLE does not exist,
+    and the estimate is where the optimiser stopped), or a loss of it is not finite
+    ("infinite loss", e.g. a mass that diverged)."""
+    if row.status == "separated":
+        return "separated"
+    if not (np.isfinite(row.loss) and all(np.isfinite(v) for v in row.blocks.values())):
+        return "infinite loss"
+    return None
 
 
 class Rate(NamedTuple):
@@ -61,10 +78,28 @@ def rate(ns: Sequence[int], losses: Sequence[np.ndarray], n_boot: int = 1000, le
     return Rate(point, float(np.quantile(draws, tail)), float(np.quantile(draws, 1 - tail)))
 
 
-def verdict(theory: float | None, r: Rate) -> str:
-    """'within CI', 'faster' (the whole interval below the theoretical slope) or 'slower'."""
+def fit_summary(rows: Sequence[FitRow]) -> str:
+    """One line on how the fits ended and which were left out of the slopes, e.g.
+    "40 fits: 37 converged, 2 max_iter, 1 separated; left out of the slopes: 1
+    (1 separated)". Rows from stores older than fit statuses count as "unknown"."""
+    status = Counter(r.status or "unknown" for r in rows)
+    reasons = Counter(reason for reason in map(left_out, rows) if reason)
+    ended = ", ".join(f"{count} {name}" for name, count in sorted(status.items()))
+    out = f"{len(rows)} fits: {ended or 'none'}"
+    if reasons:
+        why = ", ".join(f"{count} {name}" for name, count in sorted(reasons.items()))
+        out += f"; left out of the slopes: {sum(reasons.values())} ({why})"
+    return out
+
+
+def verdict(theory: float | None, r: Rate, replicates: int = MIN_VERDICT_REPLICATES) -> str:
+    """'within CI', 'faster' (the whole interval below the theoretical slope) or 'slower';
+    'n/a' without a theory, 'too few' with fewer than ``MIN_VERDICT_REPLICATES``
+    replicates per size."""
     if theory is None:
         return "n/a"
+    if replicates < MIN_VERDICT_REPLICATES:
+        return "too few"
     if r.ci_high < theory:
         return "faster"
     if r.ci_low > theory:
@@ -75,11 +110,16 @@ def verdict(theory: float | None, r: Rate) -> str:
 def rate_table(study: Study, rows: Sequence[FitRow], n_boot: int = 1000) -> list[dict]:
     """One entry per setting and block ('total' for the whole loss) with slope, interval,
     theory and verdict, and the slope of log(median loss) with its interval
-    (``median_slope``, ``median_ci_low``, ``median_ci_high``). Non-finite losses (diverged fits, flagged degenerate) are left out
-    and counted in ``excluded``; sizes with a non-positive mean loss are left out too."""
+    (``median_slope``, ``median_ci_low``, ``median_ci_high``). Fits that ``left_out``
+    rejects are left out of every block's slope of their setting, and counted in
+    ``excluded``; sizes with a non-positive mean loss are left out too."""
     by_setting: dict[str, dict[int, list[FitRow]]] = defaultdict(lambda: defaultdict(list))
+    excluded: dict[str, int] = defaultdict(int)
     for row in rows:
-        by_setting[row.setting][row.n].append(row)
+        if left_out(row):
+            excluded[row.setting] += 1
+        else:
+            by_setting[row.setting][row.n].append(row)
     table = []
     for setting in study.settings:
         cells = by_setting.get(setting.name, {})
@@ -88,24 +128,22 @@ def rate_table(study: Study, rows: Sequence[FitRow], n_boot: int = 1000) -> list
             continue
         # Blocks every row has (a store resumed across versions may mix block sets).
         common = set.intersection(*(set(r.blocks) for n in ns for r in cells[n]))
-        blocks = ["total"] + sorted(common)
-        for block in blocks:
-            raw = [np.array([r.loss if block == "total" else r.blocks[block] for r in cells[n]],
-                            dtype=float) for n in ns]
-            losses = [v[np.isfinite(v)] for v in raw]
-            excluded = int(sum((~np.isfinite(v)).sum() for v in raw))
-            keep = [i for i, v in enumerate(losses) if len(v) and np.mean(v) > 0]
+        for block in ["total"] + sorted(common):
+            losses = [np.array([r.loss if block == "total" else r.blocks[block] for r in cells[n]],
+                               dtype=float) for n in ns]
+            keep = [i for i, v in enumerate(losses) if np.mean(v) > 0]
             if len(keep) < 2:
                 continue
             kept_ns, kept = [ns[i] for i in keep], [losses[i] for i in keep]
             r = rate(kept_ns, kept, n_boot=n_boot)
             med = rate(kept_ns, kept, n_boot=n_boot, statistic="median")
             theory = setting.theory if block == "total" else setting.theory_blocks.get(block)
+            replicates = int(np.median([len(v) for v in kept]))
             table.append({"setting": setting.name, "fitted_k": setting.fitted_k,
                           "loss": setting.loss, "block": block, "slope": r.slope,
                           "ci_low": r.ci_low, "ci_high": r.ci_high, "theory": theory,
-                          "verdict": verdict(theory, r), "median_slope": med.slope,
-                          "median_ci_low": med.ci_low, "median_ci_high": med.ci_high,
-                          "sizes": len(keep), "excluded": excluded,
-                          "replicates": int(np.median([len(v) for v in losses]))})
+                          "verdict": verdict(theory, r, min(len(v) for v in kept)),
+                          "median_slope": med.slope, "median_ci_low": med.ci_low,
+                          "median_ci_high": med.ci_high, "sizes": len(keep),
+                          "excluded": excluded[setting.name], "replicates": replicates})
     return table

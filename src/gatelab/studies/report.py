@@ -12,7 +12,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .rates import slope
+from .rates import MIN_VERDICT_REPLICATES, fit_summary, left_out, slope
 from .spec import Study
 from .store import FitRow
 
@@ -20,34 +20,47 @@ __all__ = ["plot_setting", "write_report"]
 
 
 def _series(rows: Sequence[FitRow], block: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(n, mean, standard error) of the finite losses of one block, by n."""
+    """(n, mean, standard error) of one block's losses by n, over the fits the slopes use
+    (``rates.left_out``)."""
     by_n: dict[int, list[float]] = defaultdict(list)
     for r in rows:
-        value = r.loss if block == "total" else r.blocks[block]
-        if np.isfinite(value):
-            by_n[r.n].append(value)
+        if not left_out(r):
+            by_n[r.n].append(r.loss if block == "total" else r.blocks[block])
     ns = np.array(sorted(n for n, v in by_n.items() if np.mean(v) > 0))
     means = np.array([np.mean(by_n[n]) for n in ns])
     ses = np.array([np.std(by_n[n]) / np.sqrt(len(by_n[n])) for n in ns])
     return ns, means, ses
 
 
+#: Panels per row of a setting's figure: three fit the report's page width.
+PANELS_PER_ROW = 3
+
+
 def plot_setting(study: Study, setting_name: str, rows: Sequence[FitRow], path: Path) -> Path:
     """One PNG: the total loss and each block's error against n, log-log, with the fitted
-    line (solid) and the theoretical slope (dashed) through the first point."""
+    line (solid) and the theoretical slope (dashed) through the first point; panels wrap
+    in rows of ``PANELS_PER_ROW``; the bars are one standard error over replicates."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     setting = next(s for s in study.settings if s.name == setting_name)
     blocks = ["total"] + sorted(rows[0].blocks) if rows else ["total"]
-    fig, axes = plt.subplots(1, len(blocks), figsize=(3.2 * len(blocks), 3.0), squeeze=False)
-    for ax, block in zip(axes[0], blocks):
+    ncols = min(PANELS_PER_ROW, len(blocks))
+    nrows = -(-len(blocks) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.4 * ncols, 2.9 * nrows), squeeze=False)
+    for ax in axes.flat[len(blocks):]:
+        ax.set_visible(False)
+    for ax, block in zip(axes.flat, blocks):
         ns, means, ses = _series(rows, block)
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_title(f"{setting.loss if block == 'total' else block}", fontsize=10)
-        ax.set_xlabel("n")
+        ax.set_xlabel("n", fontsize=8)
+        ax.set_ylabel("mean loss" if block == "total" else "mean error", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels collide on log axes
         if len(ns) < 2:
             continue
         lower = np.minimum(ses, means * 0.999)
@@ -61,7 +74,8 @@ def plot_setting(study: Study, setting_name: str, rows: Sequence[FitRow], path: 
             ax.plot(ns, means[0] * (ns / ns[0]) ** theory, "--", color="C3",
                     label=f"theory {theory:+.2f}")
         ax.legend(fontsize=8)
-    fig.suptitle(f"{study.name}: {setting_name}", fontsize=11)
+    fig.suptitle(f"{study.name}: {setting_name} (bars: 1 standard error over replicates)",
+                 fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -97,8 +111,6 @@ def write_report(study: Study, rows: Sequence[FitRow], table: list[dict], out: P
             continue
         png = plot_setting(study, setting.name, mine, out / f"{_slug(setting.name)}.png")
         images.append((setting.name, base64.b64encode(png.read_bytes()).decode()))
-    n_deg = sum(r.degenerate for r in rows)
-    n_unconv = sum(not r.converged for r in rows)
     fit_seconds = sum(r.seconds for r in rows)
     run = "" if stats is None else (f"<li>this run: {stats.fits} fits in {stats.seconds:.1f} s "
                                     f"({stats.skipped} already in the store)</li>")
@@ -115,12 +127,13 @@ def write_report(study: Study, rows: Sequence[FitRow], table: list[dict], out: P
                "95% bootstrap interval over replicates; the verdict compares it with the "
                "theoretical slope. The median slope fits log(median loss) instead: it is the "
                "robust reading where a few replicates have huge losses (over-specified fits). "
-               "Fits whose loss is not finite (a gate that diverged) are "
-               "left out of the slope and counted.</p>")
+               "Fits whose gate separated the data (no finite maximum likelihood estimate "
+               "exists) or whose loss is not finite are left out of every slope of their "
+               "setting and counted (column 'left out'). A verdict needs at least "
+               f"{MIN_VERDICT_REPLICATES} replicates per size.</p>")
     body.write(_table_html(table))
     body.write("<h2>Run</h2><ul>"
-               f"<li>{len(rows)} fits in the store; {n_unconv} stopped at max_iter; "
-               f"{n_deg} degenerate (variance floored, expert emptied or diverged)</li>"
+               f"<li>{html.escape(fit_summary(rows))} (statuses: see gatelab.fit.status)</li>"
                f"<li>{fit_seconds:.1f} s of fitting in all</li>{run}</ul>")
     body.write("<h2>Plots</h2>")
     for name, data in images:

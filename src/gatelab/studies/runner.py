@@ -26,6 +26,8 @@ from .. import __version__
 from .._threads import available_cores
 from ..fit import FitResult, fit_em, fit_lsq, near_truth, select_best
 from ..fit.init import near_truth_known
+from ..fit.lsq import profile_loglik
+from ..fit.status import status_names
 from ..fit.topk import fit_topk_segments
 from ..losses import voronoi_loss, wasserstein
 from ..gates import HierarchicalGate
@@ -48,7 +50,8 @@ def seed_for(study: Study, setting: str, n: int, replicate: int) -> int:
 
 # Bumped whenever a change to sampling, starts, fitting or losses changes the rows that an
 # unchanged spec gives, so that stores recompute rather than mix old rows with new.
-ROWS_VERSION = 1
+# 2: rows carry a fit status; top-K segment fits balance the sides instead of skipping.
+ROWS_VERSION = 2
 # Spec fields that change what is reported, not any row: the grid (a row is keyed by its
 # n and replicate), words, and the theory a slope is compared with.
 _STUDY_PRESENTATION = ("sizes", "quick_sizes", "replicates", "quick_replicates", "paper",
@@ -95,7 +98,8 @@ def _check_stale(study: Study, store: Store, hashes: dict[str, str], overwrite: 
                      for name, count in sorted(stale.items()))
     raise StaleResults(
         f"{store.path} holds fits of study {study.name!r} made from another version of its "
-        f"spec (settings {what}): they would not match the spec you ran. Rerun with "
+        f"spec, or by another version of gatelab's fitting code (settings {what}): they "
+        f"would not match the spec you ran. Rerun with "
         f"--overwrite (reproduce(..., overwrite=True)) to recompute exactly those settings, "
         f"keeping the others, or pass a new --db.")
 
@@ -141,14 +145,14 @@ def run_unit(study: Study, unit: Unit) -> list[FitRow]:
     seconds = (time.perf_counter() - start) / len(seeds)
     # Losses compare identifiable forms (e.g. ReLU experts' scale, a cosine router's norm).
     loss, blocks = _losses(model, truth_model, setting, model.normalise(res.params), truth)
-    # A gate that ran off to infinity (separation at small n) gives an infinite loss: the
-    # row is kept, flagged degenerate, and left out of the rate fit by the report.
-    degenerate = res.degenerate | ~torch.isfinite(loss.total)
+    # Rows whose gate separated the data or whose loss is not finite are kept and
+    # counted, and left out of the slopes (``rates.left_out``).
     digest = setting_hash(study, setting)
+    status = status_names(res.status)
     return [FitRow(study.name, unit.setting, unit.n, r, seed, float(loss.total[i]),
                    float(loss.mass[i]), {k: float(v[i]) for k, v in blocks.items()},
                    float(res.loglik[i]), int(res.n_iter[i]), bool(res.converged[i]),
-                   bool(degenerate[i]), seconds, __version__, digest)
+                   bool(res.degenerate[i]), seconds, __version__, digest, status[i])
             for i, (r, seed) in enumerate(zip(unit.replicates, seeds))]
 
 
@@ -220,10 +224,9 @@ def _fit(study: Study, model, x: torch.Tensor, y: torch.Tensor, init: dict) -> F
         return fit_topk_segments(model, x, y, init, **options)
     options.pop("accelerate", None)
     res = fit_lsq(model, x, y, init, **options)
-    n = x.shape[-2]
-    loglik = -0.5 * n * (torch.log(2 * torch.pi * res.rss / n) + 1)
+    loglik = profile_loglik(res.rss, x.shape[-2])
     return FitResult(res.params, loglik, res.n_iter, res.converged,
-                     torch.zeros_like(res.converged))
+                     torch.zeros_like(res.converged), res.status)
 
 
 def _start_truth(truth: dict, model) -> dict:

@@ -290,9 +290,10 @@ class Study:
         return model.normalise(params)
 
     def grid(self, quick: bool = False) -> tuple[tuple[int, ...], int]:
-        """(sample sizes, replicates) of the full or the quick run."""
+        """(sample sizes, replicates) of the full or the quick run; the quick run never
+        has more replicates than the full one."""
         if quick:
-            return (self.quick_sizes or self.sizes), self.quick_replicates
+            return (self.quick_sizes or self.sizes), min(self.quick_replicates, self.replicates)
         return self.sizes, self.replicates
 
     @classmethod

@@ -24,7 +24,7 @@ CREATE TABLE IF NOT EXISTS fits (
     study TEXT NOT NULL, setting TEXT NOT NULL, n INTEGER NOT NULL, replicate INTEGER NOT NULL,
     seed INTEGER NOT NULL, loss REAL, mass REAL, blocks TEXT NOT NULL, loglik REAL,
     n_iter INTEGER, converged INTEGER, degenerate INTEGER, seconds REAL,
-    version TEXT, created REAL, spec_hash TEXT,
+    version TEXT, created REAL, spec_hash TEXT, status TEXT,
     PRIMARY KEY (study, setting, n, replicate)
 );
 CREATE TABLE IF NOT EXISTS studies (name TEXT PRIMARY KEY, spec TEXT NOT NULL, updated REAL);
@@ -50,6 +50,7 @@ class FitRow:
     seconds: float
     version: str
     spec_hash: str = ""   # the inputs that made the row (runner.setting_hash)
+    status: str = ""      # how the fit ended (``gatelab.fit.status``); "" in old stores
 
 
 class Store:
@@ -64,9 +65,11 @@ class Store:
             self.conn.execute("PRAGMA journal_mode=WAL")
             self.conn.executescript(_SCHEMA)
             columns = {r[1] for r in self.conn.execute("PRAGMA table_info(fits)")}
-            if "spec_hash" not in columns:  # a store from before hashes: its rows are stale
-                with self.conn:
-                    self.conn.execute("ALTER TABLE fits ADD COLUMN spec_hash TEXT")
+            # Columns added since the first stores (their rows are stale: ROWS_VERSION).
+            for name in ("spec_hash", "status"):
+                if name not in columns:
+                    with self.conn:
+                        self.conn.execute(f"ALTER TABLE fits ADD COLUMN {name} TEXT")
         except sqlite3.DatabaseError as err:
             raise ValueError(f"{self.path} is not a gatelab results store ({err}). Pass another "
                              f"--db path.") from None
@@ -127,19 +130,19 @@ class Store:
         """Insert rows in one transaction; rows already present are left as they are."""
         values = [(r.study, r.setting, r.n, r.replicate, r.seed, r.loss, r.mass,
                    json.dumps(r.blocks), r.loglik, r.n_iter, int(r.converged), int(r.degenerate),
-                   r.seconds, r.version, time.time(), r.spec_hash) for r in rows]
+                   r.seconds, r.version, time.time(), r.spec_hash, r.status) for r in rows]
         with self.conn:
             cur = self.conn.executemany(
-                "INSERT OR IGNORE INTO fits VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT OR IGNORE INTO fits VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 values)
         return cur.rowcount
 
     def rows(self, study: str) -> list[FitRow]:
         cur = self.conn.execute(
             "SELECT study, setting, n, replicate, seed, loss, mass, blocks, loglik, n_iter, "
-            "converged, degenerate, seconds, version, spec_hash FROM fits WHERE study = ? "
+            "converged, degenerate, seconds, version, spec_hash, status FROM fits WHERE study = ? "
             "ORDER BY setting, n, replicate", (study,))
         nan = float("nan")  # SQLite stores NaN as NULL
         return [FitRow(*r[:5], nan if r[5] is None else r[5], nan if r[6] is None else r[6],
                        json.loads(r[7]), nan if r[8] is None else r[8], r[9], bool(r[10]),
-                       bool(r[11]), r[12], r[13], r[14] or "") for r in cur]
+                       bool(r[11]), r[12], r[13], r[14] or "", r[15] or "") for r in cur]
