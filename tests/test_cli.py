@@ -121,3 +121,10 @@ def test_fit_does_not_offer_a_gate_it_cannot_fit(two_lines_csv, capsys):
         cli.main(["fit", "--help"])
     text = capsys.readouterr().out
     assert "fit-lsq" in text and "sigmoid," not in text
+
+
+def test_schema_lists_every_key_with_its_meaning(capsys):
+    assert cli.main(["schema"]) == 0
+    out = capsys.readouterr().out
+    assert "| `settings[].theory_blocks` | table of numbers | `{}` |" in out
+    assert "_path" not in out and out.count("\n") > 30

@@ -6,6 +6,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -87,6 +88,11 @@ def test_catalogue_studies_load_and_validate():
     (lambda d: d["estimator"].update(lr=0.1), r"estimator: must be a table of method, tol"),
     (lambda d: d["estimator"].update(method="adam"), r"estimator.method: must be .em., .lsq. or .segments."),
     (lambda d: d["estimator"].update(method="segments"), r"settings\[0\]: fit_topk_segments fits"),
+    (lambda d: d["truth"].update(gate_options={"tau": 1}), r"truth\.gate_options: Bad options"),
+    (lambda d: d["truth"]["covariates"].update(hgh=1.0), r"truth\.covariates: Bad options"),
+    (lambda d: d["truth"].update(expert_options={"degre": 2}), r"truth\.expert_options: Bad"),
+    (lambda d: d["settings"][1].update(gate_options={"top_kk": 1}),
+     r"settings\[1\]\.gate_options: Bad options"),
 ])
 def test_spec_errors_name_the_key(change, message):
     import tomllib
@@ -230,17 +236,55 @@ def test_cli_reproduce_json_and_report(tiny_path, tmp_path, capsys):
     db, out = tmp_path / "r.sqlite", tmp_path / "report"
     assert cli.main(["reproduce", str(tiny_path), "--quick", "--db", str(db), "--out", str(out),
                      "--json"]) == 0
-    result = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    result = json.loads(captured.out)
     assert result["study"] == "tiny"
+    assert "8/8 fits" in captured.err          # progress goes to stderr, JSON alone to stdout
     for key in ("seconds", "fits", "skipped", "db", "report", "rates"):
         assert key in result
     entry = result["rates"][0]
     for key in ("setting", "fitted_k", "loss", "block", "slope", "ci_low", "ci_high", "theory"):
         assert key in entry
-    html = (out / "report.html").read_text()
+    html = (out / "tiny" / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 2 and "Rates" in html
+    assert result["report"] == str(out / "tiny" / "report.html")
     assert cli.main(["report", str(db), "--out", str(tmp_path / "again")]) == 0
     assert (tmp_path / "again" / "tiny" / "report.html").exists()
+
+
+def test_reproduce_and_report_put_the_report_beside_the_store(tiny_path, tmp_path, capsys):
+    db = tmp_path / "stores" / "mine.sqlite"
+    assert cli.main(["reproduce", str(tiny_path), "--quick", "--db", str(db)]) == 0
+    first = tmp_path / "stores" / "tiny" / "report.html"
+    assert f"report: {first}" in capsys.readouterr().out
+    first.unlink()
+    assert cli.main(["report", str(db)]) == 0
+    assert first.exists()
+
+
+def test_a_failed_run_leaves_no_empty_store(tiny_path, tmp_path, monkeypatch, capsys):
+    import gatelab.studies.runner as runner
+
+    def broken(*args, **kwargs):
+        raise ValueError("the fit could not start")
+    monkeypatch.setattr(runner, "run_unit", broken)
+    db = tmp_path / "new.sqlite"
+    assert cli.main(["reproduce", str(tiny_path), "--quick", "--db", str(db)]) == 2
+    assert "the fit could not start" in capsys.readouterr().err
+    assert not db.exists() and not Path(f"{db}-wal").exists()
+
+
+def test_a_theory_block_typo_is_an_error_naming_the_key(tiny_path):
+    text = tiny_path.read_text().replace('theory = -0.5', 'theory = -0.5\ntheory_blocks = { bta1 = -0.5 }')
+    with pytest.raises(SpecError, match=r"settings\[0\]\.theory_blocks\.bta1: must be a block"):
+        Study.from_dict(__import__("tomllib").loads(text))
+
+
+def test_the_valid_key_list_hides_internal_fields(tiny_path):
+    text = tiny_path.read_text().replace('fitted_k = 3', 'fitted_k = 3\nfited_k = 3')
+    with pytest.raises(SpecError) as err:
+        Study.from_dict(__import__("tomllib").loads(text))
+    assert "unknown key(s) ['fited_k']" in str(err.value) and "_path" not in str(err.value)
 
 
 def test_ctrl_c_says_how_to_resume(tmp_path):

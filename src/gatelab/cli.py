@@ -9,6 +9,7 @@ import math
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from .experts import EXPERTS
 from .gates import GATES, example_gate, make_gate
@@ -175,6 +176,13 @@ def _check_experts(args: argparse.Namespace, gate) -> None:
         args.experts = groups * gate.n_inner
 
 
+def cmd_schema(args: argparse.Namespace) -> int:
+    """Print every key of a study file (TOML) with its type, default and meaning."""
+    from .studies.spec import schema
+    print(schema())
+    return 0
+
+
 def cmd_studies(args: argparse.Namespace) -> int:
     """List the built-in studies, one line each."""
     from .studies import catalogue
@@ -195,25 +203,37 @@ def _print_rates(table: list[dict]) -> None:
               f"{theory:>7}  {r['verdict']:<10} {r['median_slope']:+12.3f}{note}")
 
 
+def report_dir(db: Path, study: str, out: str | None = None) -> Path:
+    """Where a study's report goes: ``out`` or the store's own folder, then a folder named
+    after the study (``runs/NAME.sqlite`` -> ``runs/NAME/``). ``reproduce`` and ``report``
+    both use it, so the report of a store is found beside it."""
+    return Path(out or Path(db).parent) / study
+
+
 def cmd_reproduce(args: argparse.Namespace) -> int:
-    """Run (or resume) a study, then print its rates and where the report is."""
+    """Run (or resume) a study, then print its rates and where the report is. Progress
+    goes to stderr (also with --json, whose object is the only thing on stdout)."""
     import json
-    from pathlib import Path
 
     from .studies import Store, catalogue, rate_table, reproduce
     from .studies.rates import fit_summary
     from .studies.report import write_report
     study = catalogue.get(args.name)
     db = Path(args.db or f"runs/{study.name}.sqlite")
-    out = Path(args.out or f"runs/{study.name}")
-    with Store(db) as store:
-        stats = reproduce(study, store, quick=args.quick, workers=args.workers,
-                          progress=not args.json, backend=args.backend, address=args.address,
-                          overwrite=args.overwrite)
-        sizes, reps = study.grid(args.quick)
-        rows = [r for r in store.rows(study.name) if r.n in set(sizes) and r.replicate < reps]
-        table = rate_table(study, rows)
-        report = write_report(study, rows, table, out, stats)
+    new_store = not db.exists()
+    try:
+        with Store(db) as store:
+            stats = reproduce(study, store, quick=args.quick, workers=args.workers,
+                              backend=args.backend, address=args.address,
+                              overwrite=args.overwrite)
+            sizes, reps = study.grid(args.quick)
+            rows = [r for r in store.rows(study.name) if r.n in set(sizes) and r.replicate < reps]
+            table = rate_table(study, rows)
+            report = write_report(study, rows, table, report_dir(db, study.name, args.out), stats)
+    except BaseException:
+        if new_store:
+            _remove_if_empty(db)
+        raise
     if args.json:
         print(json.dumps({"study": study.name, "seconds": stats.seconds, "fits": stats.fits,
                           "skipped": stats.skipped, "db": str(db), "report": str(report),
@@ -227,10 +247,22 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     return 0
 
 
+def _remove_if_empty(db: Path) -> None:
+    """Delete a store this command created if no fit reached it (a run that failed at
+    once should not leave an empty store behind)."""
+    import sqlite3
+    try:
+        with sqlite3.connect(db) as conn:
+            count = conn.execute("SELECT COUNT(*) FROM fits").fetchone()[0]
+    except sqlite3.Error:
+        return
+    if count == 0:
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{db}{suffix}").unlink(missing_ok=True)
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     """Rates and report of every study in a results store."""
-    from pathlib import Path
-
     from .studies import Store, Study, rate_table
     from .studies.rates import fit_summary
     from .studies.report import write_report
@@ -245,8 +277,7 @@ def cmd_report(args: argparse.Namespace) -> int:
             study = Study.from_dict(store.study_spec(name))
             rows = store.rows(name)
             table = rate_table(study, rows)
-            out = Path(args.out or Path(args.db).with_suffix("")) / name
-            report = write_report(study, rows, table, out, None)
+            report = write_report(study, rows, table, report_dir(args.db, name, args.out), None)
             print(f"{name}: {fit_summary(rows)}")
             _print_rates(table)
             print(f"report: {report}")
@@ -334,6 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_fit_lsq)
     p = sub.add_parser("studies", help="list the built-in convergence-rate studies")
     p.set_defaults(run=cmd_studies)
+    p = sub.add_parser("schema", help="every key of a study file, with type, default and meaning")
+    p.set_defaults(run=cmd_schema)
     p = sub.add_parser("reproduce", help="run or resume a study; print rates; write a report")
     p.add_argument("name", help="a built-in study (see 'gatelab studies') or a .toml file")
     p.add_argument("--quick", action="store_true", help="the reduced grid (minutes)")
@@ -343,7 +376,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="local processes, or Ray tasks (pip install 'gatelab[ray]')")
     p.add_argument("--address", help="Ray cluster address (default: a local Ray instance)")
     p.add_argument("--db", help="results store (default runs/NAME.sqlite)")
-    p.add_argument("--out", help="report folder (default runs/NAME)")
+    p.add_argument("--out", help="folder for the report (default: the store's folder); it "
+                                 "goes in OUT/NAME/")
     p.add_argument("--overwrite", action="store_true",
                    help="recompute the fits of settings whose spec changed since they were "
                         "stored (without it such a store is refused)")
@@ -351,7 +385,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_reproduce)
     p = sub.add_parser("report", help="rates and reports of the studies in a results store")
     p.add_argument("db", help="a results store written by 'gatelab reproduce'")
-    p.add_argument("--out", help="report folder (default: next to the store)")
+    p.add_argument("--out", help="folder for the reports (default: the store's folder); each "
+                                 "study's goes in OUT/NAME/")
     p.set_defaults(run=cmd_report)
     return parser
 
@@ -373,7 +408,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 # Commands that leave nothing open behind them (no store, no pool, no Ray): they may end
 # the process at once. Tearing torch down at a normal exit takes about 0.3 s, a quarter
 # of a command-line fit from start to finish.
-_FAST_EXIT = ("fit", "fit-lsq", "gates", "studies")
+_FAST_EXIT = ("fit", "fit-lsq", "gates", "studies", "schema")
 
 
 def run() -> None:

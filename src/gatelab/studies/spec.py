@@ -24,11 +24,18 @@ from ..models import (ContaminatedMoE, DeviatedGaussianMoE, FrozenDensity, Gated
                       GaussianMoE, MoERegression)
 from ..params import Params, pick
 
-__all__ = ["SpecError", "TruthSpec", "Setting", "Study", "load_study"]
+__all__ = ["SpecError", "TruthSpec", "Setting", "Study", "load_study", "schema"]
 
 
 class SpecError(ValueError):
     """A study specification that does not validate; the message names the key."""
+
+
+def _key(doc: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING):
+    """A spec field with its meaning (``gatelab schema`` and the README show it)."""
+    if factory is not dataclasses.MISSING:
+        return field(default_factory=factory, metadata={"doc": doc})
+    return field(default=default, metadata={"doc": doc})
 
 
 def _fields(cls) -> dict[str, dataclasses.Field]:
@@ -42,12 +49,21 @@ def _from_dict(cls, data: Any, path: str):
     fields = _fields(cls)
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise SpecError(f"{path or 'study'}: unknown key(s) {unknown}; valid keys: {sorted(fields)}.")
+        valid = sorted(k for k in fields if not k.startswith("_"))
+        raise SpecError(f"{path or 'study'}: unknown key(s) {unknown}; valid keys: {valid}.")
     missing = [name for name, f in fields.items() if name not in data
                and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
     if missing:
         raise SpecError(f"{path or 'study'}: missing key(s) {missing}.")
     return cls(**{k: data[k] for k in data}, _path=path) if "_path" in fields else cls(**data)
+
+
+def _built(path: str, build_part, *args: Any, **options: Any) -> Any:
+    """``build_part(*args, **options)``, its ValueError/TypeError a SpecError at ``path``."""
+    try:
+        return build_part(*args, **options)
+    except (ValueError, TypeError) as err:
+        raise SpecError(f"{path}: {err}") from None
 
 
 def _need(cond: bool, path: str, what: str, got: Any) -> None:
@@ -74,16 +90,22 @@ class TruthSpec:
     a known density, ``known``: a table {n_experts, params, gate, expert, expert_options}
     describing a Gaussian MoE that is frozen at those parameters."""
 
-    n_experts: int
-    params: Mapping[str, Any]
-    model_kind: str = "gaussian_moe"
-    dim: int = 1
-    gate: str = "softmax"
-    gate_options: Mapping[str, Any] = field(default_factory=dict)
-    expert: str = "linear"
-    expert_options: Mapping[str, Any] = field(default_factory=dict)
-    covariates: Mapping[str, Any] = field(default_factory=lambda: {"kind": "uniform"})
-    known: Mapping[str, Any] = field(default_factory=dict)
+    n_experts: int = _key("number of true experts k*")
+    params: Mapping[str, Any] = _key("the true parameter blocks by name (e.g. beta1, beta0, "
+                                     "a, b, var), nested lists of numbers")
+    model_kind: str = _key("gaussian_moe, regression, deviated or contaminated", "gaussian_moe")
+    dim: int = _key("number of covariates d", 1)
+    gate: str = _key("the true gate, a name from `gatelab gates`", "softmax")
+    gate_options: Mapping[str, Any] = _key("options of the gate (e.g. top_k, tau1)", factory=dict)
+    expert: str = _key("linear, polynomial, ffn or constant", "linear")
+    expert_options: Mapping[str, Any] = _key("options of the expert (degree, activation)",
+                                             factory=dict)
+    covariates: Mapping[str, Any] = _key("the covariate law: {kind = uniform or grid, low, "
+                                         "high} or {kind = gaussian, mean, std}",
+                                         factory=lambda: {"kind": "uniform"})
+    known: Mapping[str, Any] = _key("deviated/contaminated truths: the frozen Gaussian MoE "
+                                    "{n_experts, params, gate, expert, expert_options}",
+                                    factory=dict)
     _path: str = "truth"
 
     def __post_init__(self) -> None:
@@ -94,6 +116,10 @@ class TruthSpec:
               "a table for deviated/contaminated truths and absent otherwise", dict(self.known))
         _need(_is_int(self.n_experts), f"{self._path}.n_experts", "an int >= 1", self.n_experts)
         _need(_is_int(self.dim), f"{self._path}.dim", "an int >= 1", self.dim)
+        # Each part on its own first, so that an error names the key it comes from.
+        _built(f"{self._path}.gate_options", make_gate, self.gate, **dict(self.gate_options))
+        _built(f"{self._path}.expert_options", make_expert, self.expert, **dict(self.expert_options))
+        _built(f"{self._path}.covariates", self._covariates)
         try:
             model = self.model()
             raw, shapes = self.tensors(), model.param_shapes()
@@ -163,21 +189,25 @@ class Setting:
     from a softmax level's). ``wasserstein``: orders r of the generalized Wasserstein
     distance to record beside the Voronoi loss, as blocks "W1", "W2", ...."""
 
-    name: str
-    fitted_k: int
-    loss: str = "D1"
-    theory: float | None = None
-    theory_blocks: Mapping[str, float] = field(default_factory=dict)
-    gate: str | None = None
-    gate_options: Mapping[str, Any] = field(default_factory=dict)
-    start: str = "near_truth"
-    n_starts: int = 1
-    loss_blocks: tuple[str, ...] = ()
-    truth_gate: str | None = None
-    truth_gate_options: Mapping[str, Any] = field(default_factory=dict)
-    truth_params: Mapping[str, Any] = field(default_factory=dict)
-    known: Mapping[str, Any] = field(default_factory=dict)
-    wasserstein: tuple[int, ...] = ()
+    name: str = _key("unique name of the setting (rows are keyed by it)")
+    fitted_k: int = _key("number of fitted experts k")
+    loss: str = _key(f"the Voronoi loss: one of {', '.join(sorted(TABLES))}", "D1")
+    theory: float | None = _key("the paper's slope of the loss against n (for the verdict)", None)
+    theory_blocks: Mapping[str, float] = _key("slopes per block, {block = slope}; each key a "
+                                              "block of the setting's rows", factory=dict)
+    gate: str | None = _key("the fitted gate (default: truth_gate, else the truth's)", None)
+    gate_options: Mapping[str, Any] = _key("options of the fitted gate", factory=dict)
+    start: str = _key("the starts: near_truth (the reference protocol)", "near_truth")
+    n_starts: int = _key("starts per fit; the best log-likelihood is kept", 1)
+    loss_blocks: tuple[str, ...] = _key("restrict the loss's atoms to these blocks", ())
+    truth_gate: str | None = _key("this setting's data come from the truth with this gate", None)
+    truth_gate_options: Mapping[str, Any] = _key("options of truth_gate", factory=dict)
+    truth_params: Mapping[str, Any] = _key("blocks that replace truth.params for this setting",
+                                           factory=dict)
+    known: Mapping[str, Any] = _key("overrides entries of truth.known for this setting",
+                                    factory=dict)
+    wasserstein: tuple[int, ...] = _key("orders r of Wasserstein distances to record (blocks "
+                                        "W1, W2, ...)", ())
     _path: str = "settings"
 
     def __post_init__(self) -> None:
@@ -202,19 +232,22 @@ class Setting:
 class Study:
     """A convergence-rate study: every (setting, n, replicate) is one fit."""
 
-    name: str
-    truth: TruthSpec
-    settings: tuple[Setting, ...]
-    sizes: tuple[int, ...]
-    replicates: int = 40
-    quick_sizes: tuple[int, ...] = ()
-    quick_replicates: int = 10
-    seed: int = 0
-    paper: str = ""
-    description: str = ""
-    notes: str = ""
-    estimator: Mapping[str, Any] = field(default_factory=lambda: {"tol": 1e-6, "max_iter": 2000,
-                                                                   "accelerate": True})
+    name: str = _key("the study's name (rows and reports are filed under it)")
+    truth: TruthSpec = _key("the true model: the [truth] table")
+    settings: tuple[Setting, ...] = _key("the fitted configurations: [[settings]] tables")
+    sizes: tuple[int, ...] = _key("sample sizes n: a list, or {start, stop, num} log-spaced")
+    replicates: int = _key("replicates per (setting, n)", 40)
+    quick_sizes: tuple[int, ...] = _key("sizes of --quick runs (default: sizes)", ())
+    quick_replicates: int = _key("replicates of --quick runs (at most replicates)", 10)
+    seed: int = _key("the study's seed; each fit's seed derives from it", 0)
+    paper: str = _key("arXiv id of the paper", "")
+    description: str = _key("one line on the study", "")
+    notes: str = _key("free text shown in the report", "")
+    estimator: Mapping[str, Any] = _key("{method, tol, max_iter, accelerate, gate_ridge}; "
+                                        "method em (default), lsq (regression truths) or "
+                                        "segments (top-K, one covariate)",
+                                        factory=lambda: {"tol": 1e-6, "max_iter": 2000,
+                                                         "accelerate": True})
 
     def __post_init__(self) -> None:
         _need(isinstance(self.name, str) and self.name, "name", "a non-empty string", self.name)
@@ -227,8 +260,10 @@ class Study:
         _need(_is_int(self.replicates), "replicates", "an int >= 1", self.replicates)
         _need(_is_int(self.quick_replicates), "quick_replicates", "an int >= 1",
               self.quick_replicates)
-        unknown = sorted(set(self.estimator) - {"method", "tol", "max_iter", "accelerate"})
-        _need(not unknown, "estimator", "a table of method, tol, max_iter, accelerate", unknown)
+        unknown = sorted(set(self.estimator) - {"method", "tol", "max_iter", "accelerate",
+                                                "gate_ridge"})
+        _need(not unknown, "estimator", "a table of method, tol, max_iter, accelerate, "
+              "gate_ridge", unknown)
         method = self.estimator.get("method", "em")
         _need(method in ("em", "lsq", "segments"), "estimator.method",
               "'em', 'lsq' or 'segments' (top-K gates, one covariate)", method)
@@ -237,6 +272,7 @@ class Study:
         _need(method != "lsq" or self.truth.model_kind == "regression", "estimator.method",
               "'em' or 'segments' for a density truth (least squares fits regressions)", method)
         self._check_truth_blocks_used()
+        self._check_theory_blocks()
         if method == "segments":
             self._check_segment_models()
 
@@ -248,6 +284,21 @@ class Study:
                                                s.gate_options or s.truth_gate_options or None))
             except ValueError as err:
                 raise SpecError(f"{s._path}: {err}") from None
+
+    def _check_theory_blocks(self) -> None:
+        """Each ``theory_blocks`` key names a block the setting's rows have: a parameter
+        block of the fitted model (or of ``loss_blocks``), "mass", or "W<r>"."""
+        for s in self.settings:
+            if s.gate_options:
+                _built(f"{s._path}.gate_options", make_gate, s.gate or s.truth_gate or self.truth.gate,
+                       **dict(s.gate_options))
+            fitted = _built(f"{s._path}.gate", self.truth.model, s.fitted_k, s.gate or s.truth_gate,
+                            s.gate_options or s.truth_gate_options or None, s.known or None)
+            blocks = set(s.loss_blocks or fitted.param_shapes()) | {"mass"}
+            blocks |= {f"W{r}" for r in s.wasserstein}
+            for key in s.theory_blocks:
+                _need(key in blocks, f"{s._path}.theory_blocks.{key}",
+                      f"a block of this setting's rows ({sorted(blocks)})", key)
 
     def _check_truth_blocks_used(self) -> None:
         used: set[str] = set()
@@ -355,3 +406,46 @@ def load_study(path: str | Path) -> Study:
     except tomllib.TOMLDecodeError as err:
         raise SpecError(f"{path} is not valid TOML: {err}.") from None
     return Study.from_dict(data)
+
+
+# TOML words for the annotation strings of the spec fields.
+_TOML_TYPES = {"int": "integer", "str": "string", "float | None": "number (optional)",
+               "str | None": "string (optional)", "Mapping[str, Any]": "table",
+               "Mapping[str, float]": "table of numbers", "tuple[str, ...]": "array of strings",
+               "tuple[int, ...]": "array of integers", "TruthSpec": "table",
+               "tuple[Setting, ...]": "array of tables"}
+
+
+def schema() -> str:
+    """Every key of a study file with its TOML type, default and meaning, as a Markdown
+    table generated from the spec dataclasses (so it cannot drift from what is read)."""
+    lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    for prefix, cls in (("", Study), ("truth.", TruthSpec), ("settings[].", Setting)):
+        for f in dataclasses.fields(cls):
+            if f.name.startswith("_"):
+                continue
+            if f.default is not dataclasses.MISSING:
+                default = _toml_value(f.default)
+            elif f.default_factory is not dataclasses.MISSING:
+                default = _toml_value(f.default_factory())
+            else:
+                default = "required"
+            kind = _TOML_TYPES.get(str(f.type), str(f.type))
+            lines.append(f"| `{prefix}{f.name}` | {kind} | {default} | {f.metadata['doc']} |")
+    return "\n".join(lines)
+
+
+def _toml_value(value: Any) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return f"`{str(value).lower()}`"
+    if isinstance(value, str):
+        return f'`"{value}"`'
+    if isinstance(value, Mapping):
+        if not value:
+            return "`{}`"
+        return "`{" + ", ".join(f"{k} = {_toml_value(v).strip('`')}" for k, v in value.items()) + "}`"
+    if isinstance(value, (list, tuple)):
+        return "`[" + ", ".join(_toml_value(v).strip("`") for v in value) + "]`"
+    return f"`{value}`"
