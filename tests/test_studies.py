@@ -547,3 +547,35 @@ def test_report_plots_wrap_and_label_their_panels(tiny, tmp_path):
     width, height = Image.open(png).size
     assert PANELS_PER_ROW == 3
     assert width < 1000 and height > width / 2    # 6 panels: two rows of three, not one strip
+
+
+# --- results as data (issue 11, point 5) ------------------------------------------------------
+
+def test_results_give_one_record_per_fit_with_the_estimate(tiny, tmp_path, capsys):
+    import csv
+
+    import pandas as pd
+
+    from gatelab.studies import results
+    db = tmp_path / "r.sqlite"
+    with Store(db) as store:
+        reproduce(tiny, store, quick=True, progress=False)
+        rows = store.rows("tiny")
+    frame = results(db)
+    assert isinstance(frame, pd.DataFrame) and len(frame) == len(rows) == 8
+    recs = results(db, "tiny", frame=False)
+    assert isinstance(recs, list) and [r["loss"] for r in recs] == frame["loss"].tolist()
+    # the stored estimate is the fit itself: refit one unit and compare
+    first = next(r for r in recs if r["setting"] == "exact" and r["n"] == 300 and r["replicate"] == 0)
+    again = run_unit(tiny, Unit("exact", 300, (0,)))[0]
+    assert first["param.a[1,0]"] == pytest.approx(again.params["a"][1][0], rel=1e-9)
+    assert first["loss"] == pytest.approx(again.loss, rel=1e-9) and first["status"] == again.status
+    assert {"error.beta1", "error.mass", "param.var[0]", "param.beta1[0,0]"} <= set(first)
+    # over-specified fits have three experts' blocks
+    assert "param.var[2]" in next(r for r in recs if r["setting"] == "over")
+    assert cli.main(["report", str(db), "--csv", str(tmp_path / "fits.csv")]) == 0
+    with open(tmp_path / "fits.csv") as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == 8 and float(table[0]["loss"]) == pytest.approx(recs[0]["loss"])
+    with pytest.raises(ValueError, match="holds no study 'nope'"):
+        results(db, "nope")

@@ -247,6 +247,26 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     return 0
 
 
+def _write_csv(db: str, path: str) -> int:
+    """Every fit of the store as one CSV row (``studies.records``), "-" for stdout."""
+    import csv
+
+    from .studies import results
+    recs = results(db, frame=False)
+    columns = list(dict.fromkeys(k for rec in recs for k in rec))
+    out = sys.stdout if path == "-" else open(path, "w", newline="")
+    try:
+        writer = csv.DictWriter(out, columns)
+        writer.writeheader()
+        writer.writerows(recs)
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    if path != "-":
+        print(f"{len(recs)} fits written to {path}")
+    return 0
+
+
 def _remove_if_empty(db: Path) -> None:
     """Delete a store this command created if no fit reached it (a run that failed at
     once should not leave an empty store behind)."""
@@ -269,6 +289,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     if not Path(args.db).exists():
         raise UsageError(f"{args.db} does not exist; run 'gatelab reproduce NAME --db {args.db}' "
                          f"first.")
+    if args.csv:
+        return _write_csv(args.db, args.csv)
     with Store(args.db) as store:
         names = store.studies()
         if not names:
@@ -385,6 +407,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_reproduce)
     p = sub.add_parser("report", help="rates and reports of the studies in a results store")
     p.add_argument("db", help="a results store written by 'gatelab reproduce'")
+    p.add_argument("--csv", metavar="FILE", help="write every fit (losses, block errors, "
+                                                "estimates) as one CSV row instead; - for stdout")
     p.add_argument("--out", help="folder for the reports (default: the store's folder); each "
                                  "study's goes in OUT/NAME/")
     p.set_defaults(run=cmd_report)

@@ -50,7 +50,8 @@ def seed_for(study: Study, setting: str, n: int, replicate: int) -> int:
 
 # Bumped whenever a change to sampling, starts, fitting or losses changes the rows that an
 # unchanged spec gives, so that stores recompute rather than mix old rows with new.
-# 2: rows carry a fit status; top-K segment fits balance the sides instead of skipping.
+# 2: rows carry a fit status and the estimate; top-K segment fits balance the sides
+# instead of skipping starts.
 ROWS_VERSION = 2
 # Spec fields that change what is reported, not any row: the grid (a row is keyed by its
 # n and replicate), words, and the theory a slope is compared with.
@@ -144,7 +145,8 @@ def run_unit(study: Study, unit: Unit) -> list[FitRow]:
     res = select_best(_fit(study, model, torch.stack(xs), torch.stack(ys), init))
     seconds = (time.perf_counter() - start) / len(seeds)
     # Losses compare identifiable forms (e.g. ReLU experts' scale, a cosine router's norm).
-    loss, blocks = _losses(model, truth_model, setting, model.normalise(res.params), truth)
+    estimate = model.normalise(res.params)
+    loss, blocks = _losses(model, truth_model, setting, estimate, truth)
     # Rows whose gate separated the data or whose loss is not finite are kept and
     # counted, and left out of the slopes (``rates.left_out``).
     digest = setting_hash(study, setting)
@@ -152,7 +154,8 @@ def run_unit(study: Study, unit: Unit) -> list[FitRow]:
     return [FitRow(study.name, unit.setting, unit.n, r, seed, float(loss.total[i]),
                    float(loss.mass[i]), {k: float(v[i]) for k, v in blocks.items()},
                    float(res.loglik[i]), int(res.n_iter[i]), bool(res.converged[i]),
-                   bool(res.degenerate[i]), seconds, __version__, digest, status[i])
+                   bool(res.degenerate[i]), seconds, __version__, digest, status[i],
+                   {k: v[i].tolist() for k, v in estimate.items()})
             for i, (r, seed) in enumerate(zip(unit.replicates, seeds))]
 
 

@@ -14,17 +14,18 @@ import json
 import sqlite3
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-__all__ = ["FitRow", "Store"]
+__all__ = ["FitRow", "Store", "results", "records"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS fits (
     study TEXT NOT NULL, setting TEXT NOT NULL, n INTEGER NOT NULL, replicate INTEGER NOT NULL,
     seed INTEGER NOT NULL, loss REAL, mass REAL, blocks TEXT NOT NULL, loglik REAL,
     n_iter INTEGER, converged INTEGER, degenerate INTEGER, seconds REAL,
-    version TEXT, created REAL, spec_hash TEXT, status TEXT,
+    version TEXT, created REAL, spec_hash TEXT, status TEXT, params TEXT,
     PRIMARY KEY (study, setting, n, replicate)
 );
 CREATE TABLE IF NOT EXISTS studies (name TEXT PRIMARY KEY, spec TEXT NOT NULL, updated REAL);
@@ -51,6 +52,7 @@ class FitRow:
     version: str
     spec_hash: str = ""   # the inputs that made the row (runner.setting_hash)
     status: str = ""      # how the fit ended (``gatelab.fit.status``); "" in old stores
+    params: dict[str, Any] = field(default_factory=dict)  # the estimate, identifiable form
 
 
 class Store:
@@ -66,7 +68,7 @@ class Store:
             self.conn.executescript(_SCHEMA)
             columns = {r[1] for r in self.conn.execute("PRAGMA table_info(fits)")}
             # Columns added since the first stores (their rows are stale: ROWS_VERSION).
-            for name in ("spec_hash", "status"):
+            for name in ("spec_hash", "status", "params"):
                 if name not in columns:
                     with self.conn:
                         self.conn.execute(f"ALTER TABLE fits ADD COLUMN {name} TEXT")
@@ -130,19 +132,68 @@ class Store:
         """Insert rows in one transaction; rows already present are left as they are."""
         values = [(r.study, r.setting, r.n, r.replicate, r.seed, r.loss, r.mass,
                    json.dumps(r.blocks), r.loglik, r.n_iter, int(r.converged), int(r.degenerate),
-                   r.seconds, r.version, time.time(), r.spec_hash, r.status) for r in rows]
+                   r.seconds, r.version, time.time(), r.spec_hash, r.status,
+                   json.dumps(r.params)) for r in rows]
         with self.conn:
             cur = self.conn.executemany(
-                "INSERT OR IGNORE INTO fits VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT OR IGNORE INTO fits VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 values)
         return cur.rowcount
 
     def rows(self, study: str) -> list[FitRow]:
         cur = self.conn.execute(
             "SELECT study, setting, n, replicate, seed, loss, mass, blocks, loglik, n_iter, "
-            "converged, degenerate, seconds, version, spec_hash, status FROM fits WHERE study = ? "
+            "converged, degenerate, seconds, version, spec_hash, status, params FROM fits "
+            "WHERE study = ? "
             "ORDER BY setting, n, replicate", (study,))
         nan = float("nan")  # SQLite stores NaN as NULL
         return [FitRow(*r[:5], nan if r[5] is None else r[5], nan if r[6] is None else r[6],
                        json.loads(r[7]), nan if r[8] is None else r[8], r[9], bool(r[10]),
-                       bool(r[11]), r[12], r[13], r[14] or "", r[15] or "") for r in cur]
+                       bool(r[11]), r[12], r[13], r[14] or "", r[15] or "",
+                       json.loads(r[16]) if r[16] else {}) for r in cur]
+
+
+_ROW_FIELDS = ("study", "setting", "n", "replicate", "seed", "status", "loss", "mass", "loglik",
+               "n_iter", "converged", "degenerate", "seconds", "version", "spec_hash")
+
+
+def records(rows: Iterable[FitRow]) -> list[dict[str, Any]]:
+    """Flat records, one per fit: the row's fields, ``error.<block>`` for each block's
+    error and ``param.<block>[i,j]`` for each entry of the estimate (``param.<block>`` for
+    a scalar block)."""
+    import numpy as np
+    out = []
+    for r in rows:
+        rec: dict[str, Any] = {k: getattr(r, k) for k in _ROW_FIELDS}
+        rec.update({f"error.{k}": v for k, v in r.blocks.items()})
+        for name, value in r.params.items():
+            arr = np.asarray(value, dtype=float)
+            if arr.ndim == 0:
+                rec[f"param.{name}"] = float(arr)
+            for idx in np.ndindex(*arr.shape) if arr.ndim else ():
+                rec[f"param.{name}[{','.join(map(str, idx))}]"] = float(arr[idx])
+        out.append(rec)
+    return out
+
+
+def results(db: str | Path, study: str | None = None, frame: bool | None = None):
+    """Every fit in the results store ``db`` (of one ``study``, or all), one record each
+    (``records``): a pandas DataFrame where pandas is installed (``pip install
+    'gatelab[pandas]'``), else a list of dicts; ``frame`` forces one or the other."""
+    if not Path(db).exists():
+        raise ValueError(f"{db} does not exist; run 'gatelab reproduce NAME --db {db}' first.")
+    with Store(db) as store:
+        names = [study] if study is not None else store.studies()
+        if study is not None and study not in store.studies():
+            raise ValueError(f"{db} holds no study {study!r}; it holds {store.studies()}.")
+        recs = [rec for name in names for rec in records(store.rows(name))]
+    if frame is False:
+        return recs
+    try:
+        import pandas as pd
+    except ModuleNotFoundError:
+        if frame:
+            raise ModuleNotFoundError("results(..., frame=True) needs pandas: pip install "
+                                      "'gatelab[pandas]'.") from None
+        return recs
+    return pd.DataFrame.from_records(recs)
