@@ -102,3 +102,69 @@ def test_unsupported_blocks_and_missing_weights_get_clear_errors():
         gn.from_hf(block)
     with pytest.raises(ValueError, match="No transformers MoE block"):
         gn.swap_router(torch.nn.Linear(3, 3))
+
+
+# --- a swapped model trains and round-trips (issue 11, point 8) ------------------------------
+
+def _small_mixtral(seed=0):
+    torch.manual_seed(seed)
+    config = MixtralConfig(hidden_size=H, intermediate_size=24, num_local_experts=4,
+                           num_experts_per_tok=2, num_hidden_layers=2, num_attention_heads=2,
+                           num_key_value_heads=1, vocab_size=50, output_router_logits=True)
+    return transformers.MixtralForCausalLM(config)
+
+
+def _captured_logits(model):
+    """The logits every HFRouter returns in the next forward pass, in call order."""
+    seen = []
+    for module in model.modules():
+        if isinstance(module, gn.HFRouter):
+            module.register_forward_hook(lambda m, args, out: seen.append(out[0]))
+    return seen
+
+
+def test_a_swapped_model_trains_with_transformers_aux_loss():
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+    model = _small_mixtral()
+    ids = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(1))
+    before = model(input_ids=ids, labels=ids)
+    gn.swap_router(model, "softmax")              # the same router, as a gatelab Router
+    same = model(input_ids=ids, labels=ids)
+    torch.testing.assert_close(same.aux_loss, before.aux_loss)
+    gn.swap_router(model, "laplace")
+    seen = _captured_logits(model)
+    out = model(input_ids=ids, labels=ids)
+    assert len(out.router_logits) == 2 and len(seen) == 2
+    want = load_balancing_loss_func(tuple(seen), 4, 2, None)
+    torch.testing.assert_close(out.aux_loss, want)
+    out.aux_loss.backward()                       # the aux loss alone reaches the new routers
+    assert model.model.layers[0].mlp.gate.router.scores.W.grad.abs().sum() > 0
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    optimizer.step()
+    assert torch.isfinite(model(input_ids=ids, labels=ids).loss)
+
+
+def test_save_pretrained_and_load_swapped_restore_the_router(tmp_path):
+    import gatelab as gl
+    model = _small_mixtral()
+    gn.swap_router(model, gl.make_gate("laplace", expanded=True), router_dtype=torch.float32)
+    with torch.no_grad():
+        for p in model.model.layers[1].mlp.gate.parameters():
+            p.add_(0.5)                          # "trained": away from any initialisation
+    model.save_pretrained(tmp_path)
+    loaded = gn.load_swapped(str(tmp_path))
+    router = loaded.model.layers[1].mlp.gate
+    assert isinstance(router, gn.HFRouter) and router.router.scores.gate == gl.make_gate(
+        "laplace", expanded=True) and router.router.router_dtype == torch.float32
+    for (name, p), q in zip(model.state_dict().items(), loaded.state_dict().values()):
+        torch.testing.assert_close(q, p, rtol=0, atol=0, msg=name)
+    ids = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(2))
+    a, b = model(input_ids=ids, labels=ids), loaded(input_ids=ids, labels=ids)
+    torch.testing.assert_close(b.logits, a.logits)
+    torch.testing.assert_close(b.aux_loss, a.aux_loss)
+
+
+def test_load_swapped_refuses_a_plain_checkpoint(tmp_path):
+    _small_mixtral().save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="holds no swapped router"):
+        gn.load_swapped(str(tmp_path))

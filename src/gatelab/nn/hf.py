@@ -5,16 +5,23 @@ read through their attributes, so gatelab does not depend on it."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from .. import gates as _gates
 from ..gates import Gate
 from .layer import MoELayer
 from .routers import Router
 
-__all__ = ["from_hf", "swap_router", "HFRouter", "SUPPORTED_BLOCKS"]
+__all__ = ["from_hf", "swap_router", "load_swapped", "HFRouter", "SUPPORTED_BLOCKS",
+           "CONFIG_KEY"]
+
+#: The config entry where ``swap_router`` records the router it put in, so that
+#: ``load_swapped`` can build the same model before loading a saved checkpoint.
+CONFIG_KEY = "gatelab_router"
 
 SUPPORTED_BLOCKS = ("MixtralSparseMoeBlock", "Qwen2MoeSparseMoeBlock", "DeepseekV3MoE")
 
@@ -140,10 +147,14 @@ def swap_router(model: nn.Module, gate: str | Gate = "softmax", **router_options
     the old weight is copied into it, so training continues from what the router learned;
     other gates start from their default initialisation.
 
-    Note: transformers records router logits for its auxiliary loss by router class, so
-    after a swap use the layer's own losses (``gatelab.nn.losses``) on ``HFRouter`` outputs.
+    A transformers model keeps working as it did: its auxiliary load-balancing loss
+    (``output_router_logits=True``) reads the new routers' logits (transformers collects
+    them by a hook on its router class; the new routers get the same hook), and the swap
+    is recorded in ``model.config`` (``CONFIG_KEY``), so that ``save_pretrained`` followed
+    by ``load_swapped`` restores the swapped model, router weights included.
     """
     swapped = []
+    recorder = _router_logits_recorder(model)
     for name, module in model.named_modules():
         old = _old_router(getattr(module, "gate", None))
         if old is None or not hasattr(module, "experts"):
@@ -154,9 +165,89 @@ def swap_router(model: nn.Module, gate: str | Gate = "softmax", **router_options
         beta1 = getattr(router.scores, "beta1", None)
         if weight is not None and isinstance(beta1, nn.Parameter) and beta1.shape == weight.shape:
             _copy(beta1, weight, f"{name}.gate.weight")
-        module.gate = HFRouter(router)
+        new = HFRouter(router)
+        if recorder is not None and isinstance(module.gate, (recorder[0], HFRouter)):
+            recorder[1](new, "router_logits", recorder[2])
+        module.gate = new
         swapped.append(name)
     if not swapped:
         raise ValueError("No transformers MoE block (a module with .experts and a .gate "
                          "holding a 2-D .weight) was found in the model.")
+    config = getattr(model, "config", None)
+    if config is not None:
+        setattr(config, CONFIG_KEY, {"gate": _gate_spec(gate),
+                                     "options": {k: _plain(v) for k, v in router_options.items()}})
     return swapped
+
+
+def _router_logits_recorder(model: nn.Module):
+    """(router class, hook installer, output index) of a transformers model that records
+    router logits (``_can_record_outputs["router_logits"]``), or None."""
+    spec = (getattr(model, "_can_record_outputs", None) or {}).get("router_logits")
+    target = getattr(spec, "target_class", None)
+    if target is None:
+        return None
+    from transformers.utils.output_capturing import install_output_capuring_hook
+    return target, install_output_capuring_hook, getattr(spec, "index", 0)
+
+
+def load_swapped(path: str, model_class: type | None = None, **from_pretrained: Any) -> nn.Module:
+    """A transformers model saved (``save_pretrained``) after ``swap_router``, with the
+    same gatelab routers and their trained weights. ``model_class`` defaults to the
+    config's first architecture (e.g. ``MixtralForCausalLM``); other keyword arguments go
+    to ``from_pretrained``. The routers are swapped in as the model is built, before the
+    weights load, so transformers' own loading (key renames, merged experts) fills them;
+    a router weight missing from the checkpoint is an error, not a random start."""
+    import transformers
+    config = transformers.AutoConfig.from_pretrained(path)
+    spec = getattr(config, CONFIG_KEY, None)
+    if not spec:
+        raise ValueError(f"{path} holds no swapped router (no '{CONFIG_KEY}' in its config); "
+                         f"load it with from_pretrained.")
+    base = model_class or getattr(transformers, config.architectures[0])
+    gate, options = _gate_from_spec(spec["gate"]), {k: _unplain(v) for k, v in spec["options"].items()}
+
+    class Swapped(base):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            swap_router(self, gate, **options)
+
+    Swapped.__name__, Swapped.__qualname__ = base.__name__, base.__qualname__
+    model, info = Swapped.from_pretrained(path, output_loading_info=True, **from_pretrained)
+    lost = [k for k in info.get("missing_keys", []) if ".gate." in k]
+    if lost:
+        raise ValueError(f"{path} lacks the weights of the swapped routers {lost}; was it "
+                         f"saved after swap_router with the same gate?")
+    return model
+
+
+def _gate_spec(gate: str | Gate) -> Any:
+    """A gate name, or a Gate instance as {"class": ..., "fields": {...}} (nested gates too)."""
+    if isinstance(gate, str):
+        return gate
+    return {"class": type(gate).__name__,
+            "fields": {f.name: _gate_spec(v) if isinstance(v := getattr(gate, f.name), Gate) else v
+                       for f in dataclasses.fields(gate)}}
+
+
+def _gate_from_spec(spec: Any) -> str | Gate:
+    if isinstance(spec, str):
+        return spec
+    fields = {k: _gate_from_spec(v) if isinstance(v, dict) and "class" in v else v
+              for k, v in spec["fields"].items()}
+    return getattr(_gates, spec["class"])(**fields)
+
+
+def _plain(value: Any) -> Any:
+    """A router option in a JSON-able form (torch dtypes as {"dtype": "float32"})."""
+    if isinstance(value, torch.dtype):
+        return {"dtype": str(value).removeprefix("torch.")}
+    if isinstance(value, Gate):
+        return _gate_spec(value)
+    return value
+
+
+def _unplain(value: Any) -> Any:
+    if isinstance(value, dict) and set(value) == {"dtype"}:
+        return getattr(torch, value["dtype"])
+    return value
