@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .experts import EXPERTS
-from .gates import GATES, example_gate, make_gate
+from .gates import GATES, example_gate
 
 
 def _first_line(obj: object) -> str:
@@ -39,8 +39,9 @@ class UsageError(ValueError):
     """A bad command line or input file: exit code 2 with a message."""
 
 
-def _read_csv(path: str, x_cols: list[str], y_col: str):
-    """Columns of a CSV file as float arrays, with errors that name the file and column."""
+def _read_csv(path: str, x_cols: list[str], y_col: str | None):
+    """Columns of a CSV file as float arrays (X, y), with errors that name the file and
+    column; y is None without ``y_col``."""
     import csv
 
     import numpy as np
@@ -56,13 +57,14 @@ def _read_csv(path: str, x_cols: list[str], y_col: str):
     if not rows:
         raise UsageError(f"{path} is empty; it needs a header row and data rows.")
     header, body = [h.strip() for h in rows[0]], rows[1:]
-    missing = [c for c in [*x_cols, y_col] if c not in header]
+    wanted = [*x_cols, y_col] if y_col is not None else list(x_cols)
+    missing = [c for c in wanted if c not in header]
     if missing:
         raise UsageError(f"{path} has no column(s) {missing}; its columns are {header}.")
     if not body:
         raise UsageError(f"{path} has a header but no data rows.")
     out = {}
-    for col in [*x_cols, y_col]:
+    for col in wanted:
         j = header.index(col)
         try:  # the fast path; the loop below finds the cell to blame
             values = np.array([float(row[j]) for row in body])
@@ -71,7 +73,7 @@ def _read_csv(path: str, x_cols: list[str], y_col: str):
         if values is None or not np.isfinite(values).all():
             _blame_cell(path, body, j, col)
         out[col] = values
-    return np.column_stack([out[c] for c in x_cols]), out[y_col]
+    return np.column_stack([out[c] for c in x_cols]), out.get(y_col)
 
 
 def _blame_cell(path: str, body: list[list[str]], j: int, col: str) -> None:
@@ -102,78 +104,27 @@ def _seconds_since_process_start() -> float | None:
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
-    """Fit a Gaussian MoE to a CSV file by EM and print the estimate. Times reported:
-    ``seconds``, the fit itself (random starts and EM); ``seconds_read``, reading the CSV
-    file; ``seconds_since_start``, the whole process up to the result (imports included)."""
-    from .fit.single import fit_best_of_starts
-    return _fit_command(args, "Gaussian MoE", lambda x, t, gate: fit_best_of_starts(
-        x, t, args.experts, gate, args.expert, n_init=args.n_init, tol=args.tol,
-        max_iter=args.max_iter, gate_ridge=args.gate_ridge, seed=args.seed))
+    """Fit a Gaussian MoE to a CSV file by EM and print the estimate (see ``cli_fit``)."""
+    from .cli_fit import run_fit
+    return run_fit(args, lsq=False)
 
 
 def cmd_fit_lsq(args: argparse.Namespace) -> int:
     """Fit an MoE regression (any gate, sigmoid included) by least squares; as ``fit``."""
-    from .fit.single import fit_lsq_best_of_starts
-    return _fit_command(args, "MoE regression (least squares)", lambda x, t, gate:
-                        fit_lsq_best_of_starts(x, t, args.experts, gate, args.expert,
-                                               n_init=args.n_init, tol=args.tol,
-                                               max_iter=args.max_iter, seed=args.seed))
+    from .cli_fit import run_fit
+    return run_fit(args, lsq=True)
 
 
-def _fit_command(args: argparse.Namespace, what: str, fit) -> int:
-    """Read the CSV, run ``fit(x, y, gate)``, print the result (or one JSON object). The
-    status is information, not an error: the exit code is 0 whatever it is."""
-    import json
-    import time
-
-    import torch
-
-    from .fit.lsq import profile_loglik
-    from .fit.single import aic, bic
-    from .fit.status import STATUS_MEANING, FitStatus
-    start = time.perf_counter()
-    X, y = _read_csv(args.data, args.x, args.y)
-    read = time.perf_counter() - start
-    gate = make_gate(args.gate, **_gate_options(args))
-    _check_experts(args, gate)
-    x, t = torch.from_numpy(X), torch.from_numpy(y)
-    start = time.perf_counter()
-    model, res = fit(x, t, gate)
-    seconds = time.perf_counter() - start
-    rss = getattr(res, "rss", None)
-    loglik = float(res.loglik if rss is None else profile_loglik(rss, len(y)))
-    status = FitStatus(int(res.status))
-    result = {"status": status.name.lower(), "status_meaning": STATUS_MEANING[status],
-              "loglik": loglik, "n_iter": int(res.n_iter), "converged": bool(res.converged),
-              "seconds": seconds, "seconds_read": read,
-              "seconds_since_start": _seconds_since_process_start(), "n_samples": len(y),
-              "aic": aic(loglik, model), "bic": bic(loglik, model, len(y)),
-              "params": {k: v.tolist() for k, v in res.params.items()}}
-    if rss is None:
-        result["degenerate"] = bool(res.degenerate)
-    else:
-        result["rss"] = float(rss)
-    if args.json:
-        print(json.dumps(result))
-        return 0
-    print(f"{what}, {model.n_experts} experts, gate {args.gate}, expert {args.expert}; "
-          f"n = {len(y)}")
-    print(f"status: {STATUS_MEANING[status]}")
-    fit_line = "" if rss is None else f"RSS {float(rss):.6f}  "
-    print(f"{fit_line}log-likelihood {loglik:.6f}  iterations {result['n_iter']}  fit "
-          f"{seconds:.3f} s  AIC {result['aic']:.3f}  BIC {result['bic']:.3f}")
-    for name, value in res.params.items():
-        print(f"  {name:<6} {value.numpy().round(6).tolist()}")
-    return 0
+def cmd_predict(args: argparse.Namespace) -> int:
+    """Predictions of a saved model on new covariates (see ``cli_fit``)."""
+    from .cli_fit import run_predict
+    return run_predict(args)
 
 
-def _check_experts(args: argparse.Namespace, gate) -> None:
-    """--experts, or for a hierarchical gate n_groups * n_inner (which it must equal)."""
-    groups = getattr(gate, "n_groups", None)
-    if args.experts is None:
-        if groups is None:
-            raise UsageError("--experts K is required (the number of experts).")
-        args.experts = groups * gate.n_inner
+def cmd_plot(args: argparse.Namespace) -> int:
+    """A PNG of a saved model over data (see ``cli_fit``)."""
+    from .cli_fit import run_plot
+    return run_plot(args)
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
@@ -322,14 +273,33 @@ def _gate_options(args: argparse.Namespace) -> dict:
     return options
 
 
+def _experts_arg(text: str) -> list[int]:
+    """An argparse type: K, a range K1-K2 or a list K1,K2,... of whole numbers >= 1."""
+    try:
+        if "-" in text:
+            low, high = (int(v) for v in text.split("-"))
+            ks = list(range(low, high + 1))
+        else:
+            ks = [int(v) for v in text.split(",")]
+    except ValueError:
+        ks = []
+    if not ks or min(ks) < 1:
+        raise argparse.ArgumentTypeError(f"must be K, K1-K2 or K1,K2,... (whole numbers >= 1); "
+                                         f"got {text!r}")
+    return sorted(set(ks))
+
+
 def _add_fit_arguments(p: argparse.ArgumentParser, gates: list[str], tol: float,
                        max_iter: int) -> None:
     p.add_argument("data", help="CSV file with a header row")
     p.add_argument("--x", action="append", required=True, metavar="COL",
                    help="covariate column (repeat for several)")
     p.add_argument("--y", required=True, metavar="COL", help="response column")
-    p.add_argument("--experts", type=_positive_int, metavar="K",
-                   help="number of experts (with --gate hierarchical: G * J, the default)")
+    p.add_argument("--experts", type=_experts_arg, metavar="K",
+                   help="number of experts; a range 1-5 (or a list 1,2,4) fits each and keeps "
+                        "the --select choice (with --gate hierarchical: G * J, the default)")
+    p.add_argument("--select", choices=["bic", "aic"], default="bic",
+                   help="criterion that chooses among several --experts (default bic)")
     p.add_argument("--gate", default="softmax", choices=gates, metavar="GATE",
                    help=f"one of: {', '.join(gates)}")
     p.add_argument("--top-k", type=_positive_int, default=None, metavar="K",
@@ -348,6 +318,12 @@ def _add_fit_arguments(p: argparse.ArgumentParser, gates: list[str], tol: float,
     p.add_argument("--tol", type=float, default=tol, help="relative tolerance")
     p.add_argument("--max-iter", type=_positive_int, default=max_iter)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--se", action="store_true",
+                   help="standard errors and 95%% Wald intervals from the observed information "
+                        "(exact-specified fits only: refused where BIC prefers fewer experts)")
+    p.add_argument("--save", metavar="FILE", help="write the fitted model as JSON (for "
+                                                 "'gatelab predict' and 'gatelab plot')")
+    p.add_argument("--plot", metavar="PNG", help="draw the data, expert means and gate weights")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -385,6 +361,18 @@ def build_parser() -> argparse.ArgumentParser:
                                        "(any gate, sigmoid included)")
     _add_fit_arguments(p, list(GATES), 1e-8, 500)
     p.set_defaults(run=cmd_fit_lsq)
+    p = sub.add_parser("predict", help="predictions of a saved model (--save) on a CSV file")
+    p.add_argument("model", help="a model file written by 'gatelab fit ... --save'")
+    p.add_argument("data", help="CSV file with the model's covariate columns")
+    p.add_argument("--level", type=float, default=0.95, help="predictive interval level")
+    p.add_argument("--out", metavar="FILE", help="write the predictions there (default stdout)")
+    p.set_defaults(run=cmd_predict)
+    p = sub.add_parser("plot", help="draw a saved model over data: expert means, interval, "
+                                    "gate weights (PNG)")
+    p.add_argument("model", help="a model file written by 'gatelab fit ... --save'")
+    p.add_argument("data", help="CSV file with the model's covariate and response columns")
+    p.add_argument("--out", metavar="PNG", default="fit.png", help="the picture (default fit.png)")
+    p.set_defaults(run=cmd_plot)
     p = sub.add_parser("studies", help="list the built-in convergence-rate studies")
     p.set_defaults(run=cmd_studies)
     p = sub.add_parser("schema", help="every key of a study file, with type, default and meaning")
@@ -432,7 +420,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 # Commands that leave nothing open behind them (no store, no pool, no Ray): they may end
 # the process at once. Tearing torch down at a normal exit takes about 0.3 s, a quarter
 # of a command-line fit from start to finish.
-_FAST_EXIT = ("fit", "fit-lsq", "gates", "studies", "schema")
+_FAST_EXIT = ("fit", "fit-lsq", "predict", "plot", "gates", "studies", "schema")
 
 
 def run() -> None:

@@ -5,13 +5,12 @@ read through their attributes, so gatelab does not depend on it."""
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .. import gates as _gates
+from .._specs import from_spec, to_spec
 from ..gates import Gate
 from .layer import MoELayer
 from .routers import Router
@@ -175,7 +174,7 @@ def swap_router(model: nn.Module, gate: str | Gate = "softmax", **router_options
                          "holding a 2-D .weight) was found in the model.")
     config = getattr(model, "config", None)
     if config is not None:
-        setattr(config, CONFIG_KEY, {"gate": _gate_spec(gate),
+        setattr(config, CONFIG_KEY, {"gate": to_spec(gate),
                                      "options": {k: _plain(v) for k, v in router_options.items()}})
     return swapped
 
@@ -205,7 +204,7 @@ def load_swapped(path: str, model_class: type | None = None, **from_pretrained: 
         raise ValueError(f"{path} holds no swapped router (no '{CONFIG_KEY}' in its config); "
                          f"load it with from_pretrained.")
     base = model_class or getattr(transformers, config.architectures[0])
-    gate, options = _gate_from_spec(spec["gate"]), {k: _unplain(v) for k, v in spec["options"].items()}
+    gate, options = from_spec(spec["gate"]), {k: _unplain(v) for k, v in spec["options"].items()}
 
     class Swapped(base):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -221,33 +220,14 @@ def load_swapped(path: str, model_class: type | None = None, **from_pretrained: 
     return model
 
 
-def _gate_spec(gate: str | Gate) -> Any:
-    """A gate name, or a Gate instance as {"class": ..., "fields": {...}} (nested gates too)."""
-    if isinstance(gate, str):
-        return gate
-    return {"class": type(gate).__name__,
-            "fields": {f.name: _gate_spec(v) if isinstance(v := getattr(gate, f.name), Gate) else v
-                       for f in dataclasses.fields(gate)}}
-
-
-def _gate_from_spec(spec: Any) -> str | Gate:
-    if isinstance(spec, str):
-        return spec
-    fields = {k: _gate_from_spec(v) if isinstance(v, dict) and "class" in v else v
-              for k, v in spec["fields"].items()}
-    return getattr(_gates, spec["class"])(**fields)
-
-
 def _plain(value: Any) -> Any:
     """A router option in a JSON-able form (torch dtypes as {"dtype": "float32"})."""
     if isinstance(value, torch.dtype):
         return {"dtype": str(value).removeprefix("torch.")}
-    if isinstance(value, Gate):
-        return _gate_spec(value)
-    return value
+    return to_spec(value)
 
 
 def _unplain(value: Any) -> Any:
     if isinstance(value, dict) and set(value) == {"dtype"}:
         return getattr(torch, value["dtype"])
-    return value
+    return from_spec(value)
