@@ -127,7 +127,7 @@ def test_irls_gate_step_equals_autograd_newton_step(rows_sum_to_one):
     params = model.normalise({k: v.expand(2, *v.shape).clone()
                               for k, v in model.random_params(g).items()})
     analytic = _irls_softmax(x, resp, params, steps=1)
-    shapes = model._gate_shapes()
+    shapes = model.gate_blocks()
     free = pack({k: m.expand(2, *m.shape) for k, m in model.gate.free_mask(3, 2).items()}, shapes)
     theta, _ = newton_ascent(lambda t: _gate_q(model.gate, x, resp, unpack(t, shapes)),
                              pack({k: params[k] for k in shapes}, shapes), free)

@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 
+import gatelab as gl
 from gatelab.losses import TABLES, ExponentTable, voronoi_cells, voronoi_loss, wasserstein
 
 T = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
@@ -151,7 +152,7 @@ def test_cells_by_nearest_atom():
 
 def test_sigmoid_masses():
     est = _estimate(beta0=[0.0, 0.0])
-    res = voronoi_loss(est, TRUTH, "D1", normaliser="sigmoid")
+    res = voronoi_loss(est, TRUTH, "D1", model=gl.MoERegression(2, 1, "sigmoid"))
     assert res.mass.item() == pytest.approx(abs(0.5 - 1 / (1 + math.exp(-0.5))))
 
 

@@ -148,6 +148,20 @@ class Gate(ABC):
         """Standard-normal draws for every block (tests and random starts)."""
         return random_blocks(self.param_shapes(n_experts, dim), generator, batch_shape, dtype)
 
+    def log_masses(self, params: Params) -> tuple[Tensor, bool]:
+        """The masses of the experts' atoms in the mixing measure, as logs (..., E), and
+        whether they are relative: m_i = exp(beta0_i) for softmax-type gates (defined up
+        to a common factor, like the intercepts), sigmoid(beta0_i) for sigmoid gates."""
+        beta0 = params["beta0"]
+        if self.normaliser == "sigmoid":
+            return F.logsigmoid(beta0), False
+        return beta0, True
+
+    def atom_blocks(self, n_experts: int, dim: int) -> list[str]:
+        """The gate blocks that belong to each expert's atom: all but the intercepts,
+        which give the masses."""
+        return [b for b in self.param_shapes(n_experts, dim) if b != "beta0"]
+
     def random_start_blocks(self) -> tuple[str, ...]:
         """Blocks that data-driven random starts draw at random instead of at zero: those
         where a flat gate is a point its estimator cannot leave. A top-K gate at zero slopes
@@ -423,6 +437,17 @@ class HierarchicalGate(Gate):
         log_inner_GNJ = self.inner.log_weights(x_ND.unsqueeze(-3), take_prefix("inner.", params))
         log_inner_NGJ = log_inner_GNJ.movedim(-3, -2)
         return (log_outer_NG.unsqueeze(-1) + log_inner_NGJ).flatten(-2)
+
+    def log_masses(self, params: Params) -> tuple[Tensor, bool]:
+        """m_(g,j) = softmax(outer.beta0)_g softmax(inner.beta0 of g)_j: normalised."""
+        outer = torch.log_softmax(params["outer.beta0"], -1)          # (..., G)
+        inner = torch.log_softmax(params["inner.beta0"], -1)          # (..., G, J)
+        return (outer.unsqueeze(-1) + inner).flatten(-2), False
+
+    def atom_blocks(self, n_experts: int, dim: int) -> list[str]:
+        """The inner level's atom blocks (the outer blocks have a group axis, not an
+        expert axis)."""
+        return [f"inner.{b}" for b in self.inner.atom_blocks(self.n_inner, dim)]
 
     def random_start_blocks(self) -> tuple[str, ...]:
         return (tuple(f"outer.{b}" for b in self.outer.random_start_blocks())

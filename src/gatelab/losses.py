@@ -107,22 +107,40 @@ class LossResult(NamedTuple):
     cells: Tensor                 # (..., K) the true atom each fitted atom belongs to
 
 
-def masses(params: Mapping[str, Tensor], normaliser: str = "softmax") -> Tensor:
-    """m_i = exp(beta0_i) (softmax-type gates) or sigmoid(beta0_i) (sigmoid): (..., K)."""
-    beta0 = params["beta0"]
-    return torch.sigmoid(beta0) if normaliser == "sigmoid" else torch.exp(beta0)
+def masses(params: Mapping[str, Tensor]) -> Tensor:
+    """m_i = exp(beta0_i), the masses of a softmax-type gate read from its intercepts:
+    (..., K). Other models give theirs through ``mixing_measure``."""
+    return torch.exp(params["beta0"])
 
 
-def _fitted_masses(estimate: Mapping[str, Tensor], normaliser: str, m_true: Tensor) -> Tensor:
-    """The estimate's masses on the truth's scale. A softmax-type gate is unchanged when
-    every intercept moves by the same constant, so exp(beta0) has no scale of its own:
-    pinning the last fitted intercept at 0 matches the truth's convention only when the
-    last fitted expert alone covers the last true atom, not when it shares a split cell.
-    The fitted intercepts are therefore shifted so that the masses' total equals the
-    truth's: m_i = softmax(beta0)_i * sum_j m*_j (finite even for a diverged intercept)."""
-    if normaliser == "sigmoid":
-        return masses(estimate, normaliser)
-    return torch.softmax(estimate["beta0"], -1) * m_true.sum(-1, keepdim=True)
+def _measures(estimate: Mapping[str, Tensor], truth: Mapping[str, Tensor], model, truth_model,
+              blocks: list[str] | None, mass: Tensor | None,
+              true_mass: Tensor | None) -> tuple[Tensor, Tensor, list[str]]:
+    """(m (..., K), m* (J,), the atoms' blocks): from the models' mixing measures
+    (``truth_model`` defaults to ``model``), else from softmax intercepts and the truth's
+    blocks with an expert axis, unless ``blocks``, ``mass`` or ``true_mass`` are given. Relative masses (softmax intercepts have no scale
+    of their own: pinning the last fitted intercept at 0 matches the truth's convention
+    only when the last fitted expert alone covers the last true atom, not when it shares a
+    split cell) are put on the truth's scale: m_i = softmax(log m)_i * sum_j m*_j (finite
+    even for a diverged intercept)."""
+    truth_model = truth_model or model
+    if truth_model is not None:
+        measure = truth_model.mixing_measure(truth)
+        m_true, atoms = measure.masses, list(measure.atoms)
+    else:
+        atoms = [b for b in truth if b != "beta0" and truth[b].dim() >= 1]
+        m_true = masses(truth) if true_mass is None else true_mass
+    m_true, atoms = (m_true if true_mass is None else true_mass), (blocks or atoms)
+    if mass is not None:
+        return mass, m_true, atoms
+    if model is None:
+        log_m, relative = estimate["beta0"], True
+    else:
+        measure = model.mixing_measure(estimate)
+        log_m, relative = measure.log_masses, measure.relative
+    if relative:
+        return torch.softmax(log_m, -1) * m_true.sum(-1, keepdim=True), m_true, atoms
+    return log_m.exp(), m_true, atoms
 
 
 def _block_rows(params: Mapping[str, Tensor], blocks: list[str], event_ndim: Mapping[str, int],
@@ -143,11 +161,6 @@ def atoms(params: Mapping[str, Tensor], blocks: list[str], event_ndim: Mapping[s
     return torch.cat(list(_block_rows(params, blocks, event_ndim, k).values()), dim=-1)
 
 
-def _atom_blocks(truth: Mapping[str, Tensor], blocks: list[str] | None) -> list[str]:
-    """Default atom: every block of the (unbatched) truth with an expert axis, but beta0."""
-    return blocks or [b for b in truth if b != "beta0" and truth[b].dim() >= 1]
-
-
 def voronoi_cells(atoms_KP: Tensor, true_JP: Tensor) -> Tensor:
     """Index of the nearest true atom for every fitted atom: (..., K)."""
     dist = (atoms_KP.unsqueeze(-2) - true_JP.unsqueeze(-3)).square().sum(-1)
@@ -155,32 +168,30 @@ def voronoi_cells(atoms_KP: Tensor, true_JP: Tensor) -> Tensor:
 
 
 def voronoi_loss(estimate: Mapping[str, Tensor], truth: Mapping[str, Tensor],
-                 table: str | ExponentTable = "D1", normaliser: str = "softmax",
+                 table: str | ExponentTable = "D1", *, model=None, truth_model=None,
                  blocks: list[str] | None = None, mass: Tensor | None = None,
                  true_mass: Tensor | None = None, strict: bool = True) -> LossResult:
     """The Voronoi loss of ``estimate`` (blocks (..., K, ...)) against ``truth`` (blocks
     (J, ...), unbatched), batched over the estimate's leading dimensions.
 
-    ``blocks``: the atom's blocks (default: every block of ``truth`` with an expert axis
-    except the intercept beta0). Also returns each block's own error for per-parameter
+    Masses and atoms come from the models' mixing measures (``model.mixing_measure``, the
+    truth's from ``truth_model``, default ``model``): e.g. exp(beta0) for softmax gates,
+    sigmoid(beta0) for sigmoid gates, lam p_i in the deviated MoE (arXiv 2402.05220), the
+    selection probabilities of a top-K gate. Without a model they are exp(beta0) (a
+    softmax-type gate) and the atoms every block of ``truth`` with an expert axis but
+    beta0. Relative (softmax) masses of the estimate are put on the truth's scale.
+    ``blocks`` overrides the atoms' blocks; ``mass`` (..., K) and ``true_mass`` (J,) the
+    masses. Also returns each block's own error for per-parameter
     rates: for every cell the mass-weighted mean of ||Delta block|| over its fitted atoms,
     then the max over cells (weighting by mass keeps a vanishing extra expert, whose
     parameters are free to drift, from dominating).
-
-    Masses: m*_j = exp(beta0*_j) (sigmoid(beta0*_j) for sigmoid gates), and for the
-    estimate the same on the truth's scale (see ``_fitted_masses``: softmax intercepts
-    have no scale of their own).
-    ``mass`` (..., K) and ``true_mass`` (J,) replace the masses read from beta0, for models
-    whose atoms weigh otherwise: e.g. lam * p_i in the deviated MoE (arXiv 2402.05220).
     A fitted atom in a cell larger than the table defines (e.g. all four experts of a k = 4
     fit near one true atom, where rbar(4) is unknown) raises, or with ``strict=False`` makes
     that replicate's total loss +inf (studies flag such fits and leave them out of rates).
     """
     table = choose("loss table", table, TABLES) if isinstance(table, str) else table
-    m_true = masses(truth, normaliser) if true_mass is None else true_mass
-    m = _fitted_masses(estimate, normaliser, m_true) if mass is None else mass
+    m, m_true, blocks = _measures(estimate, truth, model, truth_model, blocks, mass, true_mass)
     k, j = m.shape[-1], m_true.shape[-1]
-    blocks = _atom_blocks(truth, blocks)
     ndim = {b: truth[b].dim() for b in blocks}
     est_rows = _block_rows(estimate, blocks, ndim, k)                # (..., K, size)
     true_rows = _block_rows(truth, blocks, ndim, j)                  # (J, size)
@@ -232,20 +243,19 @@ def _exponents(table: ExponentTable, block: str, sizes: Tensor, strict: bool) ->
 
 
 def wasserstein(estimate: Mapping[str, Tensor], truth: Mapping[str, Tensor], order: float = 1.0,
-                normaliser: str = "softmax", blocks: list[str] | None = None,
+                *, model=None, truth_model=None, blocks: list[str] | None = None,
                 mass: Tensor | None = None, true_mass: Tensor | None = None) -> Tensor:
     """Generalized Wasserstein distance of order r between the mixing measures (the
     baseline of arXiv 2402.05220): W_r = (min over couplings q of sum_ij q_ij
     ||omega_i - omega*_j||^r)^(1/r), couplings with marginals the normalised masses.
     Solved exactly as a small linear programme per replicate (scipy), so it is meant for
-    reports, not inner loops. ``mass`` / ``true_mass`` as in ``voronoi_loss``. Returns (...,)."""
+    reports, not inner loops. Masses, atoms and the other options as in ``voronoi_loss``.
+    Returns (...,)."""
     import numpy as np
     from scipy.optimize import linprog
 
-    q = masses(truth, normaliser) if true_mass is None else true_mass
-    p = _fitted_masses(estimate, normaliser, q) if mass is None else mass
+    p, q, blocks = _measures(estimate, truth, model, truth_model, blocks, mass, true_mass)
     k, j = p.shape[-1], q.shape[-1]
-    blocks = _atom_blocks(truth, blocks)
     ndim = {b: truth[b].dim() for b in blocks}
     est, tru = atoms(estimate, blocks, ndim, k), atoms(truth, blocks, ndim, j)
     cost = (est.unsqueeze(-2) - tru.unsqueeze(-3)).norm(dim=-1).pow(order)   # (..., K, J)

@@ -97,7 +97,7 @@ def _wls_experts(model: GaussianMoE, x_BND: Tensor, y_BN: Tensor, resp_BNE: Tens
     rt_BEN = resp_BNE.transpose(-1, -2)
     gram_BEPP = (rt_BEN @ _outer(z_BNP)).unflatten(-1, (p, p))
     rhs_BEP = rt_BEN @ (z_BNP * y_BN.unsqueeze(-1))
-    has_a = "a" in model._expert_shapes()
+    has_a = "a" in model.expert_blocks()
     previous = torch.cat([params["b"].unsqueeze(-1)] + ([params["a"]] if has_a else []), dim=-1)
     coef_BEP = _solve_ridge(gram_BEPP, rhs_BEP.unsqueeze(-1), previous).squeeze(-1)
     out = {"b": coef_BEP[..., 0]}
@@ -116,7 +116,7 @@ def _weighted_normal_ll(model: GaussianMoE, x_BND, y_BN, resp_BNE, expert_params
 
 def _newton_experts(model, x_BND, y_BN, resp_BNE, params, steps) -> Params:
     """Experts not linear in their parameters: damped Newton on Q (variances held)."""
-    shapes = model._expert_shapes()
+    shapes = model.expert_blocks()
     objective = lambda t: _weighted_normal_ll(model, x_BND, y_BN, resp_BNE,  # noqa: E731
                                               unpack(t, shapes), params["var"])
     theta, _ = newton_ascent(objective, pack(pick(params, shapes), shapes), steps=steps)
@@ -225,7 +225,7 @@ def _softmax_neg_hessian(diag_BEPP: Tensor, cross_BEEPP: Tensor) -> Tensor:
 def _gate_step(model: GaussianMoE, x_BND, resp_BNE, params, steps: int,
                ridge: float = 0.0) -> Params:
     return gate_update(model.gate, model.n_experts, x_BND, resp_BNE,
-                       pick(params, model._gate_shapes()), steps, ridge)
+                       pick(params, model.gate_blocks()), steps, ridge)
 
 
 def slope_penalty(params: Params, ridge: float) -> Tensor | float:
@@ -383,7 +383,7 @@ class _SoftmaxLinearKernel:
         ones = torch.ones_like(y).unsqueeze(-2)                        # (B, 1, N)
         self.f_T = torch.cat([ones, model.expert.features(x).transpose(-1, -2)], 1)  # (B, Q, N)
         self.z_T = torch.cat([ones, x.transpose(-1, -2)], 1)          # (B, P, N)
-        self.model, self.floor, self.has_a = model, floor, "a" in model._expert_shapes()
+        self.model, self.floor, self.has_a = model, floor, "a" in model.expert_blocks()
         self.q, self.p = self.f_T.shape[1], self.z_T.shape[1]
         self.fused = _fused.load() is not None if fused is None else fused
         self.fused = self.fused and model.n_experts <= 16 and x.dtype == torch.float64

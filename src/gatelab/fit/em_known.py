@@ -46,7 +46,7 @@ def _part_params(model: KnownPlusPart, part: GaussianMoE, params: Params) -> Par
     if isinstance(model, DeviatedGaussianMoE):
         return pick(params, part.param_shapes())
     zero = params["var"].new_zeros(params["var"].shape)  # p_1 = 1
-    return {**pick(params, part._expert_shapes()), "var": params["var"], "beta0": zero}
+    return {**pick(params, part.expert_blocks()), "var": params["var"], "beta0": zero}
 
 
 def _e_step(model: KnownPlusPart, part: GaussianMoE, x: Tensor, y: Tensor,
@@ -64,7 +64,7 @@ def _mixing_step(model: KnownPlusPart, x: Tensor, r0: Tensor, params: Params,
                  steps: int) -> Params:
     if model.mixing == "input_free":
         return {"lam": (1 - r0).mean(-1)}
-    gate, shapes = model._mix_gate, model._mixing_shapes()
+    gate, shapes = model._mix_gate, model.mixing_blocks()
     resp = torch.stack([1 - r0, r0], -1)  # (B, N, 2): the prompt first, f0 second
 
     def q(theta: Tensor) -> Tensor:

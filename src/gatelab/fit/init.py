@@ -27,7 +27,7 @@ def covering_assignment(k: int, k_star: int, generator: torch.Generator | None =
     """Assign k fitted experts to k* true atoms at random so that every atom gets at
     least one. The last fitted expert always takes the last true atom, so that a start's
     reference expert (intercept fixed at zero) sits on the truth's; the Voronoi loss does
-    not rely on it (it rescales the fitted masses, see ``losses._fitted_masses``). The other k - 1 experts cover atoms 0..k*-2 by a
+    not rely on it (it rescales the fitted masses, see ``losses._measures``). The other k - 1 experts cover atoms 0..k*-2 by a
     random permutation, padded with uniform draws over all atoms, shuffled."""
     check_int("k", k, k_star, fix="Fit at least as many experts as the truth has.")
     pad = torch.randint(k_star, (k - k_star,), generator=generator)
@@ -51,7 +51,7 @@ def near_truth(model: GatedExperts, truth: Params, n: int, n_starts: int = 1,
     """
     hierarchical = isinstance(model.gate, HierarchicalGate)
     lead = (n_starts,) if replicates is None else (n_starts, replicates)
-    gate_names = set(model._gate_shapes())
+    gate_names = set(model.gate_blocks())
     starts = []
     for _ in range(math.prod(lead)):
         plan = (_hierarchical_plan(model, truth, generator) if hierarchical
@@ -111,8 +111,8 @@ def _hierarchical_plan(model: GatedExperts, truth: Params,
     inner = torch.stack([covering_assignment(gate.n_inner, j_star, generator)
                          for _ in range(groups)])                                # (G, J)
     flat = (torch.arange(groups).unsqueeze(-1) * j_star + inner).flatten()      # (G * J,)
-    rows = {name: None for name in model._gate_shapes() if name.startswith("outer.")}
-    rows |= {name: inner for name in model._gate_shapes() if name.startswith("inner.")}
+    rows = {name: None for name in model.gate_blocks() if name.startswith("outer.")}
+    rows |= {name: inner for name in model.gate_blocks() if name.startswith("inner.")}
     counts = torch.stack([torch.bincount(r, minlength=j_star)[r] for r in inner])
     return _Plan(rows, flat, "inner.beta0", counts.log().to(truth["inner.beta0"].dtype))
 
@@ -133,7 +133,7 @@ def near_truth_known(model, truth: Params, n: int, n_starts: int = 1,
     if not isinstance(model, DeviatedGaussianMoE):
         starts = {k: v for k, v in starts.items() if k in model.param_shapes()}
     sd = 0.005 * n ** -0.083
-    for name in model._mixing_shapes():
+    for name in model.mixing_blocks():
         value = truth[name].expand(n_starts, *truth[name].shape)
         noise = sd * torch.randn(value.shape, generator=generator, dtype=value.dtype)
         starts[name] = value + noise
@@ -154,7 +154,7 @@ def from_responsibilities(model: GaussianMoE, x: Tensor, y: Tensor, resp: Tensor
     lead = resp.shape[:-2]
     # Experts that are not linear in their parameters take Newton steps from random values.
     base = model.random_params(generator, lead, x.dtype)
-    for name in model._gate_shapes():
+    for name in model.gate_blocks():
         base[name] = torch.zeros_like(base[name]) if gate_init is None else gate_init[name]
     xb, yb, params, _ = _broadcast_problem(model, x, y, base)
     resp_b = resp.to(xb.dtype).expand(*lead, *resp.shape[-2:]).reshape(xb.shape[0], *resp.shape[-2:])
@@ -192,7 +192,7 @@ def random_starts(model: GaussianMoE, x: Tensor, y: Tensor, n_starts: int = 1,
     lead = (n_starts, *x.shape[:-2])
     drawn = set(model.gate.random_start_blocks())
     gate = {}
-    for name, shape in model._gate_shapes().items():
+    for name, shape in model.gate_blocks().items():
         if name.rsplit(".", 1)[-1] == "W":
             gate[name] = _data_points(x, lead, shape[:-1], generator)
         elif name in drawn:

@@ -25,7 +25,7 @@ __all__ = ["fit_best_of_starts", "fit_lsq_best_of_starts", "n_free_parameters", 
 def n_free_parameters(model: GatedExperts) -> int:
     """Free parameters: every block entry, less the gate entries fixed for identifiability."""
     gate_free = sum(int(m.sum()) for m in model.gate.free_mask(model.n_experts, model.dim).values())
-    others = sum(math.prod(s) for k, s in model.param_shapes().items() if k not in model._gate_shapes())
+    others = sum(math.prod(s) for k, s in model.param_shapes().items() if k not in model.gate_blocks())
     return gate_free + others
 
 

@@ -128,7 +128,7 @@ def _may_separate(model: GatedExperts, x_BND: Tensor, params: Params) -> Tensor:
 
 def _separated_rows(model: GatedExperts, x_BND: Tensor, params: Params) -> Tensor:
     gate = model.gate
-    scores = gate.select(gate.scores(x_BND, pick(params, model._gate_shapes())))
+    scores = gate.select(gate.scores(x_BND, pick(params, model.gate_blocks())))
     if not gate.sums_to_one:
         near = (scores.abs() < SEPARATION_LOGIT).sum(-2)                  # (B, E)
         both = (scores > 0).any(-2) & (scores < 0).any(-2)

@@ -1,11 +1,11 @@
 """Statistical MoE models: sampling, densities, identifiable parameters."""
 
-from .base import (ConditionalDensity, DensityModel, FrozenDensity, Model, Sample, normal_cdf,
+from .base import (ConditionalDensity, DensityModel, FrozenDensity, MixingMeasure, Model, Sample, normal_cdf,
                    normal_log_prob, sample_categorical)
 from .contaminated import ContaminatedMoE, DeviatedGaussianMoE
 from .moe import GatedExperts, GaussianMoE, HierarchicalGaussianMoE, MoERegression
 
-__all__ = ["ConditionalDensity", "DensityModel", "FrozenDensity", "Model", "Sample",
+__all__ = ["ConditionalDensity", "DensityModel", "FrozenDensity", "MixingMeasure", "Model", "Sample",
            "normal_cdf", "normal_log_prob", "sample_categorical", "ContaminatedMoE",
            "DeviatedGaussianMoE", "GatedExperts", "GaussianMoE", "HierarchicalGaussianMoE",
            "MoERegression"]

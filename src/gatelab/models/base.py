@@ -17,7 +17,23 @@ from ..covariates import Covariates, UniformBox, make_covariates
 from ..params import Params, Shapes, random_blocks
 
 __all__ = ["Sample", "Model", "DensityModel", "ConditionalDensity", "FrozenDensity",
-           "normal_log_prob", "normal_cdf", "sample_categorical"]
+           "MixingMeasure", "normal_log_prob", "normal_cdf", "sample_categorical"]
+
+
+class MixingMeasure(NamedTuple):
+    """A model's parameters as a discrete measure G = sum_i m_i delta_(omega_i), the object
+    Voronoi losses compare (arXiv 2305.03288): the masses as logs (..., K), the names of
+    the blocks whose rows make up each atom omega_i, and whether the masses are
+    ``relative`` (defined up to a common factor, as softmax intercepts are: a loss then
+    puts them on the truth's scale)."""
+
+    log_masses: Tensor
+    atoms: tuple[str, ...]
+    relative: bool
+
+    @property
+    def masses(self) -> Tensor:
+        return self.log_masses.exp()
 
 _LOG_2PI = math.log(2 * math.pi)
 

@@ -19,7 +19,7 @@ from ..covariates import Covariates
 from ..experts import Expert, make_expert
 from ..gates import InputFreeGate, LinearGate
 from ..params import Params, Shapes, pick
-from .base import ConditionalDensity, DensityModel, normal_cdf, normal_log_prob
+from .base import ConditionalDensity, DensityModel, MixingMeasure, normal_cdf, normal_log_prob
 from .moe import GaussianMoE
 
 __all__ = ["DeviatedGaussianMoE", "ContaminatedMoE"]
@@ -49,13 +49,28 @@ class _KnownPlusPart(DensityModel):
         self._mix_gate = LinearGate(normaliser="sigmoid") if mixing == "softmax" else None
         self.unit_blocks = ("lam",) if mixing == "input_free" else ()
 
-    def _mixing_shapes(self) -> Shapes:
+    def mixing_measure(self, params: Params) -> MixingMeasure:
+        """The trainable part as a mixing measure. Deviated: masses lam p_i (arXiv
+        2402.05220); contaminated: lam, or for a softmax prompt gate sigmoid(beta0) (its
+        weight at x = 0). Atoms: every block with an expert axis but the intercept."""
+        if self.mixing == "input_free":
+            log_m = params["lam"].log().unsqueeze(-1) + self._part_log_masses(params)
+        else:
+            log_m = F.logsigmoid(params["beta0"])
+        atoms = tuple(k for k, v in self.param_shapes().items() if len(v) >= 1 and k != "beta0")
+        return MixingMeasure(log_m, atoms, False)
+
+    def _part_log_masses(self, params: Params) -> Tensor:
+        """log p_i of the trainable part's experts (0 for a single prompt)."""
+        return torch.zeros_like(params["lam"]).unsqueeze(-1)
+
+    def mixing_blocks(self) -> Shapes:
         if self._mix_gate is None:
             return {"lam": ()}
         return self._mix_gate.param_shapes(1, self.dim)
 
     @abstractmethod
-    def _part_shapes(self) -> Shapes: ...
+    def part_blocks(self) -> Shapes: ...
 
     @abstractmethod
     def _part_log_prob(self, x_ND: Tensor, y_N: Tensor, params: Params) -> Tensor: ...
@@ -68,14 +83,14 @@ class _KnownPlusPart(DensityModel):
                        generator: torch.Generator | None) -> Tensor: ...
 
     def param_shapes(self) -> Shapes:
-        return {**self._mixing_shapes(), **self._part_shapes()}
+        return {**self.mixing_blocks(), **self.part_blocks()}
 
     def log_mixing(self, x_ND: Tensor, params: Params) -> tuple[Tensor, Tensor]:
         """(log(1 - lam(x)), log lam(x)), each of shape (..., N)."""
         if self._mix_gate is None:
             lam = params["lam"].unsqueeze(-1).expand(*params["lam"].shape, x_ND.shape[-2])
             return torch.log1p(-lam), torch.log(lam)
-        s_N = self._mix_gate.scores(x_ND, pick(params, self._mixing_shapes()))[..., 0]
+        s_N = self._mix_gate.scores(x_ND, pick(params, self.mixing_blocks()))[..., 0]
         return F.logsigmoid(-s_N), F.logsigmoid(s_N)
 
     def _log_prob(self, x_ND: Tensor, y_N: Tensor, params: Params) -> Tensor:
@@ -114,21 +129,24 @@ class DeviatedGaussianMoE(_KnownPlusPart):
         self.mixture = GaussianMoE(n_experts, dim, InputFreeGate(), "linear", self.covariates)
         self.n_experts = n_experts
 
-    def _part_shapes(self) -> Shapes:
+    def part_blocks(self) -> Shapes:
         return self.mixture.param_shapes()
 
+    def _part_log_masses(self, params: Params) -> Tensor:
+        return torch.log_softmax(params["beta0"], -1)
+
     def _part_log_prob(self, x_ND: Tensor, y_N: Tensor, params: Params) -> Tensor:
-        return self.mixture._log_prob(x_ND, y_N, pick(params, self._part_shapes()))
+        return self.mixture._log_prob(x_ND, y_N, pick(params, self.part_blocks()))
 
     def _part_cdf(self, x_ND: Tensor, y_N: Tensor, params: Params) -> Tensor:
-        return self.mixture._cdf(x_ND, y_N, pick(params, self._part_shapes()))
+        return self.mixture._cdf(x_ND, y_N, pick(params, self.part_blocks()))
 
     def _part_sample_y(self, x_ND: Tensor, params: Params,
                        generator: torch.Generator | None) -> Tensor:
-        return self.mixture._sample_y(x_ND, pick(params, self._part_shapes()), generator)
+        return self.mixture._sample_y(x_ND, pick(params, self.part_blocks()), generator)
 
     def normalise(self, params: Params) -> Params:
-        return {**params, **self.mixture.normalise(pick(params, self._part_shapes()))}
+        return {**params, **self.mixture.normalise(pick(params, self.part_blocks()))}
 
     def __repr__(self) -> str:
         return f"DeviatedGaussianMoE(g0={self.known!r}, n_experts={self.n_experts}, dim={self.dim})"
@@ -155,7 +173,7 @@ class ContaminatedMoE(_KnownPlusPart):
         super().__init__(f0, dim, gate, covariates)
         self.expert = make_expert(expert)
 
-    def _part_shapes(self) -> Shapes:
+    def part_blocks(self) -> Shapes:
         return {**self.expert.param_shapes(1, self.dim), "var": (1,)}
 
     def _prompt_mean(self, x_ND: Tensor, params: Params) -> Tensor:

@@ -14,7 +14,7 @@ from ..covariates import Covariates
 from ..experts import Expert, make_expert
 from ..gates import Gate, HierarchicalGate, LinearGate, make_gate
 from ..params import Params, Shapes, pick
-from .base import DensityModel, normal_cdf, normal_log_prob, sample_categorical
+from .base import DensityModel, MixingMeasure, normal_cdf, normal_log_prob, sample_categorical
 
 __all__ = ["GatedExperts", "GaussianMoE", "HierarchicalGaussianMoE", "MoERegression"]
 
@@ -34,24 +34,44 @@ class GatedExperts(DensityModel):
                                    fix="A mixture needs at least one expert.")
         self.gate, self.expert = make_gate(gate), make_expert(expert)
         self.gate.check(self.n_experts)
-        clash = set(self._gate_shapes()) & set(self._expert_shapes())
+        clash = set(self.gate_blocks()) & set(self.expert_blocks())
         if clash:
             raise ValueError(f"Gate {self.gate!r} and expert {self.expert!r} both name blocks "
                              f"{sorted(clash)}; rename the blocks of one of them.")
 
-    def _gate_shapes(self) -> Shapes:
+    def gate_blocks(self) -> Shapes:
+        """The gate's blocks and their shapes (its part of ``param_shapes``)."""
         return self.gate.param_shapes(self.n_experts, self.dim)
 
-    def _expert_shapes(self) -> Shapes:
+    def expert_blocks(self) -> Shapes:
+        """The experts' blocks and their shapes."""
         return self.expert.param_shapes(self.n_experts, self.dim)
+
+    def noise_blocks(self) -> Shapes:
+        """The noise blocks: what ``param_shapes`` holds besides gate and experts."""
+        own = {**self.gate_blocks(), **self.expert_blocks()}
+        return {k: v for k, v in self.param_shapes().items() if k not in own}
+
+    def mixing_measure(self, params: Params) -> MixingMeasure:
+        """The fit as a mixing measure: masses from the gate (``Gate.log_masses``), or for
+        a top-K gate in one covariate the probability that each expert is selected,
+        E_X[w_i(X)] (its intercepts alone are not identifiable); atoms: the gate's atom
+        blocks, every expert block and each noise block with an expert axis."""
+        if self.gate.top_k is not None and self.dim == 1:
+            log_m, relative = self.expected_weights(params).log(), False
+        else:
+            log_m, relative = self.gate.log_masses(pick(params, self.gate_blocks()))
+        noise = [k for k, v in self.noise_blocks().items() if len(v) >= 1]
+        atoms = self.gate.atom_blocks(self.n_experts, self.dim) + list(self.expert_blocks()) + noise
+        return MixingMeasure(log_m, tuple(atoms), relative)
 
     def log_gate(self, x_ND: Tensor, params: Params) -> Tensor:
         """Log gate weights log w_i(x): (..., N, E)."""
-        return self.gate.log_weights(x_ND, pick(params, self._gate_shapes()))
+        return self.gate.log_weights(x_ND, pick(params, self.gate_blocks()))
 
     def expert_means(self, x_ND: Tensor, params: Params) -> Tensor:
         """Expert means h(x; eta_i): (..., N, E)."""
-        return self.expert.mean(x_ND, pick(params, self._expert_shapes()))
+        return self.expert.mean(x_ND, pick(params, self.expert_blocks()))
 
     def _regression(self, x_ND: Tensor, params: Params) -> Tensor:
         return (self.log_gate(x_ND, params).exp() * self.expert_means(x_ND, params)).sum(-1)
@@ -75,7 +95,7 @@ class GatedExperts(DensityModel):
         if self.dim != 1:
             raise ValueError(f"expected_weights integrates over one covariate; this model has "
                              f"dim={self.dim}.")
-        gate = pick(params, self._gate_shapes())
+        gate = pick(params, self.gate_blocks())
         beta0 = gate["beta0"]
         edges = [torch.zeros_like(beta0[..., :1]), torch.ones_like(beta0[..., :1])]
         if isinstance(self.gate, LinearGate):
@@ -96,8 +116,8 @@ class GatedExperts(DensityModel):
     def normalise(self, params: Params) -> Params:
         """Gate and expert blocks in their identifiable form (e.g. the last expert's shift
         blocks at zero, ReLU experts' inner weights on the unit sphere)."""
-        gate = self.gate.normalise(pick(params, self._gate_shapes()))
-        experts = self.expert.normalise(pick(params, self._expert_shapes()))
+        gate = self.gate.normalise(pick(params, self.gate_blocks()))
+        experts = self.expert.normalise(pick(params, self.expert_blocks()))
         return {**params, **gate, **experts}
 
     def __repr__(self) -> str:
@@ -127,7 +147,7 @@ class GaussianMoE(GatedExperts):
                              f"not. Use a softmax-type gate, or MoERegression for sigmoid gating.")
 
     def param_shapes(self) -> Shapes:
-        return {**self._gate_shapes(), **self._expert_shapes(), "var": (self.n_experts,)}
+        return {**self.gate_blocks(), **self.expert_blocks(), "var": (self.n_experts,)}
 
     def component_log_probs(self, x_ND: Tensor, y_N: Tensor, params: Params) -> Tensor:
         """log w_i(x_n) + log N(y_n | h(x_n; eta_i), var_i): (..., N, E)."""
@@ -184,7 +204,7 @@ class MoERegression(GatedExperts):
     positive_blocks = ("nu",)
 
     def param_shapes(self) -> Shapes:
-        return {**self._gate_shapes(), **self._expert_shapes(), "nu": ()}
+        return {**self.gate_blocks(), **self.expert_blocks(), "nu": ()}
 
     def _log_prob(self, x_ND: Tensor, y_N: Tensor, params: Params) -> Tensor:
         return normal_log_prob(y_N, self._regression(x_ND, params), params["nu"].unsqueeze(-1))

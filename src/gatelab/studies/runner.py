@@ -10,7 +10,6 @@ results do not depend on worker count, order or chunking.
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import sys
 import time
@@ -24,14 +23,12 @@ import torch
 
 from .. import __version__
 from .._threads import available_cores
-from ..fit import FitResult, fit_em, fit_lsq, near_truth, select_best
+from ..fit import FitResult, near_truth, select_best
+from ..fit.estimators import estimator
 from ..fit.init import near_truth_known
-from ..fit.lsq import profile_loglik
 from ..fit.status import status_names
-from ..fit.topk import fit_topk_segments
 from ..losses import voronoi_loss, wasserstein
-from ..gates import HierarchicalGate
-from ..models import ContaminatedMoE, DeviatedGaussianMoE, GatedExperts
+from ..models import ContaminatedMoE, DeviatedGaussianMoE
 from .spec import Setting, Study
 from .store import FitRow, Store
 
@@ -58,16 +55,13 @@ ROWS_VERSION = 2
 _STUDY_PRESENTATION = ("sizes", "quick_sizes", "replicates", "quick_replicates", "paper",
                        "description", "notes")
 _SETTING_PRESENTATION = ("theory", "theory_blocks")
-_FITTERS = {"em": fit_em, "segments": fit_topk_segments, "lsq": fit_lsq}
-
-
 def resolved_estimator(study: Study) -> dict:
     """The estimator options a fit runs with: the study's, over the fitter's defaults."""
     method = study.estimator.get("method", "em")
-    params = inspect.signature(_FITTERS[method]).parameters
-    options = {name: params[name].default for name in ("tol", "max_iter", "accelerate")
-               if name in params}
-    options.update({k: v for k, v in study.estimator.items() if k in params or k == "method"})
+    defaults = estimator(method).options()
+    options = {name: defaults[name] for name in ("tol", "max_iter", "accelerate")
+               if name in defaults}
+    options.update({k: v for k, v in study.estimator.items() if k in defaults or k == "method"})
     return {**options, "method": method}
 
 
@@ -129,9 +123,7 @@ def run_unit(study: Study, unit: Unit) -> list[FitRow]:
     """Sample, start, fit and score the replicates of one unit (one batched fit)."""
     setting = next(s for s in study.settings if s.name == unit.setting)
     truth_model, truth = study.truth_model(setting), study.truth_params(setting)
-    model = study.truth.model(setting.fitted_k, setting.gate or setting.truth_gate,
-                              setting.gate_options or setting.truth_gate_options or None,
-                              setting.known or None)
+    model = study.fitted_model(setting)
     seeds = [seed_for(study, unit.setting, unit.n, r) for r in unit.replicates]
     xs, ys, starts = [], [], []
     for seed in seeds:
@@ -169,45 +161,12 @@ def _starts(model, truth: dict, n: int, n_starts: int, g: torch.Generator) -> di
     return near_truth(model, _start_truth(truth, model), n, n_starts, generator=g)
 
 
-def _atom_masses(model, params: dict) -> torch.Tensor | None:
-    """Masses of the trainable atoms where they are not read from beta0: lam * p_i in the
-    deviated MoE, lam for a covariate-free contaminated prompt, for a hierarchical
-    gate the product of the two levels' normalised intercept masses, and for a top-K gate
-    in one covariate the expected gate weight E_X[w_i(X)] (its intercepts alone are not
-    identifiable)."""
-    if isinstance(model, GatedExperts) and getattr(model.gate, "top_k", None) and model.dim == 1:
-        return model.expected_weights(params)
-    if isinstance(model, GatedExperts) and isinstance(model.gate, HierarchicalGate):
-        outer = torch.softmax(params["outer.beta0"], -1)          # (..., G)
-        inner = torch.softmax(params["inner.beta0"], -1)          # (..., G, J)
-        return (outer.unsqueeze(-1) * inner).flatten(-2)
-    if isinstance(model, DeviatedGaussianMoE):
-        return params["lam"].unsqueeze(-1) * torch.softmax(params["beta0"], -1)
-    if isinstance(model, ContaminatedMoE) and model.mixing == "input_free":
-        return params["lam"].unsqueeze(-1)
-    return None
-
-
-def _default_atoms(model, truth: dict) -> list[str] | None:
-    """A hierarchical gate's atoms: each expert's inner-gate blocks and expert blocks (the
-    outer blocks have a group axis, not an expert axis, and are left out)."""
-    if not (isinstance(model, GatedExperts) and isinstance(model.gate, HierarchicalGate)):
-        return None
-    return [k for k in truth if (k.startswith("inner.") and k != "inner.beta0")
-            or k in model._expert_shapes() or k == "var"]
-
-
 def _losses(model, truth_model, setting, params: dict, truth: dict):
     """The setting's Voronoi loss and per-block errors, its mass term (block "mass"), and
-    any Wasserstein baselines (blocks "W1", "W2", ...)."""
-    # A softmax-contaminated prompt's mass is sigmoid(beta0): its weight is sigmoid(s).
-    normaliser = "sigmoid" if isinstance(model, ContaminatedMoE) else "softmax"
-    if isinstance(model, GatedExperts):
-        normaliser = model.gate.normaliser
-    options = {"normaliser": normaliser, "blocks": list(setting.loss_blocks) or _default_atoms(model, truth),
-               "mass": _atom_masses(model, params), "true_mass": _atom_masses(truth_model, truth)}
+    any Wasserstein baselines (blocks "W1", "W2", ...), from the models' mixing measures."""
+    options = {"model": model, "truth_model": truth_model, "blocks": list(setting.loss_blocks) or None}
     # strict=False: a cell the table has no exponent for makes that fit's loss +inf
-    # (flagged degenerate and counted), instead of stopping the whole study.
+    # (counted and left out of the slopes), instead of stopping the whole study.
     loss = voronoi_loss(params, truth, setting.loss, strict=False, **options)
     blocks = {**loss.blocks, "mass": loss.mass}
     for order in setting.wasserstein:
@@ -216,27 +175,17 @@ def _losses(model, truth_model, setting, params: dict, truth: dict):
 
 
 def _fit(study: Study, model, x: torch.Tensor, y: torch.Tensor, init: dict) -> FitResult:
-    """The study's estimator: EM (maximum likelihood), the top-K segment fit (maximum
-    likelihood for top-K gates in one covariate, ``fit_topk_segments``) or least squares,
-    whose residual sum of squares is reported as the profile log-likelihood -n/2 (log(2 pi RSS / n) + 1)."""
+    """The study's estimator (``fit.estimators``): EM (maximum likelihood), the top-K
+    segment fit (maximum likelihood for top-K gates in one covariate) or least squares."""
     options = {k: v for k, v in study.estimator.items() if k != "method"}
-    method = study.estimator.get("method", "em")
-    if method == "em":
-        return fit_em(model, x, y, init, **options)
-    if method == "segments":
-        return fit_topk_segments(model, x, y, init, **options)
-    options.pop("accelerate", None)
-    res = fit_lsq(model, x, y, init, **options)
-    loglik = profile_loglik(res.rss, x.shape[-2])
-    return FitResult(res.params, loglik, res.n_iter, res.converged,
-                     torch.zeros_like(res.converged), res.status)
+    return estimator(study.estimator.get("method", "em")).fit(model, x, y, init, **options)
 
 
 def _start_truth(truth: dict, model) -> dict:
     """The truth's blocks in the fitted model's terms. A fitted gate of another family (e.g.
     softmax fitted to a Laplace truth) has no true gate blocks: it starts flat at the
     truth's experts, with the truth's intercepts (masses) kept."""
-    gate_shapes = model._gate_shapes()
+    gate_shapes = model.gate_blocks()
     if all(name in truth for name in gate_shapes):
         return truth
     k_star = truth["beta0"].shape[-1]

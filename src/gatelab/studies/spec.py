@@ -280,8 +280,7 @@ class Study:
         from ..fit.topk import segment_top_k
         for s in self.settings:
             try:
-                segment_top_k(self.truth.model(s.fitted_k, s.gate or s.truth_gate,
-                                               s.gate_options or s.truth_gate_options or None))
+                segment_top_k(self.fitted_model(s))
             except ValueError as err:
                 raise SpecError(f"{s._path}: {err}") from None
 
@@ -292,8 +291,7 @@ class Study:
             if s.gate_options:
                 _built(f"{s._path}.gate_options", make_gate, s.gate or s.truth_gate or self.truth.gate,
                        **dict(s.gate_options))
-            fitted = _built(f"{s._path}.gate", self.truth.model, s.fitted_k, s.gate or s.truth_gate,
-                            s.gate_options or s.truth_gate_options or None, s.known or None)
+            fitted = _built(f"{s._path}.gate", self.fitted_model, s)
             blocks = set(s.loss_blocks or fitted.param_shapes()) | {"mass"}
             blocks |= {f"W{r}" for r in s.wasserstein}
             for key in s.theory_blocks:
@@ -322,6 +320,13 @@ class Study:
         unused = sorted(set(self.truth.params) - used)
         _need(not unused, "truth.params", "blocks that some setting's truth uses (unused: "
               f"{unused})", sorted(self.truth.params))
+
+    def fitted_model(self, setting: Setting) -> GatedExperts:
+        """The model ``setting`` fits: the truth's family with the setting's number of
+        experts, gate (default: its truth gate, else the truth's) and known density."""
+        return self.truth.model(setting.fitted_k, setting.gate or setting.truth_gate,
+                                setting.gate_options or setting.truth_gate_options or None,
+                                setting.known or None)
 
     def truth_model(self, setting: Setting) -> GatedExperts:
         """The model that generates ``setting``'s data."""
