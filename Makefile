@@ -7,13 +7,17 @@ TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.gatelab-installed
 
-.PHONY: demo test install clean
+.PHONY: demo test lint install clean
 
 demo: $(STAMP)
 	$(VENV)/bin/gatelab reproduce softmax-gaussian --quick
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# Lint rules are in pyproject.toml ([tool.ruff]); CI runs this after the tests.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks
 
 install: $(STAMP)
 

@@ -66,8 +66,8 @@ def main() -> None:
           f"{'max |Q diff|':>12}  mean Q (gatelab)")
     for outer, inner in (("softmax", "softmax"), ("softmax", "laplace"), ("laplace", "laplace")):
         gate, x, resp, start = problem(outer, inner, args.n, args.problems)
-        mine, t_mine = timed(lambda: gate_update(gate, 6, x, resp, start, STEPS))
-        peer, t_peer = timed(lambda: joint_autograd(gate, x, resp, start))
+        mine, t_mine = timed(lambda g=gate, x=x, r=resp, s=start: gate_update(g, 6, x, r, s, STEPS))
+        peer, t_peer = timed(lambda g=gate, x=x, r=resp, s=start: joint_autograd(g, x, r, s))
         q_mine, q_peer = _gate_q(gate, x, resp, mine), _gate_q(gate, x, resp, peer)
         label = outer[0].upper() + inner[0].upper()
         diff = q_mine - q_peer

@@ -50,7 +50,7 @@ def run_peer(model, x, y, init, method: str):
         problem = _Problem(model, x[r:r + 1], y[r:r + 1],
                            model.normalise({k: v[r:r + 1] for k, v in init.items()}))
         theta = problem.theta().clone().requires_grad_(True)
-        loss = lambda: problem.residuals(theta).square().sum() / N  # noqa: E731
+        loss = lambda p=problem, t=theta: p.residuals(t).square().sum() / N  # noqa: E731
         if method == "adam":
             opt = torch.optim.Adam([theta], lr=1e-2)
             for _ in range(5000):
@@ -63,7 +63,7 @@ def run_peer(model, x, y, init, method: str):
                                     tolerance_change=1e-14, history_size=50,
                                     line_search_fn="strong_wolfe")
 
-            def closure():
+            def closure(opt=opt, loss=loss):
                 opt.zero_grad()
                 value = loss()
                 value.backward()

@@ -28,8 +28,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import gatelab  # noqa: F401  (first, as the CLI does: it sets GOMP_SPINCOUNT before torch loads)
 import numpy as np
+
+import gatelab  # noqa: F401  (first, as the CLI does: it sets GOMP_SPINCOUNT before torch loads)
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -78,7 +79,8 @@ def write_csv(x, y) -> str:
 
 def measure(data, repeats: int) -> dict[str, float]:
     x, y, labels, csv = data
-    cli = [str(Path(sys.executable).with_name("gatelab")), "fit", csv, "--x", "x", "--y", "y", "--experts", "2", "--json"]
+    cli = [str(Path(sys.executable).with_name("gatelab")), "fit", csv, "--x", "x", "--y", "y",
+           "--experts", "2", "--json"]
     return {
         "single": median_time(lambda: gatelab_fit(x[0], y[0], labels[0], 1e-6), 5 * repeats),
         "batched": median_time(lambda: gatelab_fit(x, y, labels, 1e-6), repeats),

@@ -2,13 +2,12 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import gatelab as gl
 import gatelab.cli as cli
 from cases import sigmoid_regression_data
 from gatelab.demo import ks_uniform, run_demo
-
-import torch
 
 
 def test_gates_lists_every_gate(capsys):

@@ -6,9 +6,9 @@ import gatelab as gl
 from cases import cases
 from gatelab.demo import reference_truth
 from gatelab.fit import fit_em, near_truth, random_starts, select_best
+from gatelab.fit.distance_gate import _derivatives, distance_gate_update
 from gatelab.fit.em import _gate_q, _irls_softmax, gate_update, m_step
 from gatelab.fit.init import covering_assignment
-from gatelab.fit.distance_gate import _derivatives, distance_gate_update
 from gatelab.fit.newton import grad_and_hessian, halving_step, newton_ascent, newton_direction
 from gatelab.params import pack, unpack
 

@@ -14,9 +14,16 @@ import gatelab as gl
 from gatelab import cli
 from gatelab.demo import reference_truth
 from gatelab.fit import fit_em
-from gatelab.fit.inference import (SingularInformation, _free_masks, choose_experts,
-                                   load_model, predict, save_model, select_experts,
-                                   standard_errors)
+from gatelab.fit.inference import (
+    SingularInformation,
+    _free_masks,
+    choose_experts,
+    load_model,
+    predict,
+    save_model,
+    select_experts,
+    standard_errors,
+)
 from gatelab.fit.single import fit_best_of_starts, n_free_parameters
 
 F64 = torch.float64

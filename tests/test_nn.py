@@ -25,7 +25,7 @@ def _randomise(module, seed=1, std=0.5):
     with torch.no_grad():
         for p in module.parameters():
             p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * std)
-        for name, b in module.named_buffers():
+        for b in module.buffers():
             if b.is_floating_point() and b.dim() > 0:
                 b.copy_(torch.randn(b.shape, generator=g, dtype=b.dtype) * 0.1)
     return module
@@ -254,11 +254,11 @@ def test_layer_reports_the_losses_it_is_asked_for():
     layer = _layer(aux={"load_balance": 0.5, "z_loss": 2.0, "importance": 1.0, "load": 0.0,
                         "entropy": 1.0})
     out = layer(_x(9))
-    l = out.aux_losses
-    assert set(l) == {"load_balance", "z_loss", "importance", "load", "entropy"}
-    want = 0.5 * l["load_balance"] + 2.0 * l["z_loss"] + l["importance"] + l["entropy"]
+    aux = out.aux_losses
+    assert set(aux) == {"load_balance", "z_loss", "importance", "load", "entropy"}
+    want = 0.5 * aux["load_balance"] + 2.0 * aux["z_loss"] + aux["importance"] + aux["entropy"]
     torch.testing.assert_close(out.aux_loss, want)
-    torch.testing.assert_close(l["z_loss"], gn.z_loss(out.router_logits))
+    torch.testing.assert_close(aux["z_loss"], gn.z_loss(out.router_logits))
 
 
 # --- bad input ----------------------------------------------------------------------

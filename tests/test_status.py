@@ -11,11 +11,18 @@ import torch
 import gatelab as gl
 from cases import sigmoid_regression_data
 from gatelab import cli
-from gatelab.fit import (FitStatus, fit_em, fit_lsq, fit_topk_segments, near_truth,
-                         random_starts, select_best, status_names)
+from gatelab.fit import (
+    FitStatus,
+    fit_em,
+    fit_lsq,
+    fit_topk_segments,
+    near_truth,
+    random_starts,
+    select_best,
+    status_names,
+)
 from gatelab.fit.single import fit_best_of_starts, fit_lsq_best_of_starts
-from gatelab.fit.status import (MIN_TRANSITION_SAMPLES, SEPARATION_LOGIT, VARIANCE_COLLAPSE,
-                                separated)
+from gatelab.fit.status import MIN_TRANSITION_SAMPLES, SEPARATION_LOGIT, VARIANCE_COLLAPSE, separated
 from gatelab.fit.topk import random_sides
 
 F64 = torch.float64

@@ -14,8 +14,19 @@ import torch
 
 import gatelab.cli as cli
 from cases import run_small_study
-from gatelab.studies import (SpecError, Store, Study, catalogue, load_study, plan, rate,
-                             rate_table, reproduce, seed_for, verdict)
+from gatelab.studies import (
+    SpecError,
+    Store,
+    Study,
+    catalogue,
+    load_study,
+    plan,
+    rate,
+    rate_table,
+    reproduce,
+    seed_for,
+    verdict,
+)
 from gatelab.studies.rates import Rate
 from gatelab.studies.runner import StaleResults, Unit, run_unit, setting_hash
 
@@ -108,7 +119,8 @@ def test_bad_toml_and_unknown_study(tmp_path):
     bad.write_text("name = \n")
     with pytest.raises(SpecError, match="is not valid TOML"):
         load_study(bad)
-    with pytest.raises(ValueError, match="Unknown study 'nope'. Built-in studies: contaminated, cosine-vs-perturbed, deviated"):
+    with pytest.raises(ValueError, match="Unknown study 'nope'. Built-in studies: contaminated, "
+                                         "cosine-vs-perturbed, deviated"):
         catalogue.get("nope")
 
 

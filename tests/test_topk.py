@@ -5,9 +5,9 @@ expected gate weights against closed forms and Monte Carlo."""
 import math
 
 import pytest
-import reference as ref
 import torch
 
+import reference as ref
 from cases import run_small_study
 from gatelab.fit import fit_em, near_truth
 from gatelab.fit.topk import fit_topk_segments, split_profile

@@ -1,13 +1,13 @@
 """Process-level settings that make large-tensor CPU loops fast, and fair to other work.
 
-``short_openmp_waits``: torch's OpenMP threads spin after each parallel operation,
-waiting for the next one, for GNU OpenMP's default 300,000 rounds (milliseconds) before
-they sleep. Beside other work those spins take the cores that the work needs
-(measured: a batched fit 1.6x slower beside a busy loop). ``GOMP_SPINCOUNT=10000`` keeps the spin that bridges consecutive operations
-(idle speed unchanged within noise) and lets waiting threads sleep soon after. OpenMP
-reads it once, when torch is first imported, so it is set on importing gatelab, and only
-where torch is not loaded yet and the user has set neither ``GOMP_SPINCOUNT`` nor
-``OMP_WAIT_POLICY``.
+``short_openmp_waits``: torch's OpenMP threads spin after each parallel operation, waiting
+for the next one, for GNU OpenMP's default 300,000 rounds (milliseconds) before they
+sleep. Beside other work those spins take the cores that the work needs (measured: a
+batched fit 1.6x slower beside a busy loop). ``GOMP_SPINCOUNT=10000`` keeps the spin that
+bridges consecutive operations (idle speed unchanged within noise) and lets waiting
+threads sleep soon after. OpenMP reads it once, when torch is first imported, so it is set
+on importing gatelab, and only where torch is not loaded yet and the user has set neither
+``GOMP_SPINCOUNT`` nor ``OMP_WAIT_POLICY``.
 
 Each EM iteration allocates temporaries of (replicates x experts x samples) doubles,
 several MB each. glibc serves such blocks with fresh mmap pages and returns them on free,
@@ -27,6 +27,7 @@ import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+
 
 @contextmanager
 def collector_paused() -> Iterator[None]:

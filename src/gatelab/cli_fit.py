@@ -16,8 +16,15 @@ import numpy as np
 import torch
 
 from .cli import UsageError, _gate_options, _read_csv, _seconds_since_process_start
-from .fit.inference import (SingularInformation, choose_experts, fit_loglik, load_model,
-                            predict, save_model, standard_errors)
+from .fit.inference import (
+    SingularInformation,
+    choose_experts,
+    fit_loglik,
+    load_model,
+    predict,
+    save_model,
+    standard_errors,
+)
 from .fit.single import aic, bic
 from .fit.status import STATUS_MEANING, FitStatus
 from .gates import make_gate

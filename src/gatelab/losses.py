@@ -118,11 +118,12 @@ def _measures(estimate: Mapping[str, Tensor], truth: Mapping[str, Tensor], model
               true_mass: Tensor | None) -> tuple[Tensor, Tensor, list[str]]:
     """(m (..., K), m* (J,), the atoms' blocks): from the models' mixing measures
     (``truth_model`` defaults to ``model``), else from softmax intercepts and the truth's
-    blocks with an expert axis, unless ``blocks``, ``mass`` or ``true_mass`` are given. Relative masses (softmax intercepts have no scale
-    of their own: pinning the last fitted intercept at 0 matches the truth's convention
-    only when the last fitted expert alone covers the last true atom, not when it shares a
-    split cell) are put on the truth's scale: m_i = softmax(log m)_i * sum_j m*_j (finite
-    even for a diverged intercept)."""
+    blocks with an expert axis, unless ``blocks``, ``mass`` or ``true_mass`` are given.
+    Relative masses (softmax intercepts have no scale of their own: pinning the last
+    fitted intercept at 0 matches the truth's convention only when the last fitted expert
+    alone covers the last true atom, not when it shares a split cell) are put on the
+    truth's scale: m_i = softmax(log m)_i * sum_j m*_j (finite even for a diverged
+    intercept)."""
     truth_model = truth_model or model
     if truth_model is not None:
         measure = truth_model.mixing_measure(truth)

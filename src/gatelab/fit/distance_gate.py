@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..gates import GaussianGate, Gate, LaplaceGate
+from ..gates import Gate, GaussianGate, LaplaceGate
 from ..params import Params
 from .newton import newton_direction
 

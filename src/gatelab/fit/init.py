@@ -27,8 +27,9 @@ def covering_assignment(k: int, k_star: int, generator: torch.Generator | None =
     """Assign k fitted experts to k* true atoms at random so that every atom gets at
     least one. The last fitted expert always takes the last true atom, so that a start's
     reference expert (intercept fixed at zero) sits on the truth's; the Voronoi loss does
-    not rely on it (it rescales the fitted masses, see ``losses._measures``). The other k - 1 experts cover atoms 0..k*-2 by a
-    random permutation, padded with uniform draws over all atoms, shuffled."""
+    not rely on it (it rescales the fitted masses, see ``losses._measures``). The other
+    k - 1 experts cover atoms 0..k*-2 by a random permutation, padded with uniform draws
+    over all atoms, shuffled."""
     check_int("k", k, k_star, fix="Fit at least as many experts as the truth has.")
     pad = torch.randint(k_star, (k - k_star,), generator=generator)
     rest = torch.cat([torch.randperm(k_star - 1, generator=generator), pad])

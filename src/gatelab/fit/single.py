@@ -49,8 +49,8 @@ def fit_best_of_starts(x: Tensor, y: Tensor, n_experts: int, gate: str | Gate = 
     zero): the polynomial model contains the linear one, and EM never lowers the
     likelihood, so it never ends below the linear fit. A top-K gate with one covariate and
     linear experts, which EM cannot move, is fitted by ``fit_topk_segments`` from the
-    same starts, their experts split between the sides by ``random_sides``. Returns the model and the best fit (unbatched). ``gate_ridge`` as in
-    ``fit_em``."""
+    same starts, their experts split between the sides by ``random_sides``. Returns the
+    model and the best fit (unbatched). ``gate_ridge`` as in ``fit_em``."""
     model = GaussianMoE(n_experts, x.shape[1], gate, expert)
     _check_samples(model, x)
     options = {"tol": tol, "max_iter": max_iter, "var_floor": var_floor, "accelerate": accelerate}

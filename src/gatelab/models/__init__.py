@@ -1,7 +1,16 @@
 """Statistical MoE models: sampling, densities, identifiable parameters."""
 
-from .base import (ConditionalDensity, DensityModel, FrozenDensity, MixingMeasure, Model, Sample, normal_cdf,
-                   normal_log_prob, sample_categorical)
+from .base import (
+                   ConditionalDensity,
+                   DensityModel,
+                   FrozenDensity,
+                   MixingMeasure,
+                   Model,
+                   Sample,
+                   normal_cdf,
+                   normal_log_prob,
+                   sample_categorical,
+)
 from .contaminated import ContaminatedMoE, DeviatedGaussianMoE
 from .moe import GatedExperts, GaussianMoE, HierarchicalGaussianMoE, MoERegression
 

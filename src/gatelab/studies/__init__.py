@@ -7,5 +7,6 @@ from .spec import Setting, SpecError, Study, TruthSpec, load_study
 from .store import FitRow, Store, records, results
 
 __all__ = ["Rate", "rate", "rate_table", "verdict", "RunStats", "plan", "reproduce", "run_unit",
-           "seed_for", "setting_hash", "StaleResults", "Setting", "SpecError", "Study", "TruthSpec", "load_study", "FitRow",
+           "seed_for", "setting_hash", "StaleResults", "Setting", "SpecError", "Study", "TruthSpec",
+           "load_study", "FitRow",
            "Store", "records", "results"]

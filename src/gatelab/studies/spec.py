@@ -20,8 +20,14 @@ from ..covariates import make_covariates
 from ..experts import make_expert
 from ..gates import make_gate
 from ..losses import TABLES
-from ..models import (ContaminatedMoE, DeviatedGaussianMoE, FrozenDensity, GatedExperts,
-                      GaussianMoE, MoERegression)
+from ..models import (
+    ContaminatedMoE,
+    DeviatedGaussianMoE,
+    FrozenDensity,
+    GatedExperts,
+    GaussianMoE,
+    MoERegression,
+)
 from ..params import Params, pick
 
 __all__ = ["SpecError", "TruthSpec", "Setting", "Study", "load_study", "schema"]
