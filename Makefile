@@ -15,9 +15,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-# Lint rules are in pyproject.toml ([tool.ruff]); CI runs this after the tests.
+# Lint rules and type checks are configured in pyproject.toml ([tool.ruff], [tool.mypy]);
+# CI runs this after the tests.
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/mypy
 
 install: $(STAMP)
 

@@ -4,7 +4,7 @@ what it got, and what to try. Internal code calls the unchecked paths."""
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, overload
 
 import torch
 from torch import Tensor
@@ -99,6 +99,18 @@ def check_finite(name: str, t: Tensor) -> Tensor:
         raise ValueError(f"'{name}' contains {bad} NaN or infinite value(s). Remove or impute "
                          f"them before calling gatelab.")
     return t
+
+
+@overload
+def check_inputs(x: Any, dim: int) -> tuple[Tensor, None]: ...
+
+
+@overload
+def check_inputs(x: Any, dim: int, y: None) -> tuple[Tensor, None]: ...
+
+
+@overload
+def check_inputs(x: Any, dim: int, y: Any) -> tuple[Tensor, Tensor]: ...
 
 
 def check_inputs(x: Any, dim: int, y: Any | None = None) -> tuple[Tensor, Tensor | None]:

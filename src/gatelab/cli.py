@@ -10,6 +10,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from .experts import EXPERTS
 from .gates import GATES, example_gate
@@ -66,17 +67,16 @@ def _read_csv(path: str, x_cols: list[str], y_col: str | None):
     out = {}
     for col in wanted:
         j = header.index(col)
-        try:  # the fast path; the loop below finds the cell to blame
-            values = np.array([float(row[j]) for row in body])
+        try:  # the fast path; _blame_cell finds the cell to blame
+            out[col] = np.array([float(row[j]) for row in body])
         except (ValueError, IndexError):
-            values = None
-        if values is None or not np.isfinite(values).all():
             _blame_cell(path, body, j, col)
-        out[col] = values
-    return np.column_stack([out[c] for c in x_cols]), out.get(y_col)
+        if not np.isfinite(out[col]).all():
+            _blame_cell(path, body, j, col)
+    return np.column_stack([out[c] for c in x_cols]), None if y_col is None else out[y_col]
 
 
-def _blame_cell(path: str, body: list[list[str]], j: int, col: str) -> None:
+def _blame_cell(path: str, body: list[list[str]], j: int, col: str) -> NoReturn:
     """Raise a UsageError naming the first cell of column ``col`` that is not a finite
     number (line numbers count the header as line 1)."""
     for line, row in enumerate(body, start=2):
@@ -89,6 +89,7 @@ def _blame_cell(path: str, body: list[list[str]], j: int, col: str) -> None:
         if not math.isfinite(v):
             raise UsageError(f"{path}, line {line}, column {col!r}: {cell!r} is not finite; "
                              f"remove or impute missing values first.")
+    raise UsageError(f"{path}: column {col!r} could not be read as numbers.")
 
 
 def _seconds_since_process_start() -> float | None:
@@ -247,7 +248,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         if not names:
             raise UsageError(f"{args.db} holds no study.")
         for name in names:
-            study = Study.from_dict(store.study_spec(name))
+            study = Study.from_dict(store.study_spec(name) or {})
             rows = store.rows(name)
             table = rate_table(study, rows)
             report = write_report(study, rows, table, report_dir(args.db, name, args.out), None)

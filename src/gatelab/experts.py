@@ -47,6 +47,10 @@ class Expert(ABC):
     def mean(self, x_ND: Tensor, params: Params) -> Tensor:
         """h(x; eta_i) for every expert: shape (..., N, E)."""
 
+    def features(self, x_ND: Tensor) -> Tensor:
+        """phi(x) with h(x) = b + a . phi(x), for experts linear in their parameters."""
+        raise NotImplementedError(f"{type(self).__name__} is not linear in its parameters.")
+
     def random_params(self, n_experts: int, dim: int, generator: torch.Generator | None = None,
                       batch_shape: tuple[int, ...] = (), dtype: torch.dtype = torch.float64) -> Params:
         """Standard-normal draws for every block (tests and random starts)."""

@@ -316,6 +316,7 @@ class QuadraticGate(Gate):
         return (*quad, "beta0") if self.monomial else (*quad, "beta1", "beta0")
 
     def param_shapes(self, n_experts: int, dim: int) -> Shapes:
+        shapes: dict[str, tuple[int, ...]]
         if self.rank:
             shapes = {"U": (n_experts, dim, self.rank), "V": (n_experts, dim, self.rank)}
         else:

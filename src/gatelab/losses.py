@@ -261,7 +261,7 @@ def wasserstein(estimate: Mapping[str, Tensor], truth: Mapping[str, Tensor], ord
     est, tru = atoms(estimate, blocks, ndim, k), atoms(truth, blocks, ndim, j)
     cost = (est.unsqueeze(-2) - tru.unsqueeze(-3)).norm(dim=-1).pow(order)   # (..., K, J)
     p = p / p.sum(-1, keepdim=True)
-    q = (q / q.sum()).detach().numpy()
+    q_np = (q / q.sum()).detach().numpy()
     flat_cost = cost.reshape(-1, k * j).detach().numpy()
     flat_p = p.reshape(-1, k).detach().numpy()
     eq = np.zeros((k + j, k * j))
@@ -269,6 +269,6 @@ def wasserstein(estimate: Mapping[str, Tensor], truth: Mapping[str, Tensor], ord
         eq[i, i * j:(i + 1) * j] = 1
     for jj in range(j):
         eq[k + jj, jj::j] = 1
-    out = [linprog(c, A_eq=eq, b_eq=np.concatenate([pi, q]), bounds=(0, None), method="highs").fun
+    out = [linprog(c, A_eq=eq, b_eq=np.concatenate([pi, q_np]), bounds=(0, None), method="highs").fun
            for c, pi in zip(flat_cost, flat_p)]
     return torch.tensor(out, dtype=cost.dtype).reshape(cost.shape[:-2]) ** (1.0 / order)

@@ -82,7 +82,15 @@ def load() -> ctypes.CDLL | None:
                               stacklevel=2)
             except OSError:
                 pass  # no compiler, or a library that will not load: the PyTorch kernel
-    return _lib
+    return _lib if isinstance(_lib, ctypes.CDLL) else None
+
+
+def _loaded() -> ctypes.CDLL:
+    """The library, for callers that checked ``load()`` first."""
+    lib = load()
+    if lib is None:
+        raise RuntimeError("The fused C kernel is not available (GATELAB_FUSED=0 or no compiler).")
+    return lib
 
 
 def estep(f_BQN: Tensor, z_BPN: Tensor, y_BN: Tensor, coef_BEQ: Tensor, gate_BEP: Tensor,
@@ -90,7 +98,7 @@ def estep(f_BQN: Tensor, z_BPN: Tensor, y_BN: Tensor, coef_BEQ: Tensor, gate_BEP
     """(ll (B,), S (B, E, Q*Q+Q+1), G (B, E, P), Hd (B, E, P, P), Hc (B, E, E, P, P)):
     see ``_fused.c``. All inputs float64 and contiguous on the CPU. ``threads``: at most
     this many threads, each taking whole problems (``gatelab._threads.split_threads``)."""
-    lib = load()
+    lib = _loaded()
     b, q, n = f_BQN.shape
     e, p = gate_BEP.shape[1], z_BPN.shape[1]
     args = [t.contiguous() for t in (f_BQN, z_BPN, y_BN, coef_BEQ, gate_BEP, var_BE)]
@@ -112,7 +120,7 @@ def em(f_BQN: Tensor, z_BPN: Tensor, y_BN: Tensor, floor_B: Tensor, coef_BEQ: Te
     """Plain EM to convergence for every problem (``gatelab_em`` in ``_fused.c``): the
     steps of ``_SoftmaxLinearKernel.update`` and ``fit_em``'s stopping rule, in C.
     Returns (coef, gate, var, ll, n_iter, converged, degenerate)."""
-    lib = load()
+    lib = _loaded()
     b, q, n = f_BQN.shape
     e, p = gate_BEP.shape[1], z_BPN.shape[1]
     data = [t.contiguous() for t in (f_BQN, z_BPN, y_BN, floor_B)]
@@ -134,7 +142,7 @@ def mstep(f_BQN: Tensor, z_BPN: Tensor, y_BN: Tensor, resp_BNE: Tensor, floor_B:
     """One M-step from given responsibilities (``gatelab_mstep``): the steps of ``m_step``
     for the softmax gate with linear experts (WLS, floored variances, one IRLS gate step
     with ``halving_step``'s halving). Returns (coef, gate, var, degenerate)."""
-    lib = load()
+    lib = _loaded()
     b, q, n = f_BQN.shape
     e, p = gate_BEP.shape[1], z_BPN.shape[1]
     data = [t.contiguous() for t in (f_BQN, z_BPN, y_BN, resp_BNE, floor_B)]

@@ -587,7 +587,7 @@ def _squarem_update(kernel, shapes, params, state, ll, aux):
     return (out, torch.where(good, ll3, ll2), _where_rows(good, s3, s2), d1 | d2 | (d3 & good), 3)
 
 
-def _broadcast_problem(model: GaussianMoE, x, y, init: Params):
+def _broadcast_problem(model, x, y, init: Params):
     """x (..., N, D), y (..., N) and parameters (*batch, ...) to one batch axis B."""
     batch = model.check_params(init)
     dtype = next(iter(init.values())).dtype

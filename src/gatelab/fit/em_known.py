@@ -65,6 +65,7 @@ def _mixing_step(model: KnownPlusPart, x: Tensor, r0: Tensor, params: Params,
     if model.mixing == "input_free":
         return {"lam": (1 - r0).mean(-1)}
     gate, shapes = model._mix_gate, model.mixing_blocks()
+    assert gate is not None  # a softmax mixing has its gate
     resp = torch.stack([1 - r0, r0], -1)  # (B, N, 2): the prompt first, f0 second
 
     def q(theta: Tensor) -> Tensor:

@@ -49,6 +49,9 @@ except ImportError:  # pragma: no cover - exercised where scikit-learn is absent
             return self
 
     class _Regressor:  # type: ignore[no-redef]
+        def predict(self, X):
+            raise NotImplementedError
+
         def score(self, X, y) -> float:
             y = np.asarray(y, dtype=float)
             resid = ((y - self.predict(X)) ** 2).sum()

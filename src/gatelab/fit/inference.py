@@ -62,8 +62,8 @@ def observed_information(model: GaussianMoE, x: Tensor, y: Tensor,
     (unbatched fit; x (N, D), y (N,)), by autograd; names like ``beta1[0,0]``."""
     masks = _free_masks(model)
     base = {k: v.detach().to(torch.float64) for k, v in params.items()}
-    names = [f"{b}[{','.join(map(str, i.tolist()))}]" if m.dim() else b
-             for b, m in masks.items() for i in (m.nonzero() if m.dim() else [None])]
+    names = [b if m.dim() == 0 else f"{b}[{','.join(map(str, i.tolist()))}]"
+             for b, m in masks.items() for i in (m.nonzero() if m.dim() else m.view(1, 1))]
     theta = torch.cat([base[b][m].reshape(-1) for b, m in masks.items()])
     x, y = x.to(torch.float64), y.to(torch.float64)
 

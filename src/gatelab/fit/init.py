@@ -104,6 +104,7 @@ def _flat_plan(model: GatedExperts, truth: Params, generator: torch.Generator | 
 def _hierarchical_plan(model: GatedExperts, truth: Params,
                        generator: torch.Generator | None) -> _Plan:
     gate = model.gate
+    assert isinstance(gate, HierarchicalGate)
     groups, j_star = truth["inner.beta0"].shape
     if groups != gate.n_groups or gate.n_inner < j_star:
         raise ValueError(f"near_truth keeps a hierarchical truth's groups and covers each "
@@ -112,7 +113,8 @@ def _hierarchical_plan(model: GatedExperts, truth: Params,
     inner = torch.stack([covering_assignment(gate.n_inner, j_star, generator)
                          for _ in range(groups)])                                # (G, J)
     flat = (torch.arange(groups).unsqueeze(-1) * j_star + inner).flatten()      # (G * J,)
-    rows = {name: None for name in model.gate_blocks() if name.startswith("outer.")}
+    rows: dict[str, Tensor | None] = {name: None for name in model.gate_blocks()
+                                      if name.startswith("outer.")}
     rows |= {name: inner for name in model.gate_blocks() if name.startswith("inner.")}
     counts = torch.stack([torch.bincount(r, minlength=j_star)[r] for r in inner])
     return _Plan(rows, flat, "inner.beta0", counts.log().to(truth["inner.beta0"].dtype))

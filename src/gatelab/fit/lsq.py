@@ -78,14 +78,16 @@ class _Problem:
 
     def jacobian(self, theta: Tensor) -> tuple[Tensor, Tensor]:
         """Residuals (B, N) and their Jacobian (B, N, P), one forward-mode pass per column."""
-        cols, r = [], None
+        cols: list[Tensor] = []
+        r: Tensor | None = None
         eye = torch.eye(theta.shape[-1], dtype=theta.dtype)
         for p in range(theta.shape[-1]):
             with fwAD.dual_level():
                 dual = fwAD.make_dual(theta, eye[p].expand_as(theta))
                 out = fwAD.unpack_dual(self.residuals(dual))
-                r = out.primal if r is None else r
+                r = out.primal if r is None else r   # the residuals, from the first pass
                 cols.append(out.tangent)
+        assert r is not None, "a problem has at least one free parameter"
         return r, torch.stack(cols, dim=-1)
 
 

@@ -89,13 +89,15 @@ def halving_step(objective: Objective, theta: Tensor, direction: Tensor, value: 
 
 def newton_ascent(objective: Objective, theta: Tensor, free: Tensor | None = None,
                   steps: int = 1) -> tuple[Tensor, Tensor]:
-    """``steps`` damped Newton steps that never decrease the objective: (theta, value)."""
+    """``steps`` (>= 1) damped Newton steps that never decrease the objective:
+    (theta, value)."""
     value = None
     for _ in range(steps):
         value, g, hess = grad_and_hessian(objective, theta)
         direction = newton_direction(g, -hess, free)
         theta, value = halving_step(objective, theta, direction, value,
                                     skip=_at_stationary_point(g, direction, value))
+    assert value is not None, "steps must be >= 1"
     return theta, value
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -53,14 +54,15 @@ def fit_best_of_starts(x: Tensor, y: Tensor, n_experts: int, gate: str | Gate = 
     model and the best fit (unbatched). ``gate_ridge`` as in ``fit_em``."""
     model = GaussianMoE(n_experts, x.shape[1], gate, expert)
     _check_samples(model, x)
-    options = {"tol": tol, "max_iter": max_iter, "var_floor": var_floor, "accelerate": accelerate}
+    options: dict[str, Any] = {"tol": tol, "max_iter": max_iter, "var_floor": var_floor,
+                               "accelerate": accelerate}
     generator = torch.Generator().manual_seed(int(seed))
     init = random_starts(model, x, y, n_init, generator)
     if _segments_apply(model):
         if gate_ridge:
             raise ValueError("gate_ridge does not apply to a top-K gate in one covariate, "
                              "which is fitted by its boundary (fit_topk_segments); use 0.")
-        sides = random_sides(n_init, n_experts, model.gate.top_k, generator)
+        sides = random_sides(n_init, n_experts, segment_top_k(model), generator)
         return model, select_best(fit_topk_segments(model, x, y, init, sides=sides, **options))
     options["gate_ridge"] = gate_ridge
     if isinstance(model.expert, PolynomialExpert):

@@ -36,7 +36,8 @@ from ..params import Params, pick
 
 __all__ = ["FitStatus", "STATUS_MEANING", "VARIANCE_COLLAPSE", "SEPARATION_LOGIT",
            "MIN_TRANSITION_SAMPLES",
-           "STUCK_CHANGE", "MIN_EXPERT_WEIGHT", "fit_status", "status_names", "separated"]
+           "STUCK_CHANGE", "MIN_EXPERT_WEIGHT", "fit_status", "status_names", "status_codes",
+           "separated"]
 
 
 class FitStatus(IntEnum):
@@ -90,8 +91,18 @@ STUCK_CHANGE = 1e-12
 MIN_EXPERT_WEIGHT = 1.0
 
 
-def status_names(status: Tensor) -> list[str]:
+def status_codes(result) -> Tensor:
+    """The status codes of a fit result; every result gatelab's fitters return has them."""
+    if result.status is None:
+        raise ValueError("This fit result carries no status: it was not made by fit_em, "
+                         "fit_lsq or fit_topk_segments.")
+    return result.status
+
+
+def status_names(status: Tensor | None) -> list[str]:
     """Status codes (any shape) as their names, flattened: ["converged", "separated", ...]."""
+    if status is None:
+        raise ValueError("No status: this fit result was not made by a gatelab fitter.")
     return [FitStatus(int(c)).name.lower() for c in status.reshape(-1)]
 
 

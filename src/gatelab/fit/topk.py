@@ -40,7 +40,7 @@ from ..gates import LinearGate
 from ..models import GaussianMoE
 from ..params import Params
 from .em import FitResult, fit_em
-from .status import VARIANCE_COLLAPSE, FitStatus
+from .status import VARIANCE_COLLAPSE, FitStatus, status_codes
 
 __all__ = ["Split", "split_profile", "fit_topk_segments", "segment_top_k", "random_sides",
            "BOUNDARY_SCALE"]
@@ -121,7 +121,7 @@ def _side_loglik(stats: Tensor, floor: Tensor) -> Tensor:
     return torch.where(count >= 3, ll, float("-inf"))
 
 
-def segment_top_k(model: GaussianMoE) -> int:
+def segment_top_k(model) -> int:
     """K of a model that ``fit_topk_segments`` can fit; a ValueError naming the fix if not."""
     gate = model.gate
     if not (isinstance(model, GaussianMoE) and type(gate) is LinearGate and gate.top_k
@@ -163,13 +163,14 @@ def fit_topk_segments(model: GaussianMoE, x: Tensor, y: Tensor, init: Params, *,
     limiting model by design, not a separated fit."""
     top_k = segment_top_k(model)
     if x.dim() == 2:
-        res = fit_topk_segments(model, x.unsqueeze(0), y.unsqueeze(0),
+        one = fit_topk_segments(model, x.unsqueeze(0), y.unsqueeze(0),
                                 {k: v.unsqueeze(1) for k, v in init.items()}, tol=tol,
                                 max_iter=max_iter, accelerate=accelerate, min_size=min_size,
                                 var_floor=var_floor,
                                 sides=None if sides is None else sides.unsqueeze(1))
-        return FitResult({k: v.squeeze(1) for k, v in res.params.items()},
-                         *[t.squeeze(1) for t in res[1:6]])
+        return FitResult({k: v.squeeze(1) for k, v in one.params.items()}, one.loglik.squeeze(1),
+                         one.n_iter.squeeze(1), one.converged.squeeze(1),
+                         one.degenerate.squeeze(1), status_codes(one).squeeze(1))
     x1 = x.squeeze(-1)
     with using_threads(threads_for(y.numel())):
         split = split_profile(x1, y, min_size, var_floor)
@@ -182,10 +183,10 @@ def fit_topk_segments(model: GaussianMoE, x: Tensor, y: Tensor, init: Params, *,
     options = {"tol": tol, "max_iter": max_iter, "accelerate": accelerate, "var_floor": var_floor}
     for r in range(shape[1]):
         starts = list(range(shape[0]))
-        sides = [_fit_side(model, x1[r], y[r], split, r, j, right[:, r], starts,
-                           {k: v[:, r] for k, v in init.items()}, options) for j in (0, 1)]
+        side_fits = [_fit_side(model, x1[r], y[r], split, r, j, right[:, r], starts,
+                               {k: v[:, r] for k, v in init.items()}, options) for j in (0, 1)]
         for s in starts:
-            fits = [side[s] for side in sides]
+            fits = [side[s] for side in side_fits]
             lift = BOUNDARY_SCALE * (1.0 + max(_score_bound(f.params, x1[r]) for f in fits))
             for block in ("a", "b", "var", "beta0", "beta1"):
                 out[block][s, r] = _merge(block, fits, right[s, r], split.boundary[r], lift)
@@ -269,7 +270,8 @@ def _fit_side(model: GaussianMoE, x: Tensor, y: Tensor, split: Split, r: int, j:
         res = fit_em(dense, x[mask].unsqueeze(-1), y[mask], batch, **options)
         for i, s in enumerate(group):
             fits[s] = _Side({k: v[i] for k, v in res.params.items()}, int(res.n_iter[i]),
-                            bool(res.converged[i]), bool(res.degenerate[i]), int(res.status[i]))
+                            bool(res.converged[i]), bool(res.degenerate[i]),
+                            int(status_codes(res)[i]))
     return fits
 
 

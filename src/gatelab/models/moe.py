@@ -103,8 +103,8 @@ class GatedExperts(DensityModel):
             slope = gate["beta1"][..., i, 0] - gate["beta1"][..., j, 0]
             cross = (beta0[..., j] - beta0[..., i]) / slope
             edges.append(self.covariates.cdf(torch.nan_to_num(cross, nan=0.0)))
-        edges = torch.cat(edges, -1).sort(-1).values                         # (..., P)
-        lo, width = edges[..., :-1], edges[..., 1:] - edges[..., :-1]        # (..., P-1)
+        cuts = torch.cat(edges, -1).sort(-1).values                          # (..., P)
+        lo, width = cuts[..., :-1], cuts[..., 1:] - cuts[..., :-1]           # (..., P-1)
         g, w = (torch.as_tensor(v, dtype=beta0.dtype) for v in np.polynomial.legendre.leggauss(nodes))
         u = lo.unsqueeze(-1) + width.unsqueeze(-1) * (g + 1) / 2             # (..., P-1, Q)
         tiny = torch.finfo(beta0.dtype).eps
@@ -157,8 +157,9 @@ class GaussianMoE(GatedExperts):
 
     def responsibilities(self, x: Tensor, y: Tensor, params: Params) -> Tensor:
         """Posterior probability of each expert given (x_n, y_n): (..., N, E)."""
-        x, y = self._prepare(x, params, y)
-        return torch.softmax(self.component_log_probs(x, y, params), dim=-1)
+        x, checked = self._prepare(x, params, y)
+        assert checked is not None
+        return torch.softmax(self.component_log_probs(x, checked, params), dim=-1)
 
     def _log_prob(self, x_ND: Tensor, y_N: Tensor, params: Params) -> Tensor:
         return torch.logsumexp(self.component_log_probs(x_ND, y_N, params), dim=-1)

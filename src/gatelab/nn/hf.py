@@ -48,7 +48,7 @@ def _activation(block: nn.Module) -> str:
 
 
 def _router_options(block: nn.Module, kind: str) -> dict[str, Any]:
-    gate = block.gate
+    gate: Any = block.gate
     if kind == "MixtralSparseMoeBlock":
         return {"router": "softmax", "renormalize": True, "router_dtype": torch.float32,
                 "jitter": float(getattr(block, "jitter_noise", 0.0) or 0.0)}
@@ -93,16 +93,18 @@ def from_hf(block: nn.Module) -> MoELayer:
                      shared_gate=kind.startswith("Qwen2"), **_router_options(block, kind))
     ref = _need(block, "gate.weight")
     layer.to(device=ref.device, dtype=experts.gate_up_proj.dtype)
-    _copy(layer.router.scores.beta1, ref, "gate.weight")
+    router: Any = layer.router  # attributes through nn.Module: typed loosely
+    _copy(router.scores.beta1, ref, "gate.weight")
     if kind == "DeepseekV3MoE":
-        _copy(layer.router.selection_bias, _need(block, "gate.e_score_correction_bias"),
+        _copy(router.selection_bias, _need(block, "gate.e_score_correction_bias"),
               "gate.e_score_correction_bias")
-    _copy(layer.experts.gate_up_proj, experts.gate_up_proj, "experts.gate_up_proj")
-    _copy(layer.experts.down_proj, _need(experts, "down_proj"), "experts.down_proj")
+    mine: Any = layer
+    _copy(mine.experts.gate_up_proj, experts.gate_up_proj, "experts.gate_up_proj")
+    _copy(mine.experts.down_proj, _need(experts, "down_proj"), "experts.down_proj")
     if shared is not None:
-        _copy_mlp(layer.shared, shared)
+        _copy_mlp(mine.shared, shared)
     if kind.startswith("Qwen2"):
-        _copy(layer.shared.gate.weight, _need(block, "shared_expert_gate.weight"),
+        _copy(mine.shared.gate.weight, _need(block, "shared_expert_gate.weight"),
               "shared_expert_gate.weight")
     return layer
 
@@ -206,7 +208,7 @@ def load_swapped(path: str, model_class: type | None = None, **from_pretrained: 
     base = model_class or getattr(transformers, config.architectures[0])
     gate, options = from_spec(spec["gate"]), {k: _unplain(v) for k, v in spec["options"].items()}
 
-    class Swapped(base):
+    class Swapped(base):  # type: ignore[valid-type, misc]  # a class chosen at run time
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             swap_router(self, gate, **options)

@@ -8,8 +8,8 @@ its largest value."""
 from __future__ import annotations
 
 from collections import Counter, defaultdict
-from collections.abc import Sequence
-from typing import NamedTuple
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -42,7 +42,7 @@ class Rate(NamedTuple):
     ci_high: float
 
 
-def slope(ns: Sequence[float], means: np.ndarray) -> np.ndarray:
+def slope(ns: Sequence[float] | np.ndarray, means: np.ndarray) -> np.ndarray:
     """OLS slope of log(means) on log(ns); ``means`` may carry leading (bootstrap) axes."""
     x = np.log(np.asarray(ns, dtype=float))
     y = np.log(means)
@@ -50,7 +50,7 @@ def slope(ns: Sequence[float], means: np.ndarray) -> np.ndarray:
     return ((y - y.mean(-1, keepdims=True)) * xc).sum(-1) / (xc ** 2).sum()
 
 
-STATISTICS = {"mean": np.mean, "median": np.median}
+STATISTICS: dict[str, Callable[..., Any]] = {"mean": np.mean, "median": np.median}
 
 
 def rate(ns: Sequence[int], losses: Sequence[np.ndarray], n_boot: int = 1000, level: float = 0.95,

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from multiprocessing import get_context
-from typing import NamedTuple, TextIO
+from typing import Any, NamedTuple, TextIO
 
 import torch
 
@@ -59,8 +59,8 @@ def resolved_estimator(study: Study) -> dict:
     """The estimator options a fit runs with: the study's, over the fitter's defaults."""
     method = study.estimator.get("method", "em")
     defaults = estimator(method).options()
-    options = {name: defaults[name] for name in ("tol", "max_iter", "accelerate")
-               if name in defaults}
+    options: dict[str, Any] = {name: defaults[name] for name in ("tol", "max_iter", "accelerate")
+                               if name in defaults}
     options.update({k: v for k, v in study.estimator.items() if k in defaults or k == "method"})
     return {**options, "method": method}
 

@@ -22,9 +22,9 @@ from ..gates import make_gate
 from ..losses import TABLES
 from ..models import (
     ContaminatedMoE,
+    DensityModel,
     DeviatedGaussianMoE,
     FrozenDensity,
-    GatedExperts,
     GaussianMoE,
     MoERegression,
 )
@@ -141,7 +141,7 @@ class TruthSpec:
 
     def model(self, n_experts: int | None = None, gate: str | None = None,
               gate_options: Mapping[str, Any] | None = None,
-              known: Mapping[str, Any] | None = None) -> GatedExperts:
+              known: Mapping[str, Any] | None = None) -> DensityModel:
         """The true model, or the same family with another number of experts / gate /
         known density (``known`` overrides entries of the truth's ``known`` table)."""
         if self.model_kind == "deviated":
@@ -218,7 +218,8 @@ class Setting:
 
     def __post_init__(self) -> None:
         p = self._path
-        _need(isinstance(self.name, str) and self.name, f"{p}.name", "a non-empty string", self.name)
+        _need(isinstance(self.name, str) and bool(self.name), f"{p}.name", "a non-empty string",
+              self.name)
         _need(_is_int(self.fitted_k), f"{p}.fitted_k", "an int >= 1", self.fitted_k)
         _need(self.loss in TABLES, f"{p}.loss", f"one of {sorted(TABLES)}", self.loss)
         _need(self.start in ("near_truth",), f"{p}.start", "'near_truth'", self.start)
@@ -256,7 +257,8 @@ class Study:
                                                          "accelerate": True})
 
     def __post_init__(self) -> None:
-        _need(isinstance(self.name, str) and self.name, "name", "a non-empty string", self.name)
+        _need(isinstance(self.name, str) and bool(self.name), "name", "a non-empty string",
+              self.name)
         _need(len(self.settings) > 0, "settings", "a non-empty list", self.settings)
         names = [s.name for s in self.settings]
         _need(len(set(names)) == len(names), "settings", "uniquely named", names)
@@ -327,14 +329,14 @@ class Study:
         _need(not unused, "truth.params", "blocks that some setting's truth uses (unused: "
               f"{unused})", sorted(self.truth.params))
 
-    def fitted_model(self, setting: Setting) -> GatedExperts:
+    def fitted_model(self, setting: Setting) -> DensityModel:
         """The model ``setting`` fits: the truth's family with the setting's number of
         experts, gate (default: its truth gate, else the truth's) and known density."""
         return self.truth.model(setting.fitted_k, setting.gate or setting.truth_gate,
                                 setting.gate_options or setting.truth_gate_options or None,
                                 setting.known or None)
 
-    def truth_model(self, setting: Setting) -> GatedExperts:
+    def truth_model(self, setting: Setting) -> DensityModel:
         """The model that generates ``setting``'s data."""
         return self.truth.model(gate=setting.truth_gate, known=setting.known or None,
                                 gate_options=setting.truth_gate_options or None)

@@ -147,7 +147,8 @@ class Store:
             "WHERE study = ? "
             "ORDER BY setting, n, replicate", (study,))
         nan = float("nan")  # SQLite stores NaN as NULL
-        return [FitRow(*r[:5], nan if r[5] is None else r[5], nan if r[6] is None else r[6],
+        return [FitRow(r[0], r[1], r[2], r[3], r[4], nan if r[5] is None else r[5],
+                       nan if r[6] is None else r[6],
                        json.loads(r[7]), nan if r[8] is None else r[8], r[9], bool(r[10]),
                        bool(r[11]), r[12], r[13], r[14] or "", r[15] or "",
                        json.loads(r[16]) if r[16] else {}) for r in cur]
