@@ -281,14 +281,14 @@ class Study:
               "'em' or 'segments' for a density truth (least squares fits regressions)", method)
         self._check_truth_blocks_used()
         self._check_theory_blocks()
-        if method == "segments":
-            self._check_segment_models()
+        self._check_estimator_fits_models(method)
 
-    def _check_segment_models(self) -> None:
-        from ..fit.topk import segment_top_k
+    def _check_estimator_fits_models(self, method: str) -> None:
+        """Each setting's model is one the study's estimator can fit (its ``check``)."""
+        from ..fit.estimators import estimator
         for s in self.settings:
             try:
-                segment_top_k(self.fitted_model(s))
+                estimator(method).check(self.fitted_model(s))
             except ValueError as err:
                 raise SpecError(f"{s._path}: {err}") from None
 
