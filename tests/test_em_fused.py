@@ -87,3 +87,52 @@ def test_fused_statistics_hold_for_far_apart_components(k):
     torch.testing.assert_close(ll_f, ll_t, rtol=1e-12, atol=0)
     for a, b in zip(stats_f, stats_t):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+F64 = torch.float64
+
+
+def _statistics_with_negative_hessian(neg_BMM, e, p):
+    """Gate statistics (G, Hd, Hc) whose Newton system -H is ``neg_BMM`` ((E-1)P square):
+    Hd_i = the diagonal blocks, Hc_ij = -(off-diagonal blocks) (Hc_ii = 0)."""
+    b = neg_BMM.shape[0]
+    m = (e - 1) * p
+    blocks = neg_BMM.view(b, e - 1, p, e - 1, p).permute(0, 1, 3, 2, 4)      # (B, i, j, p, q)
+    hd = torch.zeros(b, e, p, p, dtype=F64)
+    hc = torch.zeros(b, e, e, p, p, dtype=F64)
+    for i in range(e - 1):
+        hd[:, i] = blocks[:, i, i]
+        for j in range(e - 1):
+            if i != j:
+                hc[:, i, j] = -blocks[:, i, j]
+    g = torch.randn(b, e, p, generator=torch.Generator().manual_seed(3), dtype=F64)
+    assert m == neg_BMM.shape[-1]
+    return g, hd, hc
+
+
+def test_c_and_pytorch_share_one_rule_for_systems_that_are_not_positive_definite():
+    from gatelab.fit.em import _softmax_neg_hessian
+    from gatelab.fit.newton import SOFTMAX_RIDGES, ridged_direction
+    e, p = 3, 2
+    gen = torch.Generator().manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(4, 4, 4, generator=gen, dtype=F64))
+    # eigenvalues: positive definite; singular; slightly indefinite (the first ridge does not
+    # fix it, a larger one does); and below, one that no ridge fixes (a zero step)
+    evals = torch.tensor([[3.0, 2.0, 1.0, 0.5], [3.0, 2.0, 1.0, 0.0], [3.0, 2.0, 1.0, -1e-5],
+                          [3.0, 2.0, 1.0, -1e3]], dtype=F64)
+    neg = q @ torch.diag_embed(evals) @ q.transpose(-1, -2)
+    neg = 0.5 * (neg + neg.transpose(-1, -2))
+    # no ridge relative to its diagonal can fix a matrix whose diagonal is (nearly) zero
+    neg[3] = torch.tensor([[0, 1, 2, 3], [1, 0, 1, 2], [2, 1, 0, 1], [3, 2, 1, 0]], dtype=F64) * 1e3
+    g, hd, hc = _statistics_with_negative_hessian(neg, e, p)
+    torch.testing.assert_close(_softmax_neg_hessian(hd[:, :-1], hc[:, :-1, :-1]), neg)
+    mine = ridged_direction(g[:, :-1].reshape(4, -1), neg).view(4, e - 1, p)
+    theirs = _fused.gate_direction(g, hd, hc)
+    # the same ridge chosen (a different one would differ by orders of magnitude); the
+    # singular system's solution (condition ~1e10) agrees to its rounding
+    torch.testing.assert_close(theirs, mine, rtol=1e-6, atol=1e-12)
+    assert torch.equal(mine[3], torch.zeros(e - 1, p))                  # no ridge helps
+    assert bool(mine[2].abs().sum() > 0) and SOFTMAX_RIDGES[0] == 1e-10
+    # where the first ridge suffices it is the exact Newton step, up to that ridge
+    exact = torch.linalg.solve(neg[0], g[0, :-1].reshape(-1))
+    torch.testing.assert_close(mine[0].reshape(-1), exact, rtol=1e-8, atol=0)

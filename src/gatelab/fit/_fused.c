@@ -322,7 +322,9 @@ static int experts_step(Problem *pr, double *coef, double *var, double *work) {
 }
 
 /* Newton/IRLS direction for the free experts' gate rows (all but the last): solves
- * (-H + 1e-10 scale I) d = g; where that is not positive definite, a larger ridge. */
+ * (-H + r scale I) d = g, scale = mean |diag(-H)|, with the first ridge r of 1e-10, 1e-6,
+ * 1e-2, 1e2 for which Cholesky succeeds; d = 0 if none does. The rule of
+ * gatelab.fit.newton.ridged_direction (SOFTMAX_RIDGES), which the PyTorch kernel uses. */
 static void gate_direction(Problem *pr, double *d, double *work) {
     const int E = pr->E, P = pr->P, PP = P * P, m = (E - 1) * P;
     double *a = work;
@@ -498,6 +500,26 @@ static void stats_from_resp(Problem *pr, const double *resp, const double *gate)
                    pr->Hd, pr->Hc);
     }
     fill_lower(E, Q, P, pr->S, pr->Hd, pr->Hc);
+}
+
+/* gate_direction for B problems' statistics G (B, E, P), Hd (B, E, P, P), Hc (B, E, E, P, P);
+ * d (B, E - 1, P). For tests: the C and PyTorch rules must agree. */
+int gatelab_gate_direction(int B, int E, int P, const double *G, const double *Hd,
+                           const double *Hc, double *d) {
+    const int m = (E - 1) * P;
+    double *work = malloc(sizeof(double) * (size_t)(2 * m * m + m));
+    if (!work) return 2;
+    for (int b = 0; b < B; b++) {
+        Problem pr;
+        pr.E = E;
+        pr.P = P;
+        pr.G = (double *)G + (size_t)b * E * P;
+        pr.Hd = (double *)Hd + (size_t)b * E * P * P;
+        pr.Hc = (double *)Hc + (size_t)b * E * E * P * P;
+        gate_direction(&pr, d + (size_t)b * m, work);
+    }
+    free(work);
+    return 0;
 }
 
 int gatelab_mstep(int B, int N, int E, int Q, int P, int threads, const double *f,

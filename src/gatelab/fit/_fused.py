@@ -93,6 +93,19 @@ def _loaded() -> ctypes.CDLL:
     return lib
 
 
+def gate_direction(g_BEP: Tensor, hd_BEPP: Tensor, hc_BEEPP: Tensor) -> Tensor:
+    """The C kernel's Newton direction for the gate, (B, E - 1, P), from the statistics
+    ``estep`` returns (``gatelab_gate_direction``): for tests against the PyTorch rule."""
+    lib = _loaded()
+    b, e, p = g_BEP.shape
+    args = [t.contiguous().to(torch.float64) for t in (g_BEP, hd_BEPP, hc_BEEPP)]
+    d = g_BEP.new_empty(b, e - 1, p, dtype=torch.float64)
+    ptr = lambda t: ctypes.c_void_p(t.data_ptr())  # noqa: E731
+    if lib.gatelab_gate_direction(b, e, p, *map(ptr, args), ptr(d)):
+        raise MemoryError("The C gate direction could not allocate its work space.")
+    return d
+
+
 def estep(f_BQN: Tensor, z_BPN: Tensor, y_BN: Tensor, coef_BEQ: Tensor, gate_BEP: Tensor,
           var_BE: Tensor, threads: int = 1) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(ll (B,), S (B, E, Q*Q+Q+1), G (B, E, P), Hd (B, E, P, P), Hc (B, E, E, P, P)):

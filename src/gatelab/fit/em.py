@@ -46,7 +46,7 @@ from ..models import GaussianMoE
 from ..params import Params, pack, pick, take_prefix, unpack, with_prefix
 from . import _fused
 from .distance_gate import distance_gate_update, is_distance_gate
-from .newton import halving_step, newton_ascent, newton_direction
+from .newton import halving_step, newton_ascent, ridged_direction
 from .status import MIN_EXPERT_WEIGHT, fit_status
 
 __all__ = ["FitResult", "fit_em", "select_best", "e_step", "m_step", "gate_update"]
@@ -183,7 +183,7 @@ def _irls_softmax(x_BND: Tensor, resp_BNE: Tensor, params: Params, steps: int) -
     for _ in range(steps):
         w, _ = _softmax_experts_first(_combine(full(theta), z_BPN))
         grad, diag, cross = _gate_stats(stats_resp, w, stats_z, zz)
-        direction = newton_direction(grad.reshape(b, -1), _softmax_neg_hessian(diag, cross))
+        direction = ridged_direction(grad.reshape(b, -1), _softmax_neg_hessian(diag, cross))
         theta, _ = halving_step(q, theta, direction, q(theta))
     out = full(theta)
     return {"beta0": out[..., 0], "beta1": out[..., 1:]}
@@ -443,7 +443,7 @@ class _SoftmaxLinearKernel:
         gradient_i = sum_n (r_ni - w_ni) z_n; -Hessian_ij = sum_n w_ni (d_ij - w_nj) z_n z_n^T."""
         b, m, p = grad.shape
         neg_hess = _softmax_neg_hessian(diag, cross)
-        return newton_direction(grad.reshape(b, -1), neg_hess).view(b, m, p)
+        return ridged_direction(grad.reshape(b, -1), neg_hess).view(b, m, p)
 
     def _with_gate_step(self, params: Params, direction: Tensor, t: Tensor) -> Params:
         beta0 = params["beta0"].clone()

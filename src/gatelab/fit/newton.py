@@ -62,6 +62,33 @@ def newton_direction(g: Tensor, neg_hess: Tensor, free: Tensor | None = None,
     return d
 
 
+#: Ridges, relative to the mean |diagonal|, tried in turn for the softmax gate's Newton
+#: system until it is positive definite (the C kernel, ``gate_direction`` in _fused.c, uses
+#: the same ones). The softmax gate's -Hessian is positive semi-definite in exact
+#: arithmetic; rounding makes it indefinite only near singularity (over-specified fits).
+SOFTMAX_RIDGES = (1e-10, 1e-6, 1e-2, 1e2)
+
+
+def ridged_direction(g: Tensor, neg_hess: Tensor) -> Tensor:
+    """Solve (-H + r scale I) d = g for d (B, P), scale = mean |diag(-H)| (at least
+    1e-300), with the first r in ``SOFTMAX_RIDGES`` for which Cholesky succeeds; d = 0
+    where none does, or where g or -H is not finite. The one rule of the softmax gate's
+    IRLS step, in PyTorch and in C."""
+    eye = torch.eye(g.shape[-1], dtype=g.dtype, device=g.device)
+    scale = neg_hess.diagonal(dim1=-2, dim2=-1).abs().mean(-1).clamp_min(1e-300)
+    pending = torch.isfinite(g).all(-1) & torch.isfinite(neg_hess).all((-1, -2))
+    d = torch.zeros_like(g)
+    for ridge in SOFTMAX_RIDGES:
+        idx = pending.nonzero().squeeze(-1)
+        if idx.numel() == 0:
+            break
+        chol, info = torch.linalg.cholesky_ex(neg_hess[idx] + ridge * scale[idx, None, None] * eye)
+        ok = info == 0
+        d[idx[ok]] = torch.cholesky_solve(g[idx[ok]].unsqueeze(-1), chol[ok]).squeeze(-1)
+        pending[idx[ok]] = False
+    return d
+
+
 def halving_step(objective: Objective, theta: Tensor, direction: Tensor, value: Tensor,
                  max_halvings: int = 12, skip: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Move along ``direction`` with step 1, 1/2, 1/4, ... until the objective does not
