@@ -133,6 +133,13 @@ def test_c_and_pytorch_share_one_rule_for_systems_that_are_not_positive_definite
     torch.testing.assert_close(theirs, mine, rtol=1e-6, atol=1e-12)
     assert torch.equal(mine[3], torch.zeros(e - 1, p))                  # no ridge helps
     assert bool(mine[2].abs().sum() > 0) and SOFTMAX_RIDGES[0] == 1e-10
+    # a NaN statistic (a fit gone wrong) gives no step, in both; the C pivot test reads
+    # the bits, which -ffast-math cannot fold away
+    hd_nan = hd.clone()
+    hd_nan[0, 0, 0, 0] = float("nan")
+    assert torch.equal(_fused.gate_direction(g, hd_nan, hc)[0], torch.zeros(e - 1, p, dtype=F64))
+    neg_nan = _softmax_neg_hessian(hd_nan[:, :-1], hc[:, :-1, :-1])
+    assert torch.equal(ridged_direction(g[:, :-1].reshape(4, -1), neg_nan)[0], torch.zeros(4, dtype=F64))
     # where the first ridge suffices it is the exact Newton step, up to that ridge
     exact = torch.linalg.solve(neg[0], g[0, :-1].reshape(-1))
     torch.testing.assert_close(mine[0].reshape(-1), exact, rtol=1e-8, atol=0)

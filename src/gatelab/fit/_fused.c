@@ -19,6 +19,7 @@
  * Hd (B, E, P*P), Hc (B, E, E, P*P).
  */
 #include <math.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -252,13 +253,22 @@ int gatelab_estep(int B, int N, int E, int Q, int P, int threads, const double *
 
 /* ---- the whole plain EM loop for one problem (same steps as _SoftmaxLinearKernel) ---- */
 
+/* Whether x is finite, read from its bits: the file is compiled with -ffast-math (for
+ * glibc's vector exp and log), under which gcc may fold isfinite() to true and treat a
+ * NaN compared with 0 as positive; a bit test cannot be folded. */
+static inline int finite_bits(double x) {
+    uint64_t u;
+    memcpy(&u, &x, sizeof u);
+    return ((u >> 52) & 0x7ff) != 0x7ff;
+}
+
 /* Cholesky solve of the m x m symmetric system a x = b (a is overwritten); 1 if a is
- * not positive definite. */
+ * not positive definite (a NaN pivot included). */
 static int chol_solve(int m, double *a, double *b) {
     for (int j = 0; j < m; j++) {
         double d = a[j * m + j];
         for (int k = 0; k < j; k++) d -= a[j * m + k] * a[j * m + k];
-        if (!(d > 0.0)) return 1;
+        if (!finite_bits(d) || !(d > 0.0)) return 1;
         d = sqrt(d);
         a[j * m + j] = d;
         for (int i = j + 1; i < m; i++) {
@@ -353,8 +363,10 @@ static void gate_direction(Problem *pr, double *d, double *work) {
     for (int k = 0; k < m; k++) d[k] = 0.0;
 }
 
+/* gate + t d on the free rows; t = 0 is the gate itself (0 * NaN would not be). */
 static void step_gate(int E, int P, const double *gate, const double *d, double t, double *out) {
     for (int k = 0; k < E * P; k++) out[k] = gate[k];
+    if (t == 0.0) return;
     for (int k = 0; k < (E - 1) * P; k++) out[k] += t * d[k];
 }
 
@@ -393,6 +405,7 @@ static double *open_problem(Problem *pr, int b, int N, int E, int Q, int P, cons
     const size_t stats = (size_t)E * SQ + E * P + E * PP + (size_t)E * E * PP;
     const size_t work = 3 * (size_t)m * m + 2 * m + E * P + 2 * Q * Q + 2 * Q + 16;
     double *buf = malloc(sizeof(double) * (stats + work));
+    if (!buf) return NULL;
     const double *fb = f + (size_t)b * Q * N, *zb = z + (size_t)b * P * N;
     Problem p = {N, E, Q, P, is_shared_x(N, Q, P, fb, zb), fb, zb, y + (size_t)b * N, floor[b],
                  buf, buf + E * SQ, buf + E * SQ + E * P, buf + E * SQ + E * P + E * PP};
@@ -406,10 +419,15 @@ int gatelab_em(int B, int N, int E, int Q, int P, int threads, const double *f,
                int *converged, int *degenerate) {
     if (E > MAXE) return 1;
     init_ones();
-#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+    int failed = 0;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) reduction(|| : failed)
     for (int b = 0; b < B; b++) {
         Problem pr;
         double *w = open_problem(&pr, b, N, E, Q, P, f, z, y, floor);
+        if (!w) {  /* out of memory: the caller raises MemoryError */
+            failed = 1;
+            continue;
+        }
         double *cb = coef + (size_t)b * E * Q, *gb = gate + (size_t)b * E * P,
                *vb = var + (size_t)b * E;
         double cur;
@@ -427,7 +445,7 @@ int gatelab_em(int B, int N, int E, int Q, int P, int threads, const double *f,
         degenerate[b] = low;
         free(pr.S);  /* the start of the problem's buffer */
     }
-    return 0;
+    return failed ? 3 : 0;
 }
 
 /* ---- one M-step from given responsibilities (gatelab.fit.init.from_responsibilities) ---- */
@@ -527,10 +545,15 @@ int gatelab_mstep(int B, int N, int E, int Q, int P, int threads, const double *
                   double *coef, double *gate, double *var, int *degenerate) {
     if (E > MAXE) return 1;
     init_ones();
-#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+    int failed = 0;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) reduction(|| : failed)
     for (int b = 0; b < B; b++) {
         Problem pr;
         double *w = open_problem(&pr, b, N, E, Q, P, f, z, y, floor);
+        if (!w) {  /* out of memory: the caller raises MemoryError */
+            failed = 1;
+            continue;
+        }
         double *cb = coef + (size_t)b * E * Q, *gb = gate + (size_t)b * E * P,
                *vb = var + (size_t)b * E;
         const double *rb = resp + (size_t)b * N * E;
@@ -544,7 +567,7 @@ int gatelab_mstep(int B, int N, int E, int Q, int P, int threads, const double *
             for (int h = 0; h < 12; h++) {
                 step_gate(E, P, gb, d, ldexp(1.0, -h), cand);
                 const double qv = gate_q(&pr, rb, cand);
-                if (isfinite(qv) && qv >= q0) {
+                if (finite_bits(qv) && qv >= q0) {
                     for (int k = 0; k < E * P; k++) gb[k] = cand[k];
                     break;
                 }
@@ -552,5 +575,5 @@ int gatelab_mstep(int B, int N, int E, int Q, int P, int threads, const double *
         }
         free(pr.S);  /* the start of the problem's buffer */
     }
-    return 0;
+    return failed ? 3 : 0;
 }
