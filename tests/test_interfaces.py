@@ -91,3 +91,21 @@ def test_estimators_check_their_model_and_return_one_result_type():
     assert type(res).__name__ == "FitResult"
     torch.testing.assert_close(res.loglik, -150 * (torch.log(2 * math.pi * plain.rss / 300) + 1))
     assert estimator("em").options()["tol"] == 1e-6 and "accelerate" not in estimator("lsq").options()
+
+
+def test_start_schemes_are_named_by_model_class():
+    from gatelab.fit.init import NEAR_TRUTH, near_truth_known, near_truth_starts
+    g0 = gl.GaussianMoE(1, 1).freeze({"beta1": T([[0.0]]), "beta0": T([0.0]), "a": T([[0.0]]),
+                                     "b": T([0.0]), "var": T([1.0])})
+    dev = gl.DeviatedGaussianMoE(g0, 2, 1)
+    assert NEAR_TRUTH[type(dev)] is near_truth_known
+    truth = {"lam": T(0.5), "beta0": T([0.0, 0.0]), "a": T([[0.0], [4.0]]), "b": T([0.0, 0.0]),
+             "var": T([1.0, 1.0])}
+    a = near_truth_starts(dev, truth, 1000, 3, torch.Generator().manual_seed(0))
+    b = near_truth_known(dev, truth, 1000, 3, generator=torch.Generator().manual_seed(0))
+    assert all(torch.equal(a[k], b[k]) for k in b)
+    # a softmax fit to a Laplace truth starts flat, at the truth's experts and intercepts
+    laplace_truth = {"W": T([[0.2], [0.8]]), "beta0": T([0.3, 0.0]), "a": T([[1.0], [-1.0]]),
+                     "b": T([0.0, 1.0]), "var": T([0.1, 0.1])}
+    s = near_truth_starts(gl.GaussianMoE(2, 1), laplace_truth, 1000, 2, torch.Generator().manual_seed(0))
+    assert set(s) == {"beta1", "beta0", "a", "b", "var"} and float(s["beta1"].abs().max()) < 0.01

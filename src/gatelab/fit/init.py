@@ -14,13 +14,13 @@ from torch import Tensor
 from .._checks import check_inputs, check_int
 from .._threads import threads_for, using_threads
 from ..gates import HierarchicalGate
-from ..models import GatedExperts, GaussianMoE
+from ..models import ContaminatedMoE, DeviatedGaussianMoE, GatedExperts, GaussianMoE
 from ..params import Params
 from . import _fused
 from .em import _broadcast_problem, _make_kernel, m_step
 
 __all__ = ["covering_assignment", "from_responsibilities", "near_truth", "near_truth_known",
-           "random_starts"]
+           "near_truth_starts", "NEAR_TRUTH", "random_starts"]
 
 
 def covering_assignment(k: int, k_star: int, generator: torch.Generator | None = None) -> Tensor:
@@ -143,6 +143,35 @@ def near_truth_known(model, truth: Params, n: int, n_starts: int = 1,
     if "lam" in starts:
         starts["lam"] = starts["lam"].clamp(0.01, 0.99)
     return starts
+
+
+def near_truth_starts(model, truth: Params, n: int, n_starts: int = 1,
+                      generator: torch.Generator | None = None) -> Params:
+    """The reference protocol's near-truth starts for any model: the model class names its
+    scheme in ``NEAR_TRUTH`` (``near_truth_known`` for models with a known part), else
+    ``near_truth`` from the truth in the fitted model's terms. Blocks (n_starts, ...)."""
+    scheme = next((NEAR_TRUTH[c] for c in type(model).__mro__ if c in NEAR_TRUTH), None)
+    if scheme is not None:
+        return scheme(model, truth, n, n_starts, generator=generator)
+    return near_truth(model, _in_fitted_terms(truth, model), n, n_starts, generator=generator)
+
+
+def _in_fitted_terms(truth: Params, model: GatedExperts) -> Params:
+    """The truth's blocks in the fitted model's terms. A fitted gate of another family (e.g.
+    softmax fitted to a Laplace truth) has no true gate blocks: it starts flat at the
+    truth's experts, with the truth's intercepts (masses) kept."""
+    gate_shapes = model.gate_blocks()
+    if all(name in truth for name in gate_shapes):
+        return truth
+    k_star = truth["beta0"].shape[-1]
+    flat = {name: torch.zeros(k_star, *shape[1:], dtype=truth["beta0"].dtype)
+            for name, shape in gate_shapes.items() if name != "beta0"}
+    experts = {k: v for k, v in truth.items() if k not in flat and k in model.param_shapes()}
+    return {**experts, **flat}
+
+
+#: Start schemes by model class (their subclasses included); others use ``near_truth``.
+NEAR_TRUTH = {DeviatedGaussianMoE: near_truth_known, ContaminatedMoE: near_truth_known}
 
 
 def from_responsibilities(model: GaussianMoE, x: Tensor, y: Tensor, resp: Tensor,

@@ -23,12 +23,11 @@ import torch
 
 from .. import __version__
 from .._threads import available_cores
-from ..fit import FitResult, near_truth, select_best
+from ..fit import FitResult, select_best
 from ..fit.estimators import estimator
-from ..fit.init import near_truth_known
+from ..fit.init import near_truth_starts
 from ..fit.status import status_names
 from ..losses import voronoi_loss, wasserstein
-from ..models import ContaminatedMoE, DeviatedGaussianMoE
 from .spec import Setting, Study
 from .store import FitRow, Store
 
@@ -131,7 +130,7 @@ def run_unit(study: Study, unit: Unit) -> list[FitRow]:
         x, y = truth_model.sample(truth, unit.n, g)
         xs.append(x)
         ys.append(y)
-        starts.append(_starts(model, truth, unit.n, setting.n_starts, g))
+        starts.append(near_truth_starts(model, truth, unit.n, setting.n_starts, g))
     init = {k: torch.stack([s[k] for s in starts], dim=1) for k in starts[0]}   # (S, R, ...)
     start = time.perf_counter()
     res = select_best(_fit(study, model, torch.stack(xs), torch.stack(ys), init))
@@ -149,16 +148,6 @@ def run_unit(study: Study, unit: Unit) -> list[FitRow]:
                    bool(res.degenerate[i]), seconds, __version__, digest, status[i],
                    {k: v[i].tolist() for k, v in estimate.items()})
             for i, (r, seed) in enumerate(zip(unit.replicates, seeds))]
-
-
-def _has_known_part(model) -> bool:
-    return isinstance(model, (DeviatedGaussianMoE, ContaminatedMoE))
-
-
-def _starts(model, truth: dict, n: int, n_starts: int, g: torch.Generator) -> dict:
-    if _has_known_part(model):
-        return near_truth_known(model, truth, n, n_starts, generator=g)
-    return near_truth(model, _start_truth(truth, model), n, n_starts, generator=g)
 
 
 def _losses(model, truth_model, setting, params: dict, truth: dict):
@@ -181,18 +170,6 @@ def _fit(study: Study, model, x: torch.Tensor, y: torch.Tensor, init: dict) -> F
     return estimator(study.estimator.get("method", "em")).fit(model, x, y, init, **options)
 
 
-def _start_truth(truth: dict, model) -> dict:
-    """The truth's blocks in the fitted model's terms. A fitted gate of another family (e.g.
-    softmax fitted to a Laplace truth) has no true gate blocks: it starts flat at the
-    truth's experts, with the truth's intercepts (masses) kept."""
-    gate_shapes = model.gate_blocks()
-    if all(name in truth for name in gate_shapes):
-        return truth
-    k_star = truth["beta0"].shape[-1]
-    flat = {name: torch.zeros(k_star, *shape[1:], dtype=truth["beta0"].dtype)
-            for name, shape in gate_shapes.items() if name != "beta0"}
-    experts = {k: v for k, v in truth.items() if k not in flat and k in model.param_shapes()}
-    return {**experts, **flat}
 
 
 class Progress:
