@@ -21,7 +21,7 @@ import time
 import torch
 
 import gatelab as gl
-from gatelab.fit.em import _gate_q, gate_update
+from gatelab.fit.em import gate_q, gate_update
 from gatelab.fit.newton import newton_ascent
 from gatelab.params import pack, unpack
 
@@ -45,7 +45,7 @@ def joint_autograd(gate, x, resp, start):
     shapes = gate.param_shapes(6, 1)
     free = pack({k: m.expand(x.shape[0], *m.shape) for k, m in gate.free_mask(6, 1).items()},
                 shapes)
-    theta, _ = newton_ascent(lambda t: _gate_q(gate, x, resp, unpack(t, shapes)),
+    theta, _ = newton_ascent(lambda t: gate_q(gate, x, resp, unpack(t, shapes)),
                              pack(start, shapes), free, STEPS)
     return unpack(theta, shapes)
 
@@ -68,7 +68,7 @@ def main() -> None:
         gate, x, resp, start = problem(outer, inner, args.n, args.problems)
         mine, t_mine = timed(lambda g=gate, x=x, r=resp, s=start: gate_update(g, 6, x, r, s, STEPS))
         peer, t_peer = timed(lambda g=gate, x=x, r=resp, s=start: joint_autograd(g, x, r, s))
-        q_mine, q_peer = _gate_q(gate, x, resp, mine), _gate_q(gate, x, resp, peer)
+        q_mine, q_peer = gate_q(gate, x, resp, mine), gate_q(gate, x, resp, peer)
         label = outer[0].upper() + inner[0].upper()
         diff = q_mine - q_peer
         print(f"{label:<8} {t_mine:>10.3f} {t_peer:>11.3f} {t_peer / t_mine:>6.1f}x  "

@@ -7,7 +7,8 @@ from cases import cases
 from gatelab.demo import reference_truth
 from gatelab.fit import fit_em, near_truth, random_starts, select_best
 from gatelab.fit.distance_gate import _derivatives, distance_gate_update
-from gatelab.fit.em import _gate_q, _irls_softmax, gate_update, m_step
+from gatelab.fit.em import gate_q, gate_update, m_step
+from gatelab.fit.em.gate_step import _irls_softmax
 from gatelab.fit.init import covering_assignment
 from gatelab.fit.newton import grad_and_hessian, halving_step, newton_ascent, newton_direction
 from gatelab.params import pack, unpack
@@ -129,7 +130,7 @@ def test_irls_gate_step_equals_autograd_newton_step(rows_sum_to_one):
     analytic = _irls_softmax(x, resp, params, steps=1)
     shapes = model.gate_blocks()
     free = pack({k: m.expand(2, *m.shape) for k, m in model.gate.free_mask(3, 2).items()}, shapes)
-    theta, _ = newton_ascent(lambda t: _gate_q(model.gate, x, resp, unpack(t, shapes)),
+    theta, _ = newton_ascent(lambda t: gate_q(model.gate, x, resp, unpack(t, shapes)),
                              pack({k: params[k] for k in shapes}, shapes), free)
     auto = unpack(theta, shapes)
     for k in shapes:
@@ -154,12 +155,12 @@ def test_hierarchical_gate_update_by_level_reaches_the_joint_maximum(outer, inne
                             for k, v in shapes.items()})
     by_level = gate_update(gate, 6, x, resp, start, steps=40)
     free = pack({k: m.expand(2, *m.shape) for k, m in gate.free_mask(6, 1).items()}, shapes)
-    theta, _ = newton_ascent(lambda t: _gate_q(gate, x, resp, unpack(t, shapes)),
+    theta, _ = newton_ascent(lambda t: gate_q(gate, x, resp, unpack(t, shapes)),
                              pack(start, shapes), free, steps=40)
     joint = unpack(theta, shapes)
-    torch.testing.assert_close(_gate_q(gate, x, resp, by_level), _gate_q(gate, x, resp, joint),
+    torch.testing.assert_close(gate_q(gate, x, resp, by_level), gate_q(gate, x, resp, joint),
                                rtol=1e-9, atol=1e-8)
-    assert bool((_gate_q(gate, x, resp, by_level) > _gate_q(gate, x, resp, start) + 1).all())
+    assert bool((gate_q(gate, x, resp, by_level) > gate_q(gate, x, resp, start) + 1).all())
     if outer == inner == "softmax":
         for k in shapes:
             torch.testing.assert_close(by_level[k], joint[k], rtol=1e-6, atol=1e-6)
@@ -182,7 +183,7 @@ def test_distance_gate_derivatives_equal_autograd(name, d):
 
     def q(t):
         t = t.reshape(3, 3, 1 + d)
-        return _gate_q(gate, x, resp, {"beta0": t[..., 0], "W": t[..., 1:]})
+        return gate_q(gate, x, resp, {"beta0": t[..., 0], "W": t[..., 1:]})
 
     _, grad, hess = grad_and_hessian(q, theta.reshape(3, -1))
     mine, neg_hess = _derivatives(gate, x, resp.transpose(-1, -2), theta)
@@ -196,13 +197,13 @@ def test_distance_gate_step_equals_the_autograd_newton_step(name):
     start = gate.normalise({"beta0": theta[..., 0], "W": theta[..., 1:]})
     shapes = gate.param_shapes(3, 2)
     free = pack({k: m.expand(3, *m.shape) for k, m in gate.free_mask(3, 2).items()}, shapes)
-    auto, _ = newton_ascent(lambda t: _gate_q(gate, x, resp, unpack(t, shapes)),
+    auto, _ = newton_ascent(lambda t: gate_q(gate, x, resp, unpack(t, shapes)),
                             pack(start, shapes), free)
     mine = distance_gate_update(gate, x, resp, start, steps=1)
     for k, v in unpack(auto, shapes).items():
         torch.testing.assert_close(mine[k], v, rtol=1e-9, atol=1e-10)
     many = distance_gate_update(gate, x, resp, start, steps=20)
-    assert bool((_gate_q(gate, x, resp, many) >= _gate_q(gate, x, resp, mine) - 1e-9).all())
+    assert bool((gate_q(gate, x, resp, many) >= gate_q(gate, x, resp, mine) - 1e-9).all())
 
 
 def test_fast_kernel_gives_the_same_fit_as_the_general_one():

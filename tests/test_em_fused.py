@@ -4,9 +4,11 @@ import pytest
 import torch
 
 import gatelab as gl
+from gatelab._experts_first import neg_hessian
 from gatelab.demo import reference_truth
 from gatelab.fit import _fused, fit_em, from_responsibilities
-from gatelab.fit.em import _broadcast_problem, _SoftmaxLinearKernel
+from gatelab.fit.em import broadcast_problem
+from gatelab.fit.em.softmax_linear import SoftmaxLinearKernel
 
 pytestmark = pytest.mark.skipif(_fused.load() is None, reason="no C compiler: no fused kernel")
 GEN = lambda s: torch.Generator().manual_seed(s)  # noqa: E731
@@ -27,10 +29,10 @@ def _problem(k=3, dim=1, n=1500, reps=2, expert="linear"):
                                             (3, 1, "polynomial")])
 def test_fused_statistics_equal_the_tensor_kernel(k, dim, expert):
     model, x, y, init = _problem(k, dim, expert=expert)
-    x, y, params, _ = _broadcast_problem(model, x, y, model.normalise(init))
+    x, y, params, _ = broadcast_problem(model, x, y, model.normalise(init))
     floor = 1e-8 * y.var(-1)
-    fused = _SoftmaxLinearKernel(model, x, y, floor, 1, fused=True)
-    tensor = _SoftmaxLinearKernel(model, x, y, floor, 1, fused=False)
+    fused = SoftmaxLinearKernel.build(model, x, y, floor, fused=True)
+    tensor = SoftmaxLinearKernel.build(model, x, y, floor, fused=False)
     ll_f, stats_f = fused.e_step(params)
     ll_t, stats_t = tensor.e_step(params)
     torch.testing.assert_close(ll_f, ll_t, rtol=1e-12, atol=0)
@@ -80,10 +82,10 @@ def test_fused_statistics_hold_for_far_apart_components(k):
     responsibilities and the log-likelihood must still equal the tensor kernel's."""
     model, x, y, init = _problem(k)
     init = {**init, "var": torch.full_like(init["var"], 1e-4), "beta1": init["beta1"] * 50}
-    x, y, params, _ = _broadcast_problem(model, x, y, model.normalise(init))
+    x, y, params, _ = broadcast_problem(model, x, y, model.normalise(init))
     floor = 1e-12 * y.var(-1)
-    ll_f, stats_f = _SoftmaxLinearKernel(model, x, y, floor, 1, fused=True).e_step(params)
-    ll_t, stats_t = _SoftmaxLinearKernel(model, x, y, floor, 1, fused=False).e_step(params)
+    ll_f, stats_f = SoftmaxLinearKernel.build(model, x, y, floor, fused=True).e_step(params)
+    ll_t, stats_t = SoftmaxLinearKernel.build(model, x, y, floor, fused=False).e_step(params)
     torch.testing.assert_close(ll_f, ll_t, rtol=1e-12, atol=0)
     for a, b in zip(stats_f, stats_t):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
@@ -111,7 +113,6 @@ def _statistics_with_negative_hessian(neg_BMM, e, p):
 
 
 def test_c_and_pytorch_share_one_rule_for_systems_that_are_not_positive_definite():
-    from gatelab.fit.em import _softmax_neg_hessian
     from gatelab.fit.newton import SOFTMAX_RIDGES, ridged_direction
     e, p = 3, 2
     gen = torch.Generator().manual_seed(0)
@@ -125,7 +126,7 @@ def test_c_and_pytorch_share_one_rule_for_systems_that_are_not_positive_definite
     # no ridge relative to its diagonal can fix a matrix whose diagonal is (nearly) zero
     neg[3] = torch.tensor([[0, 1, 2, 3], [1, 0, 1, 2], [2, 1, 0, 1], [3, 2, 1, 0]], dtype=F64) * 1e3
     g, hd, hc = _statistics_with_negative_hessian(neg, e, p)
-    torch.testing.assert_close(_softmax_neg_hessian(hd[:, :-1], hc[:, :-1, :-1]), neg)
+    torch.testing.assert_close(neg_hessian(hd[:, :-1], hc[:, :-1, :-1]), neg)
     mine = ridged_direction(g[:, :-1].reshape(4, -1), neg).view(4, e - 1, p)
     theirs = _fused.gate_direction(g, hd, hc)
     # the same ridge chosen (a different one would differ by orders of magnitude); the
@@ -138,7 +139,7 @@ def test_c_and_pytorch_share_one_rule_for_systems_that_are_not_positive_definite
     hd_nan = hd.clone()
     hd_nan[0, 0, 0, 0] = float("nan")
     assert torch.equal(_fused.gate_direction(g, hd_nan, hc)[0], torch.zeros(e - 1, p, dtype=F64))
-    neg_nan = _softmax_neg_hessian(hd_nan[:, :-1], hc[:, :-1, :-1])
+    neg_nan = neg_hessian(hd_nan[:, :-1], hc[:, :-1, :-1])
     assert torch.equal(ridged_direction(g[:, :-1].reshape(4, -1), neg_nan)[0], torch.zeros(4, dtype=F64))
     # where the first ridge suffices it is the exact Newton step, up to that ridge
     exact = torch.linalg.solve(neg[0], g[0, :-1].reshape(-1))

@@ -162,6 +162,11 @@ class Gate(ABC):
         which give the masses."""
         return [b for b in self.param_shapes(n_experts, dim) if b != "beta0"]
 
+    def is_linear_softmax(self) -> bool:
+        """Whether the weights are a dense softmax of linear scores beta1 . x + beta0:
+        the case EM's fast kernel (and its C path) is written for."""
+        return False
+
     def random_start_blocks(self) -> tuple[str, ...]:
         """Blocks that data-driven random starts draw at random instead of at zero: those
         where a flat gate is a point its estimator cannot leave. A top-K gate at zero slopes
@@ -223,6 +228,10 @@ class LinearGate(Gate):
 
     def scores(self, x_ND: Tensor, params: Params) -> Tensor:
         return _linear(x_ND, params["beta1"]) + params["beta0"].unsqueeze(-2)
+
+    def is_linear_softmax(self) -> bool:
+        # A subclass may change the scores: only this class's own are known linear.
+        return type(self) is LinearGate and self.normaliser == "softmax" and self.top_k is None
 
 
 @dataclass(frozen=True, kw_only=True)

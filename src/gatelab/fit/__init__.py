@@ -1,8 +1,7 @@
 """Estimators: batched EM (maximum likelihood), least squares, the top-K segment fit,
 starts, and a scikit-learn-style estimator."""
 
-from .em import FitResult, e_step, fit_em, m_step, select_best
-from .em_known import trainable_part
+from .em import FitResult, e_step, fit_em, m_step, select_best, trainable_part
 from .init import from_responsibilities, near_truth, random_starts
 from .lsq import LSQResult, fit_lsq
 from .status import STATUS_MEANING, FitStatus, status_names

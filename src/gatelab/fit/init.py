@@ -16,8 +16,7 @@ from .._threads import threads_for, using_threads
 from ..gates import HierarchicalGate
 from ..models import ContaminatedMoE, DeviatedGaussianMoE, GatedExperts, GaussianMoE
 from ..params import Params
-from . import _fused
-from .em import _broadcast_problem, _make_kernel, m_step
+from .em import broadcast_problem, make_kernel
 
 __all__ = ["covering_assignment", "from_responsibilities", "near_truth", "near_truth_known",
            "near_truth_starts", "NEAR_TRUTH", "random_starts"]
@@ -127,7 +126,7 @@ def near_truth_known(model, truth: Params, n: int, n_starts: int = 1,
     0.005 n^-0.083), and lam kept inside (0.01, 0.99) so that no start sits on the
     boundary where EM cannot move it. Returns blocks of shape (n_starts, ...)."""
     from ..models import DeviatedGaussianMoE
-    from .em_known import trainable_part
+    from .em import trainable_part
     part = trainable_part(model)
     part_truth = {k: v for k, v in truth.items() if k in part.param_shapes()}
     if "beta0" not in part_truth:  # the contaminated prompt: one expert, no intercept
@@ -188,27 +187,12 @@ def from_responsibilities(model: GaussianMoE, x: Tensor, y: Tensor, resp: Tensor
     base = model.random_params(generator, lead, x.dtype)
     for name in model.gate_blocks():
         base[name] = torch.zeros_like(base[name]) if gate_init is None else gate_init[name]
-    xb, yb, params, _ = _broadcast_problem(model, x, y, base)
+    xb, yb, params, _ = broadcast_problem(model, x, y, base)
     resp_b = resp.to(xb.dtype).expand(*lead, *resp.shape[-2:]).reshape(xb.shape[0], *resp.shape[-2:])
     with using_threads(threads_for(resp_b.numel())):
         floor = 1e-8 * yb.var(-1)
-        kernel = _make_kernel(model, xb, yb, floor, 1, engine)
-        if getattr(kernel, "fused", False):  # the same M-step, in C
-            new = _fused_m_step(kernel, resp_b, params)
-        else:
-            new, _ = m_step(model, xb, yb, resp_b, params, floor)
+        new = make_kernel(model, xb, yb, floor, 1, engine).m_step(resp_b, params)
     return {k: v.reshape(*lead, *v.shape[1:]) for k, v in new.items()}
-
-
-def _fused_m_step(kernel, resp_BNE: Tensor, params: Params) -> Params:
-    gate = torch.cat([params["beta0"].unsqueeze(-1), params["beta1"]], dim=-1)
-    coef, gate, var, _ = _fused.mstep(kernel.f_T, kernel.z_T, kernel.y.squeeze(-2), resp_BNE,
-                                      kernel.floor, kernel._coef(params), gate, params["var"],
-                                      kernel.threads)
-    out = {**params, "b": coef[..., 0], "beta0": gate[..., 0], "beta1": gate[..., 1:], "var": var}
-    if kernel.has_a:
-        out["a"] = coef[..., 1:]
-    return out
 
 
 def random_starts(model: GaussianMoE, x: Tensor, y: Tensor, n_starts: int = 1,

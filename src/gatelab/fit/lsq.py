@@ -118,16 +118,16 @@ def fit_lsq(model: MoERegression, x: Tensor, y: Tensor, init: Params, *, tol: fl
     short by construction, so their small decrease says nothing), or after ``max_iter``.
     Each fit has a ``status`` (``gatelab.fit.status``); ``degenerate`` there means
     RSS / N <= ``VARIANCE_COLLAPSE`` Var(y), a fit through the points."""
-    from .em import _broadcast_problem, _shaped
+    from .em import broadcast_problem, shaped
     check_positive("tol", tol)
     check_int("max_iter", max_iter, 1)
-    x, y, params, lead = _broadcast_problem(model, x, y, init)
+    x, y, params, lead = broadcast_problem(model, x, y, init)
     start = model.normalise(params)
     with using_threads(threads_for(y.numel() * model.n_experts)):
         res = _run_lsq(_Problem(model, x, y, start), tol, max_iter, lam0, record)
         status = fit_status(model, x, y, start, res.params, res.converged,
                             torch.zeros_like(res.converged))
-    return _shaped(res._replace(status=status), lead)
+    return shaped(res._replace(status=status), lead)
 
 
 def _run_lsq(problem: _Problem, tol: float, max_iter: int, lam0: float,

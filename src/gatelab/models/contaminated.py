@@ -46,7 +46,8 @@ class _KnownPlusPart(DensityModel):
         if getattr(known, "dim", dim) != dim:
             raise ValueError(f"The known density has dim={known.dim}, the model dim={dim}.")
         self.known, self.mixing = known, mixing
-        self._mix_gate = LinearGate(normaliser="sigmoid") if mixing == "softmax" else None
+        # lam(x) = sigmoid(beta1 . x + beta0) for a softmax mixing; None for a constant lam.
+        self.mix_gate = LinearGate(normaliser="sigmoid") if mixing == "softmax" else None
         self.unit_blocks = ("lam",) if mixing == "input_free" else ()
 
     def mixing_measure(self, params: Params) -> MixingMeasure:
@@ -65,12 +66,20 @@ class _KnownPlusPart(DensityModel):
         return torch.zeros_like(params["lam"]).unsqueeze(-1)
 
     def mixing_blocks(self) -> Shapes:
-        if self._mix_gate is None:
+        if self.mix_gate is None:
             return {"lam": ()}
-        return self._mix_gate.param_shapes(1, self.dim)
+        return self.mix_gate.param_shapes(1, self.dim)
 
     @abstractmethod
     def part_blocks(self) -> Shapes: ...
+
+    @abstractmethod
+    def trainable_part(self) -> GaussianMoE:
+        """The trainable part q as a Gaussian MoE with a covariate-free gate."""
+
+    def part_params(self, params: Params) -> Params:
+        """The trainable part's parameters in the terms of ``trainable_part()``."""
+        return pick(params, self.trainable_part().param_shapes())
 
     @abstractmethod
     def _part_log_prob(self, x_ND: Tensor, y_N: Tensor, params: Params) -> Tensor: ...
@@ -87,10 +96,10 @@ class _KnownPlusPart(DensityModel):
 
     def log_mixing(self, x_ND: Tensor, params: Params) -> tuple[Tensor, Tensor]:
         """(log(1 - lam(x)), log lam(x)), each of shape (..., N)."""
-        if self._mix_gate is None:
+        if self.mix_gate is None:
             lam = params["lam"].unsqueeze(-1).expand(*params["lam"].shape, x_ND.shape[-2])
             return torch.log1p(-lam), torch.log(lam)
-        s_N = self._mix_gate.scores(x_ND, pick(params, self.mixing_blocks()))[..., 0]
+        s_N = self.mix_gate.scores(x_ND, pick(params, self.mixing_blocks()))[..., 0]
         return F.logsigmoid(-s_N), F.logsigmoid(s_N)
 
     def _log_prob(self, x_ND: Tensor, y_N: Tensor, params: Params) -> Tensor:
@@ -132,6 +141,9 @@ class DeviatedGaussianMoE(_KnownPlusPart):
     def part_blocks(self) -> Shapes:
         return self.mixture.param_shapes()
 
+    def trainable_part(self) -> GaussianMoE:
+        return self.mixture
+
     def _part_log_masses(self, params: Params) -> Tensor:
         return torch.log_softmax(params["beta0"], -1)
 
@@ -172,9 +184,19 @@ class ContaminatedMoE(_KnownPlusPart):
                  gate: str = "input_free", covariates: Covariates | str | None = None) -> None:
         super().__init__(f0, dim, gate, covariates)
         self.expert = make_expert(expert)
+        self._part = GaussianMoE(1, dim, InputFreeGate(), self.expert, self.covariates)
 
     def part_blocks(self) -> Shapes:
         return {**self.expert.param_shapes(1, self.dim), "var": (1,)}
+
+    def trainable_part(self) -> GaussianMoE:
+        """One expert whose weight is 1 (its gate intercept, beta0 = 0, is not a block of
+        this model: beta0 here is the mixing gate's)."""
+        return self._part
+
+    def part_params(self, params: Params) -> Params:
+        zero = params["var"].new_zeros(params["var"].shape)
+        return {**pick(params, self.part_blocks()), "beta0": zero}
 
     def _prompt_mean(self, x_ND: Tensor, params: Params) -> Tensor:
         return self.expert.mean(x_ND, pick(params, self.expert.param_shapes(1, self.dim)))[..., 0]

@@ -23,11 +23,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..gates import InputFreeGate
-from ..models import ContaminatedMoE, DeviatedGaussianMoE, GaussianMoE
-from ..params import Params, pack, pick, unpack
-from .em import _newton_experts, _variances, _wls_experts, expected_log
-from .newton import newton_ascent
+from ...models import ContaminatedMoE, DeviatedGaussianMoE, GaussianMoE
+from ...params import Params, pack, pick, unpack
+from ..newton import newton_ascent
+from .gate_step import expected_log
+from .kernel import FitResult, State, Step
+from .steps import newton_experts, variances, wls_experts
 
 __all__ = ["KnownPartKernel", "trainable_part"]
 
@@ -36,17 +37,8 @@ KnownPlusPart = DeviatedGaussianMoE | ContaminatedMoE
 
 def trainable_part(model: KnownPlusPart) -> GaussianMoE:
     """The trainable experts as a Gaussian MoE with a covariate-free gate (one expert,
-    intercept fixed at 0, for the contaminated MoE)."""
-    if isinstance(model, DeviatedGaussianMoE):
-        return model.mixture
-    return GaussianMoE(1, model.dim, InputFreeGate(), model.expert, model.covariates)
-
-
-def _part_params(model: KnownPlusPart, part: GaussianMoE, params: Params) -> Params:
-    if isinstance(model, DeviatedGaussianMoE):
-        return pick(params, part.param_shapes())
-    zero = params["var"].new_zeros(params["var"].shape)  # p_1 = 1
-    return {**pick(params, part.expert_blocks()), "var": params["var"], "beta0": zero}
+    intercept fixed at 0, for the contaminated MoE): ``model.trainable_part()``."""
+    return model.trainable_part()
 
 
 def _e_step(model: KnownPlusPart, part: GaussianMoE, x: Tensor, y: Tensor,
@@ -54,7 +46,7 @@ def _e_step(model: KnownPlusPart, part: GaussianMoE, x: Tensor, y: Tensor,
     """Log-likelihood (B,) and responsibilities (B, N, 1 + E), the known part first."""
     log_keep, log_new = model.log_mixing(x, params)
     known = (log_keep + model.known.log_prob(x, y)).unsqueeze(-1)
-    experts = log_new.unsqueeze(-1) + part.component_log_probs(x, y, _part_params(model, part, params))
+    experts = log_new.unsqueeze(-1) + part.component_log_probs(x, y, model.part_params(params))
     logs = torch.cat([known.expand(*experts.shape[:-1], 1), experts], -1)
     ll_BN = torch.logsumexp(logs, -1)
     return ll_BN.sum(-1), torch.exp(logs - ll_BN.unsqueeze(-1))
@@ -64,7 +56,7 @@ def _mixing_step(model: KnownPlusPart, x: Tensor, r0: Tensor, params: Params,
                  steps: int) -> Params:
     if model.mixing == "input_free":
         return {"lam": (1 - r0).mean(-1)}
-    gate, shapes = model._mix_gate, model.mixing_blocks()
+    gate, shapes = model.mix_gate, model.mixing_blocks()
     assert gate is not None  # a softmax mixing has its gate
     resp = torch.stack([1 - r0, r0], -1)  # (B, N, 2): the prompt first, f0 second
 
@@ -81,38 +73,46 @@ def _mixing_step(model: KnownPlusPart, x: Tensor, r0: Tensor, params: Params,
 def _m_step(model: KnownPlusPart, part: GaussianMoE, x: Tensor, y: Tensor, resp: Tensor,
             params: Params, floor: Tensor, steps: int) -> tuple[Params, Tensor]:
     r0, r = resp[..., 0], resp[..., 1:]
-    current = _part_params(model, part, params)
+    current = model.part_params(params)
     if part.expert.linear_in_params:
-        experts = _wls_experts(part, x, y, r, current)
+        experts = wls_experts(part, x, y, r, current)
     else:
-        experts = _newton_experts(part, x, y, r, current, steps)
-    var, low = _variances(part, x, y, r, {**current, **experts}, floor)
+        experts = newton_experts(part, x, y, r, current, steps)
+    var, low = variances(part, x, y, r, {**current, **experts}, floor)
     out = {**params, **experts, "var": var, **_mixing_step(model, x, r0, params, steps)}
-    if isinstance(model, DeviatedGaussianMoE):
+    if "beta0" in model.part_blocks():  # the deviated MoE's proportions p = softmax(beta0)
         mass = r.sum(-2).clamp_min(1e-300)
         out["beta0"] = mass.log() - mass[..., -1:].log()
     return out, low
 
 
 class KnownPartKernel:
-    """The EM kernel ``fit_em`` uses for these models: same interface as its Gaussian MoE
-    kernels (e_step, update, subset, floor), so batching, per-problem stopping, SQUAREM
-    and recording come from ``fit_em``."""
+    """The ``EMKernel`` ``fit_em`` uses for these models (state: (responsibilities,),
+    the known part first), so batching, per-problem stopping, SQUAREM and recording come
+    from ``fit_em``."""
 
     def __init__(self, model: KnownPlusPart, x: Tensor, y: Tensor, floor: Tensor,
                  gate_steps: int):
         self.model, self.part = model, trainable_part(model)
         self.x, self.y, self.floor, self.gate_steps = x, y, floor, gate_steps
 
-    def e_step(self, params: Params):
-        return _e_step(self.model, self.part, self.x, self.y, params)
+    def e_step(self, params: Params) -> tuple[Tensor, State]:
+        ll, resp = _e_step(self.model, self.part, self.x, self.y, params)
+        return ll, (resp,)
 
-    def update(self, params: Params, resp: Tensor, ll: Tensor):
-        new, low = _m_step(self.model, self.part, self.x, self.y, resp, params, self.floor,
+    def m_step(self, resp_BNE: Tensor, params: Params) -> Params:
+        return _m_step(self.model, self.part, self.x, self.y, resp_BNE, params, self.floor,
+                       self.gate_steps)[0]
+
+    def update(self, params: Params, state: State, loglik: Tensor) -> Step:
+        new, low = _m_step(self.model, self.part, self.x, self.y, state[0], params, self.floor,
                            self.gate_steps)
-        ll_new, resp_new = self.e_step(new)
-        return new, ll_new, resp_new, low
+        ll_new, state_new = self.e_step(new)
+        return Step(new, ll_new, state_new, low)
 
     def subset(self, idx: Tensor) -> KnownPartKernel:
         return KnownPartKernel(self.model, self.x[idx], self.y[idx], self.floor[idx],
                                self.gate_steps)
+
+    def plain_em(self, params: Params, tol: float, max_iter: int) -> FitResult | None:
+        return None
