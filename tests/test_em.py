@@ -6,12 +6,11 @@ import gatelab as gl
 from cases import cases
 from gatelab.demo import reference_truth
 from gatelab.fit import fit_em, near_truth, random_starts, select_best
-from gatelab.fit.distance_gate import _derivatives, distance_gate_update
 from gatelab.fit.em import gate_q, gate_update, m_step
-from gatelab.fit.em.gate_step import _irls_softmax
+from gatelab.fit.em.gate_step import closed_form_update
 from gatelab.fit.init import covering_assignment
 from gatelab.fit.newton import grad_and_hessian, halving_step, newton_ascent, newton_direction
-from gatelab.params import pack, unpack
+from gatelab.params import pack, pick, unpack
 
 T = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
 GEN = lambda s: torch.Generator().manual_seed(s)  # noqa: E731
@@ -127,7 +126,7 @@ def test_irls_gate_step_equals_autograd_newton_step(rows_sum_to_one):
         resp = resp * torch.rand(2, 500, 1, generator=g, dtype=torch.float64)
     params = model.normalise({k: v.expand(2, *v.shape).clone()
                               for k, v in model.random_params(g).items()})
-    analytic = _irls_softmax(x, resp, params, steps=1)
+    analytic = closed_form_update(model.gate, 3, x, resp, pick(params, model.gate_blocks()), steps=1)
     shapes = model.gate_blocks()
     free = pack({k: m.expand(2, *m.shape) for k, m in model.gate.free_mask(3, 2).items()}, shapes)
     theta, _ = newton_ascent(lambda t: gate_q(model.gate, x, resp, unpack(t, shapes)),
@@ -177,21 +176,6 @@ def _distance_problem(name, d, seed=3):
 
 
 @pytest.mark.parametrize("name", ["laplace", "gaussian"])
-@pytest.mark.parametrize("d", [1, 2])
-def test_distance_gate_derivatives_equal_autograd(name, d):
-    gate, x, resp, theta = _distance_problem(name, d)
-
-    def q(t):
-        t = t.reshape(3, 3, 1 + d)
-        return gate_q(gate, x, resp, {"beta0": t[..., 0], "W": t[..., 1:]})
-
-    _, grad, hess = grad_and_hessian(q, theta.reshape(3, -1))
-    mine, neg_hess = _derivatives(gate, x, resp.transpose(-1, -2), theta)
-    torch.testing.assert_close(mine, grad, rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(neg_hess, -hess, rtol=1e-10, atol=1e-10)
-
-
-@pytest.mark.parametrize("name", ["laplace", "gaussian"])
 def test_distance_gate_step_equals_the_autograd_newton_step(name):
     gate, x, resp, theta = _distance_problem(name, 2)
     start = gate.normalise({"beta0": theta[..., 0], "W": theta[..., 1:]})
@@ -199,10 +183,10 @@ def test_distance_gate_step_equals_the_autograd_newton_step(name):
     free = pack({k: m.expand(3, *m.shape) for k, m in gate.free_mask(3, 2).items()}, shapes)
     auto, _ = newton_ascent(lambda t: gate_q(gate, x, resp, unpack(t, shapes)),
                             pack(start, shapes), free)
-    mine = distance_gate_update(gate, x, resp, start, steps=1)
+    mine = closed_form_update(gate, 3, x, resp, start, steps=1)
     for k, v in unpack(auto, shapes).items():
         torch.testing.assert_close(mine[k], v, rtol=1e-9, atol=1e-10)
-    many = distance_gate_update(gate, x, resp, start, steps=20)
+    many = closed_form_update(gate, 3, x, resp, start, steps=20)
     assert bool((gate_q(gate, x, resp, many) >= gate_q(gate, x, resp, mine) - 1e-9).all())
 
 
@@ -378,13 +362,3 @@ def test_bad_fit_arguments():
         fit_em(model, x, y[..., :-1], truth)
 
 
-def test_distance_gate_halving_in_chunks_equals_halving_at_once(monkeypatch):
-    """Large problems evaluate the shorter steps a few at a time: same steps."""
-    import gatelab.fit.distance_gate as dg
-    gate, x, resp, theta = _distance_problem("laplace", 2, seed=5)
-    start = gate.normalise({"beta0": 2 * theta[..., 0], "W": 2 * theta[..., 1:]})
-    at_once = distance_gate_update(gate, x, resp, start, steps=10)
-    monkeypatch.setattr(dg, "_MAX_ELEMENTS", 1)
-    chunked = distance_gate_update(gate, x, resp, start, steps=10)
-    for k, v in at_once.items():
-        assert torch.equal(chunked[k], v)

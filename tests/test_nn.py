@@ -261,6 +261,22 @@ def test_layer_reports_the_losses_it_is_asked_for():
     torch.testing.assert_close(aux["z_loss"], gn.z_loss(out.router_logits))
 
 
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_a_top_k_gate_routes_as_it_weighs_in_the_models(k):
+    """A router over the catalogue's top-K gate gives each token the gate's own weights:
+    its k experts are the nonzero entries of gate.weights(x), with the same values."""
+    gate = gl.make_gate("topk", top_k=k)
+    router = _randomise(gn.Router(D, E, gate=gate, bias=True).double())
+    assert (router.top_k, router.order) == (k, "topk_softmax")
+    x = _x()
+    routing = router(x)
+    dense = gate.weights(x, {n: p.detach() for n, p in router.scores.params().items()})
+    sparse = torch.zeros_like(dense)
+    sparse[routing.token_index, routing.expert_index] = routing.weight.detach()
+    torch.testing.assert_close(sparse, dense, rtol=1e-12, atol=1e-12)
+    assert bool(((dense > 0).sum(-1) == k).all())
+
+
 # --- bad input ----------------------------------------------------------------------
 
 def test_bad_input_names_the_fix():
@@ -272,8 +288,10 @@ def test_bad_input_names_the_fix():
         gn.MoELayer(D, 7, 4, router="sofmax")
     with pytest.raises(ValueError, match="n_groups=3 must divide"):
         gn.Router(D, 8, 2, n_groups=3)
-    with pytest.raises(ValueError, match="Set top_k on the router"):
-        gn.Router(D, 8, 2, gl.make_gate("topk", top_k=2))
+    with pytest.raises(ValueError, match="differs from its gate's top_k=2"):
+        gn.Router(D, 8, 3, gl.make_gate("topk", top_k=2))
+    with pytest.raises(ValueError, match="top-K sparse softmax"):
+        gn.Router(D, 8, None, gl.make_gate("topk", top_k=2), order="softmax_topk")
     with pytest.raises(ValueError, match="auxiliary loss"):
         gn.MoELayer(D, 7, 4, aux={"balance": 1.0})
 

@@ -17,6 +17,7 @@ expert's mass (m_i = exp(beta0_i) for softmax-type gates, sigmoid(beta0_i) for s
 from __future__ import annotations
 
 import dataclasses
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -25,13 +26,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import _experts_first as _ef
 from ._checks import broadcast_shapes, build, check_int, check_positive, choose
 from .params import Params, Shapes, random_blocks, take_prefix, with_prefix
 
 __all__ = [
     "Gate", "LinearGate", "CosineGate", "PerturbedCosineGate", "QuadraticGate", "LaplaceGate",
     "GaussianGate", "InputFreeGate", "HierarchicalGate", "GATES", "NORMALISERS", "make_gate",
-    "top_k_mask", "EXAMPLE_OPTIONS", "example_gate",
+    "top_k_mask", "top_k_indices", "EXAMPLE_OPTIONS", "example_gate",
 ]
 
 NEG_INF = float("-inf")
@@ -39,15 +41,20 @@ NEG_INF = float("-inf")
 
 # --- the shared steps: select, then normalise -----------------------------------------
 
-def top_k_mask(scores_NE: Tensor, k: int) -> Tensor:
-    """Keep exactly the ``k`` largest scores in each row; set the rest to -inf.
+def top_k_indices(scores_NE: Tensor, k: int) -> Tensor:
+    """The experts of the ``k`` largest scores in each row, (..., N, k), largest first;
+    ties broken by ``torch.topk``'s order. The one top-K of the models and the routers."""
+    return scores_NE.topk(k, dim=-1).indices
 
-    Ties are broken by ``torch.topk``'s order, so exactly ``k`` entries stay finite.
+
+def top_k_mask(scores_NE: Tensor, k: int) -> Tensor:
+    """Keep exactly the ``k`` largest scores in each row (``top_k_indices``); set the
+    rest to -inf, so exactly ``k`` entries stay finite.
     Sparse softmax gating (arXiv 2309.13850): softmax over the K kept scores.
     """
     if k >= scores_NE.shape[-1]:
         return scores_NE
-    idx_NK = scores_NE.topk(k, dim=-1).indices
+    idx_NK = top_k_indices(scores_NE, k)
     keep = torch.zeros_like(scores_NE, dtype=torch.bool).scatter(-1, idx_NK, True)
     return scores_NE.masked_fill(~keep, NEG_INF)
 
@@ -62,9 +69,20 @@ class Normaliser:
     sums_to_one: bool
 
 
+def _over_experts(fn: Any, s: Tensor) -> Tensor:
+    """``fn(s, -1)`` (softmax or log_softmax over the expert axis). Batched scores
+    (B, N, E) with few experts on a CPU, the statistics lab's problems, run on the
+    transposed view: PyTorch's kernel along a short last axis is 2-5x slower there
+    (measured at E <= 8, N = 4,000); values agree to rounding. A router's (T, E) logits
+    keep the plain kernel, which matches transformers' routers to the bit."""
+    if s.dim() >= 3 and s.shape[-1] <= 16 and s.device.type == "cpu":
+        return fn(s.transpose(-1, -2), -2).transpose(-1, -2)
+    return fn(s, -1)
+
+
 NORMALISERS: dict[str, Normaliser] = {
-    "softmax": Normaliser("softmax", lambda s: torch.softmax(s, -1),
-                          lambda s: torch.log_softmax(s, -1), True),
+    "softmax": Normaliser("softmax", lambda s: _over_experts(torch.softmax, s),
+                          lambda s: _over_experts(torch.log_softmax, s), True),
     # Sigmoid gating (arXiv 2405.13997): each weight is sigmoid(s_i); weights need not sum to 1.
     "sigmoid": Normaliser("sigmoid", torch.sigmoid, F.logsigmoid, False),
 }
@@ -162,6 +180,27 @@ class Gate(ABC):
         which give the masses."""
         return [b for b in self.param_shapes(n_experts, dim) if b != "beta0"]
 
+    def q_derivatives(self, x_BND: Tensor, resp_BNE: Tensor,
+                      params: Params) -> tuple[Tensor, Tensor] | None:
+        """Closed-form derivatives of the gate's part of EM's expected log-likelihood,
+
+            Q(theta) = sum_n sum_i r_ni log w_i(x_n; theta),
+
+        for B problems (x (B, N, D), resp (B, N, E), blocks (B, ...)): the gradient (B, F)
+        and the negative Hessian (B, F, F) over the F entries ``free_mask`` leaves free,
+        in the order of ``params.pack`` over ``param_shapes``. Rows of resp need not sum
+        to 1 (an inner level of a hierarchical gate gets R_n = sum_i r_ni < 1).
+
+        None (the default): the estimator differentiates ``log_weights`` by autograd. A
+        gate that gives them gets EM's closed-form Newton step (``q_concave`` chooses its
+        rule for a system that is not positive definite); the test suite checks every
+        gate's against autograd."""
+        return None
+
+    #: Whether Q is concave in the free entries (softmax of linear scores): EM then takes
+    #: the ridged Cholesky step that the C kernel also takes, else a modified Newton step.
+    q_concave: ClassVar[bool] = False
+
     def is_linear_softmax(self) -> bool:
         """Whether the weights are a dense softmax of linear scores beta1 . x + beta0:
         the case EM's fast kernel (and its C path) is written for."""
@@ -232,6 +271,37 @@ class LinearGate(Gate):
     def is_linear_softmax(self) -> bool:
         # A subclass may change the scores: only this class's own are known linear.
         return type(self) is LinearGate and self.normaliser == "softmax" and self.top_k is None
+
+    @property
+    def q_concave(self) -> bool:  # type: ignore[override]
+        return self.is_linear_softmax()
+
+    def q_derivatives(self, x_BND: Tensor, resp_BNE: Tensor,
+                      params: Params) -> tuple[Tensor, Tensor] | None:
+        """The dense softmax gate's (IRLS): with z = (1, x), R_n = sum_i r_ni and
+        theta_i = (beta0_i, beta1_i) over the free experts (all but the last),
+
+            gradient_i = sum_n (r_ni - R_n w_ni) z_n,
+            -Hessian_ij = sum_n R_n w_ni (d_ij - w_nj) z_n z_n^T.
+
+        Top-K and sigmoid linear gates: None (autograd)."""
+        if not self.is_linear_softmax():
+            return None
+        z_BPN = torch.cat([torch.ones_like(x_BND[..., :1]), x_BND], -1).transpose(-1, -2).contiguous()
+        resp = resp_BNE.transpose(-1, -2).contiguous()
+        resp_n = resp.sum(1, keepdim=True)
+        # gate_stats takes rows that sum to 1: give it r / R, and R folded into z and z z^T.
+        zz = _ef.outer(z_BPN.transpose(-1, -2))
+        if not bool(((resp_n - 1).abs() <= 1e-12).all()):
+            resp = torch.where(resp_n > 0, resp / resp_n, 0.0)
+            z_w, zz = z_BPN * resp_n, zz * resp_n.transpose(-1, -2)
+        else:
+            z_w = z_BPN
+        theta_BEP = torch.cat([params["beta0"].unsqueeze(-1), params["beta1"]], -1)
+        w, _ = _ef.softmax_experts_first(_ef.combine(theta_BEP, z_BPN))
+        grad, diag, cross = _ef.gate_stats(resp, w, z_w, zz)
+        order = _expert_major(self, resp_BNE.shape[-1], x_BND.shape[-1], ("beta0", "beta1"))
+        return _reorder(grad.flatten(1), _ef.neg_hessian(diag, cross), order)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -367,6 +437,11 @@ class LaplaceGate(Gate):
         sq = _sq_dist(x_ND, params["W"], self.expanded)
         return -sq.clamp_min(torch.finfo(sq.dtype).tiny).sqrt() + params["beta0"].unsqueeze(-2)
 
+    def q_derivatives(self, x_BND: Tensor, resp_BNE: Tensor,
+                      params: Params) -> tuple[Tensor, Tensor] | None:
+        """Closed form (``_distance_q_derivatives``, rho(d) = d); None with top-K or sigmoid."""
+        return _distance_q_derivatives(self, x_BND, resp_BNE, params, laplace=True)
+
 
 @dataclass(frozen=True, kw_only=True)
 class GaussianGate(Gate):
@@ -381,6 +456,11 @@ class GaussianGate(Gate):
 
     def scores(self, x_ND: Tensor, params: Params) -> Tensor:
         return -_sq_dist(x_ND, params["W"], self.expanded) + params["beta0"].unsqueeze(-2)
+
+    def q_derivatives(self, x_BND: Tensor, resp_BNE: Tensor,
+                      params: Params) -> tuple[Tensor, Tensor] | None:
+        """Closed form (``_distance_q_derivatives``, rho(d) = d^2); None with top-K or sigmoid."""
+        return _distance_q_derivatives(self, x_BND, resp_BNE, params, laplace=False)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -473,6 +553,74 @@ class HierarchicalGate(Gate):
         outer = self.outer.normalise(take_prefix("outer.", params))
         inner = self.inner.normalise(take_prefix("inner.", params))
         return {**with_prefix("outer.", outer), **with_prefix("inner.", inner)}
+
+
+# --- closed-form derivatives of the gate's Q (see ``Gate.q_derivatives``) -------------
+
+def _expert_major(gate: Gate, n_experts: int, dim: int, order: tuple[str, ...]) -> Tensor:
+    """Where each free entry, in pack order, sits in an expert-major vector (E, P) whose
+    row i lays out expert i's entries of the blocks in ``order`` (e.g. beta0_i, then
+    beta1_i): a derivative computed per expert is reordered by indexing with this."""
+    shapes = gate.param_shapes(n_experts, dim)
+    sizes = [math.prod(shapes[name][1:]) for name in order]
+    width = sum(sizes)
+    positions = []
+    for name, shape in shapes.items():                       # pack order
+        offset = sum(sizes[:order.index(name)])
+        per = torch.arange(math.prod(shape[1:])) + offset
+        positions.append((torch.arange(n_experts).unsqueeze(-1) * width + per).flatten())
+    masks = gate.free_mask(n_experts, dim)
+    free = [masks[name].flatten() for name in shapes]
+    return torch.cat(positions)[torch.cat(free)]
+
+
+def _reorder(grad_BK: Tensor, neg_hess_BKK: Tensor, order: Tensor) -> tuple[Tensor, Tensor]:
+    """Derivatives over an expert-major vector, taken at ``order`` (``_expert_major``)."""
+    return grad_BK[:, order], neg_hess_BKK[:, order][:, :, order]
+
+
+def _distance_q_derivatives(gate: Gate, x_BND: Tensor, resp_BNE: Tensor, params: Params,
+                            laplace: bool) -> tuple[Tensor, Tensor] | None:
+    """Laplace and Gaussian gates (arXiv 2402.03226): s_i(x) = -rho(||x - W_i||) + beta0_i,
+    rho(d) = d or d^2, theta_i = (beta0_i, W_i). With c_ni = r_ni - R_n w_ni,
+
+        gradient_i = sum_n c_ni J_ni,            J_ni = ds_i(x_n)/dtheta_i = (1, rho'(d) u_ni),
+        Hessian_ij = -sum_n R_n w_ni (d_ij - w_nj) J_ni J_nj^T + d_ij sum_n c_ni K_ni,
+
+    u_ni = (x_n - W_i) / d_ni, K the second derivative of s_i in W_i: -(I - u u^T) / d
+    (Laplace) or -2 I (Gaussian). Dense softmax only (None otherwise)."""
+    if gate.normaliser != "softmax" or gate.top_k is not None:
+        return None
+    resp = resp_BNE.transpose(-1, -2)                                            # (B, E, N)
+    diff = x_BND.unsqueeze(1) - params["W"].unsqueeze(-2)                       # (B, E, N, D)
+    dist = diff.square().sum(-1).clamp_min(torch.finfo(diff.dtype).tiny).sqrt()
+    rho = dist if laplace else dist.square()
+    w = torch.softmax(params["beta0"].unsqueeze(-1) - rho, dim=-2)
+    big_r = resp.sum(1, keepdim=True)
+    c = resp - big_r * w
+    u = diff / dist.unsqueeze(-1)
+    jac = torch.cat([torch.ones_like(dist).unsqueeze(-1), u if laplace else 2 * diff], -1)
+    b, e, n, p = jac.shape
+    grad = torch.einsum("ben,benp->bep", c, jac)
+    rw = big_r * w
+    neg = torch.einsum("ben,benp,benq->bepq", rw, jac, jac)                      # diagonal blocks
+    cross = torch.einsum("ben,bfn,benp,bfnq->befpq", rw, w, jac, jac)
+    eye_e = torch.eye(e, dtype=jac.dtype, device=jac.device)
+    neg_hess = neg.unsqueeze(2) * eye_e.view(1, e, e, 1, 1) - cross             # (B, E, E, P, P)
+    eye_d = torch.eye(p - 1, dtype=jac.dtype, device=jac.device)
+    if laplace:
+        # A sample at a location (random starts put W_i on a data point) sits on the
+        # cone's tip, where s_i has no curvature to speak of: 1 / d there (1e154) would
+        # swamp the Hessian and freeze the gate. Such samples add no curvature.
+        inv = torch.where(dist > 1e-8 * dist.amax(-1, keepdim=True), 1 / dist, 0.0)
+        curv = -(eye_d - u.unsqueeze(-1) * u.unsqueeze(-2)) * inv[..., None, None]
+        k_sum = torch.einsum("ben,benpq->bepq", c, curv)
+    else:
+        k_sum = -2 * c.sum(-1)[..., None, None] * eye_d
+    idx = torch.arange(e)
+    neg_hess[:, idx, idx, 1:, 1:] -= k_sum
+    order = _expert_major(gate, e, p - 1, ("beta0", "W"))
+    return _reorder(grad.reshape(b, e * p), neg_hess.permute(0, 1, 3, 2, 4).reshape(b, e * p, e * p), order)
 
 
 # --- the registry --------------------------------------------------------------------

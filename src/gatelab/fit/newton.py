@@ -123,12 +123,12 @@ def newton_ascent(objective: Objective, theta: Tensor, free: Tensor | None = Non
         value, g, hess = grad_and_hessian(objective, theta)
         direction = newton_direction(g, -hess, free)
         theta, value = halving_step(objective, theta, direction, value,
-                                    skip=_at_stationary_point(g, direction, value))
+                                    skip=at_stationary_point(g, direction, value))
     assert value is not None, "steps must be >= 1"
     return theta, value
 
 
-def _at_stationary_point(g: Tensor, direction: Tensor, value: Tensor) -> Tensor:
+def at_stationary_point(g: Tensor, direction: Tensor, value: Tensor) -> Tensor:
     """Rows whose Newton step promises a gain (g . d / 2, exact for a quadratic) below
     the rounding error of the objective: a step there cannot be told from a loss, and
     trying every halving on it costs a dozen evaluations for nothing."""

@@ -73,6 +73,9 @@ class MoELayer(nn.Module):
     ceil(capacity_factor * S / E) of the S assignments, earliest tokens first, and the rest
     are dropped (their contribution is 0; a residual connection outside passes them on).
 
+    ``top_k``: experts per token; by default the router gate's own ``top_k`` (a top-K
+    gate), else 2.
+
     ``backend``: how the experts run (``experts.BACKENDS``): "auto" uses torch's
     grouped_mm on CUDA and a per-expert loop with a custom backward on CPU.
 
@@ -81,7 +84,7 @@ class MoELayer(nn.Module):
     Extra keyword options go to the ``Router`` (e.g. ``order``, ``n_groups``, ``tau1``).
     """
 
-    def __init__(self, dim: int, ffn_dim: int, n_experts: int, top_k: int = 2,
+    def __init__(self, dim: int, ffn_dim: int, n_experts: int, top_k: int | None = None,
                  router: str | Gate | Router = "softmax", *, expert: str = "swiglu",
                  activation: str | None = None, n_shared: int = 0,
                  shared_ffn_dim: int | None = None, shared_gate: bool = False,

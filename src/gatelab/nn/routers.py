@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._checks import check_int, check_nonnegative, check_positive, choose
-from ..gates import Gate, make_gate
+from ..gates import NORMALISERS, Gate, make_gate, top_k_indices
 
 __all__ = ["Routing", "Router", "ExpertChoiceRouter", "ORDERS"]
 
@@ -87,6 +87,10 @@ class Router(nn.Module):
       ``n_groups`` equal groups, a group scores the sum of its two best selection scores,
       and only experts in the ``topk_groups`` best groups can be chosen.
 
+    A gate that carries its own ``top_k`` (``make_gate("topk", top_k=2)``, the top-K
+    sparse softmax of arXiv 2309.13850) routes as it does in the statistical models:
+    softmax over its K largest logits, i.e. ``order="topk_softmax"`` with k = its top_k.
+
     Training-time noise: ``jitter`` multiplies the router input by U(1-eps, 1+eps)
     (Switch Transformer); ``noisy`` adds N(0, 1) * softplus(x W_noise) to the logits
     (noisy top-k, Shazeer et al. 2017, arXiv 1701.06538).
@@ -95,8 +99,8 @@ class Router(nn.Module):
     and Qwen2-MoE do; ``cast_input`` also computes the logits there (DeepSeek-V3).
     """
 
-    def __init__(self, dim: int, n_experts: int, top_k: int = 2, gate: str | Gate = "softmax", *,
-                 order: str = "softmax_topk", renormalize: bool = True, bias: bool = False,
+    def __init__(self, dim: int, n_experts: int, top_k: int | None = None,
+                 gate: str | Gate = "softmax", *, order: str | None = None, renormalize: bool = True, bias: bool = False,
                  n_groups: int = 1, topk_groups: int | None = None, scaling: float = 1.0,
                  selection_bias: bool = False, jitter: float = 0.0, noisy: bool = False,
                  proj_dim: int | None = None, temperature: float | None = None,
@@ -106,14 +110,12 @@ class Router(nn.Module):
         super().__init__()
         self.dim = check_int("dim", dim, 1)
         self.n_experts = check_int("n_experts", n_experts, 1)
+        gate = make_gate(gate, **gate_options)
+        top_k, order = _with_gate_top_k(gate, top_k, order)
         self.top_k = check_int("top_k", top_k, 1, n_experts,
                                fix=f"A token cannot use more than the {n_experts} experts; "
                                    f"choose top_k <= n_experts.")
         choose("order", order, ORDERS)
-        gate = make_gate(gate, **gate_options)
-        if gate.top_k is not None:
-            raise ValueError("Set top_k on the router, not on its gate: the router does the "
-                             f"selection. Got a gate with top_k={gate.top_k}.")
         self.order, self.renormalize, self.scaling = order, renormalize, float(scaling)
         self._check_groups(n_groups, topk_groups)
         self.jitter, self.noisy = check_nonnegative("jitter", jitter), noisy
@@ -194,14 +196,15 @@ class Router(nn.Module):
                              f"{tuple(x_TD.shape)}. Build it with dim={x_TD.shape[-1]}.")
         logits = self.logits(x_TD.reshape(-1, self.dim))
         z = logits.to(self.router_dtype) if self.router_dtype else logits
-        probs = torch.sigmoid(z) if self.sigmoid else torch.softmax(z, -1)
+        normaliser = NORMALISERS[self.gate.normaliser]
+        probs = normaliser.weights(z)
         ranked_by_logit = self.order == "topk_softmax" and not self.sigmoid
         choice = z if ranked_by_logit else probs
         if self.selection_bias is not None:
             choice = choice + self.selection_bias.to(choice.dtype)
-        experts_TK = self._limit_groups(choice).topk(self.top_k, dim=-1).indices
-        if ranked_by_logit:
-            weight = torch.softmax(z.gather(1, experts_TK), -1)
+        experts_TK = top_k_indices(self._limit_groups(choice), self.top_k)
+        if ranked_by_logit:  # the normaliser over the kept logits only
+            weight = normaliser.weights(z.gather(1, experts_TK))
         else:
             weight = probs.gather(1, experts_TK)
             if self.renormalize:
@@ -223,6 +226,22 @@ class Router(nn.Module):
         self.selection_bias += rate * torch.sign(load.mean() - load)
 
 
+def _with_gate_top_k(gate: Gate, top_k: int | None, order: str | None) -> tuple[int, str]:
+    """The router's k and order: its own, or a top-K gate's (top-K sparse softmax), or
+    the defaults (k = 2, softmax then top-k)."""
+    if gate.top_k is None:
+        return (2 if top_k is None else top_k), (order or "softmax_topk")
+    if top_k is not None and top_k != gate.top_k:
+        raise ValueError(f"The router's top_k={top_k} differs from its gate's top_k="
+                         f"{gate.top_k}; give one of them (the gate's is used when the "
+                         "router's is omitted).")
+    if order not in (None, "topk_softmax"):
+        raise ValueError(f"A gate with top_k is the top-K sparse softmax (order "
+                         f"'topk_softmax'); got order={order!r}. Drop the gate's top_k to "
+                         "use another order.")
+    return gate.top_k, "topk_softmax"
+
+
 class ExpertChoiceRouter(Router):
     """Expert-choice routing (Zhou et al. 2022, arXiv 2202.09368): p = softmax(logits)
     over experts; each expert takes the C tokens with the highest p_{t,e}, where
@@ -237,7 +256,7 @@ class ExpertChoiceRouter(Router):
     def forward(self, x_TD: Tensor) -> Routing:
         logits = self.logits(x_TD.reshape(-1, self.dim))
         z = logits.to(self.router_dtype) if self.router_dtype else logits
-        probs = torch.softmax(z, -1)
+        probs = NORMALISERS["softmax"].weights(z)
         n_tokens = z.shape[0]
         capacity = min(n_tokens, math.ceil(self.capacity_factor * n_tokens / self.n_experts))
         weight_EC, tokens_EC = probs.t().topk(capacity, dim=-1)

@@ -15,13 +15,13 @@ import math
 import torch
 from torch import Tensor
 
-from ... import _experts_first as ef
 from ...gates import Gate, HierarchicalGate, LinearGate
 from ...params import Params, pack, pick, take_prefix, unpack, with_prefix
-from .. import distance_gate
-from ..newton import halving_step, newton_ascent, ridged_direction
+from ..newton import (at_stationary_point, halving_step, newton_ascent, newton_direction,
+                      ridged_direction)
 
-__all__ = ["gate_q", "expected_log", "slope_penalty", "check_gate_ridge", "gate_update"]
+__all__ = ["gate_q", "expected_log", "slope_penalty", "check_gate_ridge", "gate_update",
+           "closed_form_update"]
 
 
 def gate_q(gate: Gate, x_BND: Tensor, resp_BNE: Tensor, gate_params: Params) -> Tensor:
@@ -57,61 +57,59 @@ def check_gate_ridge(model, ridge: float) -> None:
                          f"topk); the gate of {model!r} has none. Use gate_ridge=0.")
 
 
-def _irls_softmax(x_BND: Tensor, resp_BNE: Tensor, params: Params, steps: int) -> Params:
-    """Newton/IRLS for the softmax gate with the full Hessian and step halving. The last
-    expert's row stays fixed (identifiability); theta_i = (beta0_i, beta1_i).
-
-    gradient_i = sum_n (r_ni - R_n w_ni) z_n,  -Hessian_ij = sum_n R_n w_ni (d_ij - w_nj) z_n z_n^T,
-    R_n = sum_i r_ni (1 in plain EM; a group's share of the responsibility for the inner
-    level of a hierarchical gate). Computed experts-first, (B, E, N): reductions over a
-    short last axis are slow.
-    """
-    z_BPN = torch.cat([torch.ones_like(x_BND[..., :1]), x_BND], dim=-1).transpose(-1, -2).contiguous()
-    resp = resp_BNE.transpose(-1, -2).contiguous()
-    resp_n = resp.sum(1, keepdim=True)
-    # _gate_stats takes rows that sum to 1: give it r / R, and R folded into z and z z^T.
-    stats_resp, stats_z, zz = resp, z_BPN, ef.outer(z_BPN.transpose(-1, -2))
-    if not bool(((resp_n - 1).abs() <= 1e-12).all()):
-        stats_resp = torch.where(resp_n > 0, resp / resp_n, 0.0)
-        stats_z, zz = z_BPN * resp_n, zz * resp_n.transpose(-1, -2)
-    theta_BEP = torch.cat([params["beta0"].unsqueeze(-1), params["beta1"]], dim=-1)
-    b, e, p = theta_BEP.shape
-    last = theta_BEP[:, -1:]
-
-    def full(t_BF: Tensor) -> Tensor:
-        return torch.cat([t_BF.reshape(-1, e - 1, p), last.expand(t_BF.shape[0], 1, p)], dim=1)
-
-    def q(t_BF: Tensor) -> Tensor:
-        s = ef.combine(full(t_BF), z_BPN)
-        fit = (resp * s).sum((1, 2))
-        _, lse = ef.softmax_experts_first(s)  # overwrites s
-        return fit - (resp_n * lse).sum((1, 2))
-
-    theta = theta_BEP[:, :-1].reshape(b, -1)
+def closed_form_update(gate: Gate, n_experts: int, x_BND: Tensor, resp_BNE: Tensor,
+                       gate_params: Params, steps: int) -> Params | None:
+    """``steps`` Newton steps from the gate's own derivatives (``Gate.q_derivatives``),
+    each halved (1, 1/2, ..., 1/2^11) until Q does not decrease (rows already at a
+    stationary point, ``at_stationary_point``, keep theta); None where the gate gives none. Concave Q (softmax): the ridged Cholesky step of the C kernel
+    (``ridged_direction``); otherwise absolute eigenvalues (``newton_direction``)."""
+    shapes = gate.param_shapes(n_experts, x_BND.shape[-1])
+    free = torch.cat([m.flatten() for m in gate.free_mask(n_experts, x_BND.shape[-1]).values()])
+    theta = pack(pick(gate_params, shapes), shapes)
+    q = lambda t: gate_q(gate, x_BND, resp_BNE, unpack(t, shapes))  # noqa: E731
     for _ in range(steps):
-        w, _ = ef.softmax_experts_first(ef.combine(full(theta), z_BPN))
-        grad, diag, cross = ef.gate_stats(stats_resp, w, stats_z, zz)
-        direction = ridged_direction(grad.reshape(b, -1), ef.neg_hessian(diag, cross))
-        theta, _ = halving_step(q, theta, direction, q(theta))
-    out = full(theta)
-    return {"beta0": out[..., 0], "beta1": out[..., 1:]}
+        derivatives = gate.q_derivatives(x_BND, resp_BNE, unpack(theta, shapes))
+        if derivatives is None:
+            return None
+        grad, neg_hess = derivatives
+        direction = torch.zeros_like(theta)
+        if gate.q_concave:
+            direction[:, free] = ridged_direction(grad, neg_hess)
+        else:  # the rule of the autograd path, on the same full system
+            direction = newton_direction(*_embed(grad, neg_hess, free), free.expand_as(theta))
+        value = q(theta)
+        theta, _ = halving_step(q, theta, direction, value,
+                                skip=at_stationary_point(grad, direction[:, free], value))
+    return unpack(theta, shapes)
+
+
+def _embed(grad: Tensor, neg_hess: Tensor, free: Tensor) -> tuple[Tensor, Tensor]:
+    """Derivatives over the free entries as the full system over every entry (zeros
+    elsewhere), as the autograd path builds it."""
+    b, f = grad.shape[0], free.numel()
+    g = grad.new_zeros(b, f)
+    g[:, free] = grad
+    h = neg_hess.new_zeros(b, f, f)
+    h[:, free.nonzero().squeeze(-1)[:, None], free] = neg_hess
+    return g, h
 
 
 def gate_update(gate: Gate, n_experts: int, x_BND: Tensor, resp_BNE: Tensor,
                 gate_params: Params, steps: int, ridge: float = 0.0) -> Params:
     """``steps`` Newton steps on the gate's part of Q, sum_n sum_i r_ni log w_i(x_n), that
-    never lower it: IRLS for the plain softmax, closed-form Newton for Laplace and
-    Gaussian gates (``distance_gate``), autograd Newton for other gates, and for a
-    hierarchical gate one update per level (below). With ``ridge`` > 0 the objective is
+    never lower it: Newton from the gate's own derivatives where it gives them
+    (``closed_form_update``: IRLS for the dense softmax, Laplace and Gaussian gates),
+    autograd Newton for other gates, and for a hierarchical gate one update per level
+    (below). With ``ridge`` > 0 the objective is
     Q - (ridge / 2) ||beta1||^2 (``slope_penalty``), by autograd Newton."""
     if n_experts == 1:  # one expert: the normalised weight is 1 whatever the gate
         return dict(gate_params)
     if isinstance(gate, HierarchicalGate):
         return _hierarchical_update(gate, x_BND, resp_BNE, gate_params, steps, ridge)
-    if ridge == 0 and gate.is_linear_softmax():
-        return _irls_softmax(x_BND, resp_BNE, gate_params, steps)
-    if ridge == 0 and distance_gate.is_distance_gate(gate):
-        return distance_gate.distance_gate_update(gate, x_BND, resp_BNE, gate_params, steps)
+    if ridge == 0:
+        closed = closed_form_update(gate, n_experts, x_BND, resp_BNE, gate_params, steps)
+        if closed is not None:
+            return closed
     shapes = gate.param_shapes(n_experts, x_BND.shape[-1])
     free = pack({k: m.expand(gate_params[k].shape[:1] + m.shape)
                  for k, m in gate.free_mask(n_experts, x_BND.shape[-1]).items()}, shapes)
