@@ -9,7 +9,7 @@ from gatelab.fit import fit_em, near_truth, random_starts, select_best
 from gatelab.fit.em import gate_q, gate_update, m_step
 from gatelab.fit.em.gate_step import closed_form_update
 from gatelab.fit.init import covering_assignment
-from gatelab.fit.newton import grad_and_hessian, halving_step, newton_ascent, newton_direction
+from gatelab.fit.newton import halving_step, newton_ascent, newton_direction
 from gatelab.params import pack, pick, unpack
 
 T = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731

@@ -100,7 +100,8 @@ class Router(nn.Module):
     """
 
     def __init__(self, dim: int, n_experts: int, top_k: int | None = None,
-                 gate: str | Gate = "softmax", *, order: str | None = None, renormalize: bool = True, bias: bool = False,
+                 gate: str | Gate = "softmax", *, order: str | None = None,
+                 renormalize: bool = True, bias: bool = False,
                  n_groups: int = 1, topk_groups: int | None = None, scaling: float = 1.0,
                  selection_bias: bool = False, jitter: float = 0.0, noisy: bool = False,
                  proj_dim: int | None = None, temperature: float | None = None,

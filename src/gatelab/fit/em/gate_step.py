@@ -17,8 +17,7 @@ from torch import Tensor
 
 from ...gates import Gate, HierarchicalGate, LinearGate
 from ...params import Params, pack, pick, take_prefix, unpack, with_prefix
-from ..newton import (at_stationary_point, halving_step, newton_ascent, newton_direction,
-                      ridged_direction)
+from ..newton import at_stationary_point, halving_step, newton_ascent, newton_direction, ridged_direction
 
 __all__ = ["gate_q", "expected_log", "slope_penalty", "check_gate_ridge", "gate_update",
            "closed_form_update"]
@@ -61,8 +60,10 @@ def closed_form_update(gate: Gate, n_experts: int, x_BND: Tensor, resp_BNE: Tens
                        gate_params: Params, steps: int) -> Params | None:
     """``steps`` Newton steps from the gate's own derivatives (``Gate.q_derivatives``),
     each halved (1, 1/2, ..., 1/2^11) until Q does not decrease (rows already at a
-    stationary point, ``at_stationary_point``, keep theta); None where the gate gives none. Concave Q (softmax): the ridged Cholesky step of the C kernel
-    (``ridged_direction``); otherwise absolute eigenvalues (``newton_direction``)."""
+    stationary point, ``at_stationary_point``, keep theta); None where the gate gives
+    none. Concave Q (softmax): the ridged Cholesky step of the C kernel
+    (``ridged_direction``); otherwise the autograd path's rule (``newton_direction``,
+    absolute eigenvalues where the system is indefinite)."""
     shapes = gate.param_shapes(n_experts, x_BND.shape[-1])
     free = torch.cat([m.flatten() for m in gate.free_mask(n_experts, x_BND.shape[-1]).values()])
     theta = pack(pick(gate_params, shapes), shapes)
