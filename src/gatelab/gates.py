@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -33,7 +34,7 @@ from .params import Params, Shapes, random_blocks, take_prefix, with_prefix
 __all__ = [
     "Gate", "LinearGate", "CosineGate", "PerturbedCosineGate", "QuadraticGate", "LaplaceGate",
     "GaussianGate", "InputFreeGate", "HierarchicalGate", "GATES", "NORMALISERS", "make_gate",
-    "top_k_mask", "top_k_indices", "EXAMPLE_OPTIONS", "example_gate",
+    "top_k_mask", "top_k_indices", "separable_q_derivatives", "EXAMPLE_OPTIONS", "example_gate",
 ]
 
 NEG_INF = float("-inf")
@@ -579,48 +580,67 @@ def _reorder(grad_BK: Tensor, neg_hess_BKK: Tensor, order: Tensor) -> tuple[Tens
     return grad_BK[:, order], neg_hess_BKK[:, order][:, :, order]
 
 
+def separable_q_derivatives(gate: Gate, x_BND: Tensor, resp_BNE: Tensor, scores_BEN: Tensor,
+                            jac_BENP: Tensor, curvature: Callable[[Tensor], Tensor],
+                            order: tuple[str, ...]) -> tuple[Tensor, Tensor]:
+    """``Gate.q_derivatives`` for a dense softmax gate whose expert i's score depends on
+    its own parameters theta_i only (the blocks in ``order``, laid out per expert):
+    with w = softmax(s), R_n = sum_i r_ni and c_ni = r_ni - R_n w_ni,
+
+        gradient_i = sum_n c_ni J_ni,                       J_ni = ds_i(x_n)/dtheta_i,
+        -Hessian_ij = sum_n R_n w_ni (d_ij - w_nj) J_ni J_nj^T - d_ij sum_n c_ni K_ni,
+
+    K_ni = d^2 s_i(x_n)/dtheta_i^2. The gate gives its scores (B, E, N), the Jacobian
+    (B, E, N, P) and ``curvature(c_BEN)`` = sum_n c_ni K_ni, (B, E, P, P) (summed by the
+    gate, which knows K's structure). Returns (B, F), (B, F, F) over the free entries."""
+    resp = resp_BNE.transpose(-1, -2)                                            # (B, E, N)
+    w = torch.softmax(scores_BEN, dim=-2)
+    big_r = resp.sum(1, keepdim=True)
+    c = resp - big_r * w
+    b, e, n, p = jac_BENP.shape
+    grad = torch.einsum("ben,benp->bep", c, jac_BENP)
+    rw = big_r * w
+    neg = torch.einsum("ben,benp,benq->bepq", rw, jac_BENP, jac_BENP)            # diagonal blocks
+    cross = torch.einsum("ben,bfn,benp,bfnq->befpq", rw, w, jac_BENP, jac_BENP)
+    eye_e = torch.eye(e, dtype=jac_BENP.dtype, device=jac_BENP.device)
+    neg_hess = neg.unsqueeze(2) * eye_e.view(1, e, e, 1, 1) - cross             # (B, E, E, P, P)
+    idx = torch.arange(e)
+    neg_hess[:, idx, idx] -= curvature(c)
+    flat = neg_hess.permute(0, 1, 3, 2, 4).reshape(b, e * p, e * p)
+    positions = _expert_major(gate, e, x_BND.shape[-1], order)
+    return _reorder(grad.reshape(b, e * p), flat, positions)
+
+
 def _distance_q_derivatives(gate: Gate, x_BND: Tensor, resp_BNE: Tensor, params: Params,
                             laplace: bool) -> tuple[Tensor, Tensor] | None:
     """Laplace and Gaussian gates (arXiv 2402.03226): s_i(x) = -rho(||x - W_i||) + beta0_i,
-    rho(d) = d or d^2, theta_i = (beta0_i, W_i). With c_ni = r_ni - R_n w_ni,
-
-        gradient_i = sum_n c_ni J_ni,            J_ni = ds_i(x_n)/dtheta_i = (1, rho'(d) u_ni),
-        Hessian_ij = -sum_n R_n w_ni (d_ij - w_nj) J_ni J_nj^T + d_ij sum_n c_ni K_ni,
-
-    u_ni = (x_n - W_i) / d_ni, K the second derivative of s_i in W_i: -(I - u u^T) / d
-    (Laplace) or -2 I (Gaussian). Dense softmax only (None otherwise)."""
+    rho(d) = d or d^2, theta_i = (beta0_i, W_i): J_ni = (1, rho'(d) u_ni) with
+    u_ni = (x_n - W_i) / d_ni, and K the second derivative in W_i, -(I - u u^T) / d
+    (Laplace) or -2 I (Gaussian) (``separable_q_derivatives``). Dense softmax only."""
     if gate.normaliser != "softmax" or gate.top_k is not None:
         return None
-    resp = resp_BNE.transpose(-1, -2)                                            # (B, E, N)
     diff = x_BND.unsqueeze(1) - params["W"].unsqueeze(-2)                       # (B, E, N, D)
     dist = diff.square().sum(-1).clamp_min(torch.finfo(diff.dtype).tiny).sqrt()
-    rho = dist if laplace else dist.square()
-    w = torch.softmax(params["beta0"].unsqueeze(-1) - rho, dim=-2)
-    big_r = resp.sum(1, keepdim=True)
-    c = resp - big_r * w
     u = diff / dist.unsqueeze(-1)
     jac = torch.cat([torch.ones_like(dist).unsqueeze(-1), u if laplace else 2 * diff], -1)
-    b, e, n, p = jac.shape
-    grad = torch.einsum("ben,benp->bep", c, jac)
-    rw = big_r * w
-    neg = torch.einsum("ben,benp,benq->bepq", rw, jac, jac)                      # diagonal blocks
-    cross = torch.einsum("ben,bfn,benp,bfnq->befpq", rw, w, jac, jac)
-    eye_e = torch.eye(e, dtype=jac.dtype, device=jac.device)
-    neg_hess = neg.unsqueeze(2) * eye_e.view(1, e, e, 1, 1) - cross             # (B, E, E, P, P)
-    eye_d = torch.eye(p - 1, dtype=jac.dtype, device=jac.device)
-    if laplace:
-        # A sample at a location (random starts put W_i on a data point) sits on the
-        # cone's tip, where s_i has no curvature to speak of: 1 / d there (1e154) would
-        # swamp the Hessian and freeze the gate. Such samples add no curvature.
-        inv = torch.where(dist > 1e-8 * dist.amax(-1, keepdim=True), 1 / dist, 0.0)
-        curv = -(eye_d - u.unsqueeze(-1) * u.unsqueeze(-2)) * inv[..., None, None]
-        k_sum = torch.einsum("ben,benpq->bepq", c, curv)
-    else:
-        k_sum = -2 * c.sum(-1)[..., None, None] * eye_d
-    idx = torch.arange(e)
-    neg_hess[:, idx, idx, 1:, 1:] -= k_sum
-    order = _expert_major(gate, e, p - 1, ("beta0", "W"))
-    return _reorder(grad.reshape(b, e * p), neg_hess.permute(0, 1, 3, 2, 4).reshape(b, e * p, e * p), order)
+    eye_d = torch.eye(x_BND.shape[-1], dtype=x_BND.dtype, device=x_BND.device)
+
+    def curvature(c_BEN: Tensor) -> Tensor:
+        out = c_BEN.new_zeros(*c_BEN.shape[:2], jac.shape[-1], jac.shape[-1])
+        if laplace:
+            # A sample at a location (random starts put W_i on a data point) sits on the
+            # cone's tip, where s_i has no curvature to speak of: 1 / d there (1e154) would
+            # swamp the Hessian and freeze the gate. Such samples add no curvature.
+            inv = torch.where(dist > 1e-8 * dist.amax(-1, keepdim=True), 1 / dist, 0.0)
+            curv = -(eye_d - u.unsqueeze(-1) * u.unsqueeze(-2)) * inv[..., None, None]
+            out[..., 1:, 1:] = torch.einsum("ben,benpq->bepq", c_BEN, curv)
+        else:
+            out[..., 1:, 1:] = -2 * c_BEN.sum(-1)[..., None, None] * eye_d
+        return out
+
+    rho = dist if laplace else dist.square()
+    return separable_q_derivatives(gate, x_BND, resp_BNE, params["beta0"].unsqueeze(-1) - rho,
+                                   jac, curvature, ("beta0", "W"))
 
 
 # --- the registry --------------------------------------------------------------------
