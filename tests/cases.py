@@ -108,6 +108,22 @@ def run_small_study(name: str, db, **changes):
         return small, store.rows(small.name)
 
 
+def assert_rows_score_their_estimates(study, rows) -> None:
+    """Each stored loss is the Voronoi loss of the stored estimate against the setting's
+    truth, recomputed here from the public API (the rows agree with themselves)."""
+    from gatelab.losses import voronoi_loss
+    settings = {s.name: s for s in study.settings}
+    for r in rows:
+        setting = settings[r.setting]
+        estimate = {k: torch.tensor(v, dtype=torch.float64) for k, v in r.params.items()}
+        loss = voronoi_loss(estimate, study.truth_params(setting), setting.loss, strict=False,
+                            model=study.fitted_model(setting), truth_model=study.truth_model(setting),
+                            blocks=list(setting.loss_blocks) or None)
+        assert float(loss.total) == pytest.approx(r.loss, rel=1e-9), (r.setting, r.n, r.replicate)
+        for block, err in loss.blocks.items():
+            assert float(err) == pytest.approx(r.blocks[block], rel=1e-9, abs=1e-12), block
+
+
 def sigmoid_regression_data(n: int = 400, seed: int = 0, noise_sd: float = 0.2):
     """x (n, 1) uniform on [-3, 3] and y from a two-expert sigmoid-gated MoE regression
     (gates 2x + 0.5 and -x, experts x and 1 - 2x) plus N(0, noise_sd^2) noise."""

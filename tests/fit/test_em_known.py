@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import gatelab as gl
+from cases import assert_rows_score_their_estimates
 from gatelab.fit import fit_em, select_best
 from gatelab.fit.init import near_truth_known
 from gatelab.losses import voronoi_loss, wasserstein
@@ -120,6 +121,7 @@ def test_known_part_studies_run_end_to_end(name, tmp_path):
     assert len(rows) == 2 * 3 * len(study.settings)
     assert all(math.isfinite(r.loss) for r in rows)
     assert {"W1"} <= set(rows[0].blocks)
+    assert_rows_score_their_estimates(study, rows)
     assert {r["setting"] for r in table} == {s.name for s in study.settings}
 
 

@@ -89,8 +89,27 @@ def test_swap_router_in_a_whole_model():
     model = transformers.MixtralForCausalLM(config)
     names = gn.swap_router(model, "cosine", proj_dim=8, learn_temperature=True)
     assert names == ["model.layers.0.mlp", "model.layers.1.mlp"]
+    seen = []
+    for name in names:
+        block = model.get_submodule(name)
+        block.register_forward_hook(lambda m, args, out: seen.append((m, args[0], out)))
     logits = model(torch.randint(0, 50, (2, 5))).logits
-    assert logits.shape == (2, 5, 50) and torch.isfinite(logits).all()
+    assert logits.shape == (2, 5, 50)
+    assert len(seen) == 2
+    for block, x, out in seen:  # each block mixes its own experts by the new router
+        torch.testing.assert_close(out, _mixed_by_hand(block, x), rtol=1e-5, atol=1e-6)
+
+
+def _mixed_by_hand(block, x_BTH):
+    """sum over the router's assignments of weight * SwiGLU expert, token by token."""
+    x = x_BTH.reshape(-1, x_BTH.shape[-1])
+    routing = block.gate.router(x)
+    out = torch.zeros_like(x)
+    ex = block.experts
+    for t, e, w in zip(routing.token_index.tolist(), routing.expert_index.tolist(), routing.weight):
+        gate, up = (ex.gate_up_proj[e] @ x[t]).chunk(2)
+        out[t] += w * (ex.down_proj[e] @ (torch.nn.functional.silu(gate) * up))
+    return out.view_as(x_BTH)
 
 
 def test_unsupported_blocks_and_missing_weights_get_clear_errors():

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import gatelab.cli as cli
-from cases import run_small_study
+from cases import assert_rows_score_their_estimates, run_small_study
 from gatelab.studies import (
     SpecError,
     Store,
@@ -408,6 +408,7 @@ def test_hierarchical_studies_run_with_near_truth_starts(tmp_path, name, setting
     assert len(rows) == 2 * 2 * 2
     assert all(math.isfinite(r.loss) for r in rows)
     assert {"inner.W", "a", "b", "var"} <= set(next(r for r in rows if r.setting == settings[1]).blocks)
+    assert_rows_score_their_estimates(small, rows)
     # The atoms' masses are the products of the levels' intercept masses: they sum to 1,
     # so a fit at the truth has no mass error.
     laplace = next(s for s in small.settings if s.name == settings[1])
