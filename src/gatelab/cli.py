@@ -155,6 +155,13 @@ def _print_rates(table: list[dict]) -> None:
               f"{theory:>7}  {r['verdict']:<10} {r['median_slope']:+12.3f}{note}")
 
 
+def _print_claims(claims: list[dict]) -> None:
+    if claims:
+        from .studies.claims import claims_text
+        print("claims (holds, measured x [95% CI], claim and rule):")
+        print(claims_text(claims))
+
+
 def report_dir(db: Path, study: str, out: str | None = None) -> Path:
     """Where a study's report goes: ``out`` or the store's own folder, then a folder named
     after the study (``runs/NAME.sqlite`` -> ``runs/NAME/``). ``reproduce`` and ``report``
@@ -168,6 +175,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     import json
 
     from .studies import Store, catalogue, rate_table, reproduce
+    from .studies.claims import evaluate_claims
     from .studies.rates import fit_summary
     from .studies.report import write_report
     study = catalogue.get(args.name)
@@ -181,7 +189,9 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
             sizes, reps = study.grid(args.quick)
             rows = [r for r in store.rows(study.name) if r.n in set(sizes) and r.replicate < reps]
             table = rate_table(study, rows)
-            report = write_report(study, rows, table, report_dir(db, study.name, args.out), stats)
+            claims = evaluate_claims(study, rows)
+            report = write_report(study, rows, table, report_dir(db, study.name, args.out), stats,
+                                  claims)
     except BaseException:
         if new_store:
             _remove_if_empty(db)
@@ -189,12 +199,13 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"study": study.name, "seconds": stats.seconds, "fits": stats.fits,
                           "skipped": stats.skipped, "db": str(db), "report": str(report),
-                          "summary": fit_summary(rows), "rates": table}))
+                          "summary": fit_summary(rows), "rates": table, "claims": claims}))
         return 0
     print(f"{study.name}: {stats.fits} fits run, {stats.skipped} already in {db}, "
           f"{stats.seconds:.1f} s")
     print(fit_summary(rows))
     _print_rates(table)
+    _print_claims(claims)
     print(f"report: {report}")
     return 0
 
@@ -236,6 +247,7 @@ def _remove_if_empty(db: Path) -> None:
 def cmd_report(args: argparse.Namespace) -> int:
     """Rates and report of every study in a results store."""
     from .studies import Store, Study, rate_table
+    from .studies.claims import evaluate_claims
     from .studies.rates import fit_summary
     from .studies.report import write_report
     if not Path(args.db).exists():
@@ -251,9 +263,12 @@ def cmd_report(args: argparse.Namespace) -> int:
             study = Study.from_dict(store.study_spec(name) or {})
             rows = store.rows(name)
             table = rate_table(study, rows)
-            report = write_report(study, rows, table, report_dir(args.db, name, args.out), None)
+            claims = evaluate_claims(study, rows)
+            report = write_report(study, rows, table, report_dir(args.db, name, args.out), None,
+                                  claims)
             print(f"{name}: {fit_summary(rows)}")
             _print_rates(table)
+            _print_claims(claims)
             print(f"report: {report}")
     return 0
 

@@ -125,15 +125,14 @@ def near_truth_known(model, truth: Params, n: int, n_starts: int = 1,
     experts as in ``near_truth`` (with the mixing blocks treated as gate blocks, noise sd
     0.005 n^-0.083), and lam kept inside (0.01, 0.99) so that no start sits on the
     boundary where EM cannot move it. Returns blocks of shape (n_starts, ...)."""
-    from ..models import DeviatedGaussianMoE
     from .em import trainable_part
     part = trainable_part(model)
     part_truth = {k: v for k, v in truth.items() if k in part.param_shapes()}
     if "beta0" not in part_truth:  # the contaminated prompt: one expert, no intercept
         part_truth["beta0"] = torch.zeros(1, dtype=truth["var"].dtype)
     starts = near_truth(part, part_truth, n, n_starts, generator=generator)
-    if not isinstance(model, DeviatedGaussianMoE):
-        starts = {k: v for k, v in starts.items() if k in model.param_shapes()}
+    # the contaminated prompt's fixed intercept is not a block of the model
+    starts = {k: v for k, v in starts.items() if k in model.param_shapes()}
     sd = 0.005 * n ** -0.083
     for name in model.mixing_blocks():
         value = truth[name].expand(n_starts, *truth[name].shape)

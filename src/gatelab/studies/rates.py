@@ -16,8 +16,8 @@ import numpy as np
 from .spec import Study
 from .store import FitRow
 
-__all__ = ["Rate", "slope", "rate", "verdict", "rate_table", "left_out", "fit_summary",
-           "MIN_VERDICT_REPLICATES"]
+__all__ = ["Rate", "slope", "rate", "rate_draws", "interval", "verdict", "rate_table",
+           "left_out", "by_setting", "series", "fit_summary", "MIN_VERDICT_REPLICATES"]
 
 #: A bootstrap over fewer replicates than this has (next to) no spread: its interval says
 #: nothing, so no verdict is given.
@@ -61,6 +61,20 @@ def rate(ns: Sequence[int], losses: Sequence[np.ndarray], n_boot: int = 1000, le
     ``losses[m]`` holds the replicates' losses at ``ns[m]``. Each bootstrap draw resamples
     the replicates of every n with replacement and refits the slope.
     """
+    point, draws = rate_draws(ns, losses, n_boot, seed, statistic)
+    return interval(point, draws, level)
+
+
+def interval(point: float, draws: np.ndarray, level: float = 0.95) -> Rate:
+    """``point`` with the percentile interval of its bootstrap ``draws``."""
+    tail = (1 - level) / 2
+    return Rate(point, float(np.quantile(draws, tail)), float(np.quantile(draws, 1 - tail)))
+
+
+def rate_draws(ns: Sequence[int], losses: Sequence[np.ndarray], n_boot: int = 1000,
+               seed: int = 0, statistic: str = "mean") -> tuple[float, np.ndarray]:
+    """The slope of ``rate`` and its ``n_boot`` bootstrap draws (for intervals of
+    functions of slopes, e.g. the difference of two settings')."""
     if len(ns) < 2:
         raise ValueError("A rate needs at least two sample sizes.")
     if statistic not in STATISTICS:
@@ -73,9 +87,7 @@ def rate(ns: Sequence[int], losses: Sequence[np.ndarray], n_boot: int = 1000, le
         values = np.asarray(values, dtype=float)
         idx = rng.integers(0, len(values), size=(n_boot, len(values)))
         boot[:, m] = stat(values[idx], axis=-1)
-    draws = slope(ns, boot)
-    tail = (1 - level) / 2
-    return Rate(point, float(np.quantile(draws, tail)), float(np.quantile(draws, 1 - tail)))
+    return point, slope(ns, boot)
 
 
 def fit_summary(rows: Sequence[FitRow]) -> str:
@@ -107,34 +119,48 @@ def verdict(theory: float | None, r: Rate, replicates: int = MIN_VERDICT_REPLICA
     return "within CI"
 
 
+def by_setting(rows: Sequence[FitRow]) -> tuple[dict[str, dict[int, list[FitRow]]], dict[str, int]]:
+    """Rows used for slopes by setting and n, and per setting the count ``left_out``
+    rejects."""
+    cells: dict[str, dict[int, list[FitRow]]] = defaultdict(lambda: defaultdict(list))
+    excluded: dict[str, int] = defaultdict(int)
+    for row in rows:
+        if left_out(row):
+            excluded[row.setting] += 1
+        else:
+            cells[row.setting][row.n].append(row)
+    return cells, excluded
+
+
+def series(cells: dict[int, list[FitRow]], block: str) -> tuple[list[int], list[np.ndarray]]:
+    """One setting's sizes and, per size, its replicates' loss ('total') or block error,
+    keeping the sizes whose mean is positive (a log needs it)."""
+    ns = sorted(cells)
+    losses = [np.array([r.loss if block == "total" else r.blocks[block] for r in cells[n]],
+                       dtype=float) for n in ns]
+    keep = [i for i, v in enumerate(losses) if np.mean(v) > 0]
+    return [ns[i] for i in keep], [losses[i] for i in keep]
+
+
 def rate_table(study: Study, rows: Sequence[FitRow], n_boot: int = 1000) -> list[dict]:
     """One entry per setting and block ('total' for the whole loss) with slope, interval,
     theory and verdict, and the slope of log(median loss) with its interval
     (``median_slope``, ``median_ci_low``, ``median_ci_high``). Fits that ``left_out``
     rejects are left out of every block's slope of their setting, and counted in
     ``excluded``; sizes with a non-positive mean loss are left out too."""
-    by_setting: dict[str, dict[int, list[FitRow]]] = defaultdict(lambda: defaultdict(list))
-    excluded: dict[str, int] = defaultdict(int)
-    for row in rows:
-        if left_out(row):
-            excluded[row.setting] += 1
-        else:
-            by_setting[row.setting][row.n].append(row)
+    grouped, excluded = by_setting(rows)
     table = []
     for setting in study.settings:
-        cells = by_setting.get(setting.name, {})
+        cells = grouped.get(setting.name, {})
         ns = sorted(cells)
         if len(ns) < 2:
             continue
         # Blocks every row has (a store resumed across versions may mix block sets).
         common = set.intersection(*(set(r.blocks) for n in ns for r in cells[n]))
         for block in ["total"] + sorted(common):
-            losses = [np.array([r.loss if block == "total" else r.blocks[block] for r in cells[n]],
-                               dtype=float) for n in ns]
-            keep = [i for i, v in enumerate(losses) if np.mean(v) > 0]
-            if len(keep) < 2:
+            kept_ns, kept = series(cells, block)
+            if len(kept_ns) < 2:
                 continue
-            kept_ns, kept = [ns[i] for i in keep], [losses[i] for i in keep]
             r = rate(kept_ns, kept, n_boot=n_boot)
             med = rate(kept_ns, kept, n_boot=n_boot, statistic="median")
             theory = setting.theory if block == "total" else setting.theory_blocks.get(block)
@@ -144,6 +170,6 @@ def rate_table(study: Study, rows: Sequence[FitRow], n_boot: int = 1000) -> list
                           "ci_low": r.ci_low, "ci_high": r.ci_high, "theory": theory,
                           "verdict": verdict(theory, r, min(len(v) for v in kept)),
                           "median_slope": med.slope, "median_ci_low": med.ci_low,
-                          "median_ci_high": med.ci_high, "sizes": len(keep),
+                          "median_ci_high": med.ci_high, "sizes": len(kept_ns),
                           "excluded": excluded[setting.name], "replicates": replicates})
     return table

@@ -99,9 +99,29 @@ def _table_html(table: list[dict]) -> str:
     return f"<table>{head}{''.join(rows)}</table>"
 
 
+def _claims_html(claims: Sequence[dict]) -> str:
+    """The claims table: whether each holds (plainly NO where it does not), its numbers
+    and the rule that decided it."""
+    if not claims:
+        return "<p>This study states no claims.</p>"
+    head = "<tr><th>holds</th><th>claim</th><th>arXiv</th><th>measured</th><th>rule</th></tr>"
+    rows = []
+    for c in claims:
+        word = {True: "yes", False: "NO", None: "undecided"}[c["holds"]]
+        nums = c["numbers"]
+        measured = (f"{nums['x']:+.3f} [{nums['ci_low']:+.3f}, {nums['ci_high']:+.3f}], "
+                    f"{nums['replicates']} replicates x {nums['sizes']} sizes"
+                    if "x" in nums else nums.get("note", ""))
+        rows.append(f"<tr><td class='holds-{word}'>{word}</td><td>{html.escape(c['claim'])}</td>"
+                    f"<td>{html.escape(c['arxiv'])}</td><td>{measured}</td>"
+                    f"<td>{html.escape(c['rule'])}</td></tr>")
+    return f"<table>{head}{''.join(rows)}</table>"
+
+
 def write_report(study: Study, rows: Sequence[FitRow], table: list[dict], out: Path,
-                 stats=None) -> Path:
-    """Write the plots and ``report.html`` (plots inlined, so the file stands alone)."""
+                 stats=None, claims: Sequence[dict] = ()) -> Path:
+    """Write the plots and ``report.html`` (plots inlined, so the file stands alone): the
+    claims table first, then rates, run statistics, plots and the specification."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     images = []
@@ -119,9 +139,14 @@ def write_report(study: Study, rows: Sequence[FitRow], table: list[dict], out: P
                "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}"
                "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 8px}"
                ".faster{color:#06c}.slower{color:#c60}.within-CI{color:#080}"
+               ".holds-yes{color:#080}.holds-NO{color:#c00;font-weight:bold}"
                "pre{background:#f6f6f6;padding:1em;overflow:auto}</style></head><body>")
     body.write(f"<h1>{html.escape(study.name)}</h1><p>{html.escape(study.description)} "
                f"(arXiv {html.escape(study.paper)})</p>")
+    body.write("<h2>Claims</h2><p>Each claim is decided by its rule, written in the study's "
+               "spec before the runs; the 95% intervals are bootstrap intervals over "
+               "replicates.</p>")
+    body.write(_claims_html(claims))
     body.write(f"<pre>{html.escape(study.notes.strip())}</pre>" if study.notes else "")
     body.write("<h2>Rates</h2><p>Slope of log(mean loss over replicates) against log(n), "
                "95% bootstrap interval over replicates; the verdict compares it with the "

@@ -30,7 +30,7 @@ from ..models import (
 )
 from ..params import Params, pick
 
-__all__ = ["SpecError", "TruthSpec", "Setting", "Study", "load_study", "schema"]
+__all__ = ["SpecError", "TruthSpec", "Setting", "ClaimSpec", "CLAIM_RULES", "Study", "load_study", "schema"]
 
 
 class SpecError(ValueError):
@@ -235,6 +235,46 @@ class Setting:
               "a table of parameter blocks", self.truth_params)
 
 
+#: How a claim's number decides it (``ClaimSpec.rule``): x is the slope (or the
+#: difference of two settings' slopes), [lo, hi] its 95% bootstrap interval.
+CLAIM_RULES = {
+    "ci_covers": "the 95% CI contains value",
+    "within": "|x - value| <= margin",
+    "ci_below": "the whole 95% CI lies below value",
+    "ci_above": "the whole 95% CI lies above value",
+}
+
+
+@dataclass(frozen=True)
+class ClaimSpec:
+    """One claim of the paper, as a rule over a measured slope: the slope of the
+    setting's loss (or one block's error) against n, or with ``minus`` the difference
+    slope(setting) - slope(minus), decided by ``rule`` (``CLAIM_RULES``). Written before
+    the runs it judges, and not changed after seeing them."""
+
+    text: str = _key("the claim in words")
+    setting: str = _key("the setting whose slope is measured")
+    rule: str = _key(f"how the number decides the claim: one of {', '.join(CLAIM_RULES)}")
+    value: float = _key("the number the rule compares with (e.g. the theory slope)", 0.0)
+    margin: float | None = _key("the margin of rule 'within'", None)
+    block: str = _key("'total' (the loss) or a block of the setting's rows", "total")
+    statistic: str = _key("the slope of log(mean) or log(median) loss over replicates", "mean")
+    minus: str | None = _key("another setting: measure slope(setting) - slope(minus)", None)
+    arxiv: str = _key("arXiv id of the paper that makes the claim (default: the study's)", "")
+    _path: str = "claims"
+
+    def __post_init__(self) -> None:
+        p = self._path
+        _need(isinstance(self.text, str) and bool(self.text), f"{p}.text", "a non-empty string",
+              self.text)
+        _need(self.rule in CLAIM_RULES, f"{p}.rule", f"one of {sorted(CLAIM_RULES)}", self.rule)
+        _need(isinstance(self.value, (int, float)), f"{p}.value", "a number", self.value)
+        _need(self.rule != "within" or isinstance(self.margin, (int, float)), f"{p}.margin",
+              "a number for rule 'within'", self.margin)
+        _need(self.statistic in ("mean", "median"), f"{p}.statistic", "'mean' or 'median'",
+              self.statistic)
+
+
 @dataclass(frozen=True)
 class Study:
     """A convergence-rate study: every (setting, n, replicate) is one fit."""
@@ -255,6 +295,8 @@ class Study:
                                         "segments (top-K, one covariate)",
                                         factory=lambda: {"tol": 1e-6, "max_iter": 2000,
                                                          "accelerate": True})
+    claims: tuple[ClaimSpec, ...] = _key("the paper's claims, each a rule over a measured "
+                                         "slope: [[claims]] tables", ())
 
     def __post_init__(self) -> None:
         _need(isinstance(self.name, str) and bool(self.name), "name", "a non-empty string",
@@ -281,6 +323,11 @@ class Study:
               "'em' or 'segments' for a density truth (least squares fits regressions)", method)
         self._check_truth_blocks_used()
         self._check_theory_blocks()
+        for c in self.claims:
+            for key in ("setting", "minus"):
+                name = getattr(c, key)
+                _need(name is None and key == "minus" or name in names, f"{c._path}.{key}",
+                      f"a setting of this study ({', '.join(names)})", name)
         self._check_estimator_fits_models(method)
 
     def _check_estimator_fits_models(self, method: str) -> None:
@@ -372,6 +419,10 @@ class Study:
             raise SpecError("settings: must be a list of tables ([[settings]] in TOML).")
         data["settings"] = tuple(_from_dict(Setting, s, f"settings[{i}]")
                                  for i, s in enumerate(data["settings"]))
+        if not isinstance(data.get("claims", []), list):
+            raise SpecError("claims: must be a list of tables ([[claims]] in TOML).")
+        data["claims"] = tuple(_from_dict(ClaimSpec, c, f"claims[{i}]")
+                               for i, c in enumerate(data.get("claims", [])))
         for key in ("sizes", "quick_sizes"):
             if key in data:
                 data[key] = tuple(_sizes(data[key], key))
@@ -426,14 +477,16 @@ _TOML_TYPES = {"int": "integer", "str": "string", "float | None": "number (optio
                "str | None": "string (optional)", "Mapping[str, Any]": "table",
                "Mapping[str, float]": "table of numbers", "tuple[str, ...]": "array of strings",
                "tuple[int, ...]": "array of integers", "TruthSpec": "table",
-               "tuple[Setting, ...]": "array of tables"}
+               "tuple[Setting, ...]": "array of tables", "tuple[ClaimSpec, ...]": "array of tables",
+               "float": "number"}
 
 
 def schema() -> str:
     """Every key of a study file with its TOML type, default and meaning, as a Markdown
     table generated from the spec dataclasses (so it cannot drift from what is read)."""
     lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
-    for prefix, cls in (("", Study), ("truth.", TruthSpec), ("settings[].", Setting)):
+    for prefix, cls in (("", Study), ("truth.", TruthSpec), ("settings[].", Setting),
+                        ("claims[].", ClaimSpec)):
         for f in dataclasses.fields(cls):
             if f.name.startswith("_"):
                 continue

@@ -1,0 +1,100 @@
+"""Claims: each paper's statement as a rule over the numbers a study measured, and
+whether it holds. The rules are data in the study's spec (``[[claims]]``, see
+``spec.ClaimSpec``), written before the runs they judge; ``evaluate_claims`` only
+measures and applies them, so a claim that does not hold is reported as such.
+
+An entry: the claim in words and its arXiv id, the rule in words, the numbers (the
+slope or the difference of two settings' slopes, its 95% bootstrap interval, the
+replicates and sizes it rests on), and ``holds``: True, False, or None where the runs
+cannot decide (fewer than two sizes, or fewer than ``MIN_VERDICT_REPLICATES``
+replicates per size).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from .rates import MIN_VERDICT_REPLICATES, Rate, by_setting, interval, rate_draws, series
+from .spec import CLAIM_RULES, ClaimSpec, Study
+from .store import FitRow
+
+__all__ = ["evaluate_claims", "decide", "describe", "claims_text"]
+
+
+def decide(rule: str, r: Rate, value: float, margin: float | None = None) -> bool:
+    """Whether a measured slope (or difference) ``r`` satisfies ``rule`` (``CLAIM_RULES``)."""
+    if rule == "ci_covers":
+        return r.ci_low <= value <= r.ci_high
+    if rule == "within":
+        assert margin is not None, "rule 'within' needs a margin"
+        return abs(r.slope - value) <= margin
+    if rule == "ci_below":
+        return r.ci_high < value
+    if rule == "ci_above":
+        return r.ci_low > value
+    raise ValueError(f"Unknown claim rule {rule!r}; valid: {', '.join(CLAIM_RULES)}.")
+
+
+def describe(c: ClaimSpec) -> str:
+    """The rule in words, e.g. "slope of mean total loss (exact k=2): |x - -0.5| <= 0.1"."""
+    what = f"{c.statistic} {'loss' if c.block == 'total' else c.block + ' error'}"
+    x = f"slope({c.setting}) - slope({c.minus})" if c.minus else f"slope({c.setting})"
+    rule = (CLAIM_RULES[c.rule].replace("value", f"{c.value:g}")
+            .replace("margin", f"{c.margin:g}" if c.margin is not None else "margin"))
+    return f"x = {x}, log({what}) on log(n): {rule}"
+
+
+def _draws(rows_by_n, block: str, statistic: str, n_boot: int, seed: int):
+    """(slope, draws, replicates, sizes) of one setting's block, or None if undecidable."""
+    if not rows_by_n:
+        return None
+    ns, losses = series(rows_by_n, block) if _has_block(rows_by_n, block) else ([], [])
+    replicates = min((len(v) for v in losses), default=0)
+    if len(ns) < 2 or replicates < MIN_VERDICT_REPLICATES:
+        return None
+    point, draws = rate_draws(ns, losses, n_boot, seed, statistic)
+    return point, draws, replicates, len(ns)
+
+
+def _has_block(rows_by_n, block: str) -> bool:
+    return block == "total" or all(block in r.blocks for rs in rows_by_n.values() for r in rs)
+
+
+def evaluate_claims(study: Study, rows: Sequence[FitRow], n_boot: int = 1000) -> list[dict[str, Any]]:
+    """Every claim of ``study`` decided on ``rows`` (see the module docstring)."""
+    grouped, _ = by_setting(rows)
+    out = []
+    for i, c in enumerate(study.claims):
+        first = _draws(grouped.get(c.setting), c.block, c.statistic, n_boot, seed=2 * i)
+        second = (_draws(grouped.get(c.minus), c.block, c.statistic, n_boot, seed=2 * i + 1)
+                  if c.minus else None)
+        entry: dict[str, Any] = {"claim": c.text, "arxiv": c.arxiv or study.paper,
+                                 "rule": describe(c), "holds": None, "numbers": {}}
+        if first is None or (c.minus and second is None):
+            entry["numbers"] = {"note": "too few sizes or replicates to decide"}
+            out.append(entry)
+            continue
+        point, draws = first[0], first[1]
+        if second is not None:
+            point, draws = point - second[0], draws - second[1]
+        r = interval(point, draws)
+        entry["numbers"] = {"x": r.slope, "ci_low": r.ci_low, "ci_high": r.ci_high,
+                            "replicates": min(first[2], second[2] if second else first[2]),
+                            "sizes": first[3]}
+        entry["holds"] = decide(c.rule, r, c.value, c.margin)
+        out.append(entry)
+    return out
+
+
+def claims_text(claims: Sequence[dict[str, Any]]) -> str:
+    """A plain-text claims table: holds (yes / NO / undecided), the number, the claim."""
+    lines = []
+    for c in claims:
+        holds = {True: "yes", False: "NO", None: "undecided"}[c["holds"]]
+        nums = c["numbers"]
+        number = (f"{nums['x']:+.3f} [{nums['ci_low']:+.3f}, {nums['ci_high']:+.3f}]"
+                  if "x" in nums else nums.get("note", ""))
+        lines.append(f"{holds:9s}  {number:28s}  {c['claim']} ({c['rule']})")
+    return "\n".join(lines)
+

@@ -1,0 +1,146 @@
+"""Claims: rules in the spec, decided on measured slopes; hand-made result tables where
+each rule holds and where it fails."""
+
+import json
+
+import numpy as np
+import pytest
+
+from gatelab import cli
+from gatelab.studies import Store, Study, catalogue
+from gatelab.studies.claims import decide, evaluate_claims
+from gatelab.studies.rates import Rate
+from gatelab.studies.spec import SpecError
+from gatelab.studies.store import FitRow
+
+SIZES = [100, 400, 1600, 6400]
+
+
+def _rows(setting, exponent, replicates=20, seed=0, noise=0.2):
+    """Losses C n^exponent times log-normal noise: the slope is exponent, up to noise."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for n in SIZES:
+        for r in range(replicates):
+            loss = 3.0 * n ** exponent * float(np.exp(noise * rng.standard_normal()))
+            rows.append(FitRow("s", setting, n, r, 0, loss, 0.0, {"a": 2 * loss}, 0.0, 10,
+                               True, False, 0.0, "test", status="converged"))
+    return rows
+
+
+def _study(claims):
+    spec = catalogue.get("softmax-gaussian").to_dict()
+    spec["settings"] = [dict(spec["settings"][0], name="fast"), dict(spec["settings"][1], name="slow")]
+    return Study.from_dict({**spec, "claims": claims})
+
+
+def test_each_rule_holds_and_fails_by_hand():
+    r = Rate(-0.48, -0.55, -0.41)
+    assert decide("ci_covers", r, -0.5) and not decide("ci_covers", r, -0.25)
+    assert decide("within", r, -0.5, 0.1) and not decide("within", r, -0.5, 0.01)
+    assert decide("ci_below", r, -0.4) and not decide("ci_below", r, -0.45)
+    assert decide("ci_above", r, -0.6) and not decide("ci_above", r, -0.5)
+
+
+def test_claims_are_decided_on_the_rows():
+    study = _study([
+        {"text": "fast is root-n", "setting": "fast", "rule": "ci_covers", "value": -0.5},
+        {"text": "fast is n^-1/4", "setting": "fast", "rule": "within", "value": -0.25,
+         "margin": 0.05},
+        {"text": "fast beats slow", "setting": "fast", "minus": "slow", "rule": "ci_below"},
+        {"text": "slow beats fast", "setting": "fast", "minus": "slow", "rule": "ci_above"},
+        {"text": "block a of slow", "setting": "slow", "block": "a", "rule": "within",
+         "value": -0.25, "margin": 0.05, "statistic": "median"},
+    ])
+    claims = evaluate_claims(study, _rows("fast", -0.5) + _rows("slow", -0.25, seed=1))
+    assert [c["holds"] for c in claims] == [True, False, True, False, True]
+    assert claims[0]["numbers"]["x"] == pytest.approx(-0.5, abs=0.03)
+    assert claims[2]["numbers"]["x"] == pytest.approx(-0.25, abs=0.04)
+    assert claims[2]["numbers"]["ci_high"] < 0 and claims[0]["arxiv"] == "2305.03288"
+    assert "slope(fast) - slope(slow)" in claims[2]["rule"]
+
+
+def test_too_few_replicates_or_sizes_leave_a_claim_undecided():
+    study = _study([{"text": "x", "setting": "fast", "rule": "ci_covers", "value": -0.5},
+                    {"text": "y", "setting": "slow", "rule": "ci_covers", "value": -0.5}])
+    claims = evaluate_claims(study, _rows("fast", -0.5, replicates=2))
+    assert [c["holds"] for c in claims] == [None, None]
+    assert "too few" in claims[0]["numbers"]["note"]
+
+
+def test_bad_claims_name_their_key():
+    with pytest.raises(SpecError, match=r"claims\[0\]\.setting: must be a setting of this study"):
+        _study([{"text": "x", "setting": "nope", "rule": "ci_covers"}])
+    with pytest.raises(SpecError, match=r"claims\[0\]\.margin: must be a number for rule 'within'"):
+        _study([{"text": "x", "setting": "fast", "rule": "within"}])
+    with pytest.raises(SpecError, match=r"claims\[0\]\.rule: must be one of"):
+        _study([{"text": "x", "setting": "fast", "rule": "probably"}])
+    with pytest.raises(SpecError, match=r"claims\[0\]: missing key\(s\) \['rule'\]"):
+        _study([{"text": "x", "setting": "fast"}])
+
+
+def test_every_catalogue_claim_names_real_settings_and_blocks():
+    for name in catalogue.names():
+        study = catalogue.get(name)
+        settings = {s.name: s for s in study.settings}
+        for c in study.claims:
+            assert c.setting in settings and (c.minus is None or c.minus in settings)
+            if c.block != "total":
+                model = study.fitted_model(settings[c.setting])
+                assert c.block in model.param_shapes() or c.block == "mass", (name, c.block)
+
+
+SMALL = """
+name = "small"
+paper = "2305.03288"
+seed = 3
+replicates = 3
+quick_replicates = 3
+sizes = [300, 1200]
+
+[truth]
+n_experts = 2
+dim = 1
+covariates = { kind = "uniform", low = 0.0, high = 1.0 }
+
+[truth.params]
+beta1 = [[25.0], [0.0]]
+beta0 = [-8.0, 0.0]
+a = [[-20.0], [20.0]]
+b = [15.0, -5.0]
+var = [0.09, 0.16]
+
+[[settings]]
+name = "exact"
+fitted_k = 2
+loss = "D1"
+theory = -0.5
+
+[[claims]]
+text = "root-n"
+setting = "exact"
+rule = "ci_covers"
+value = -0.5
+
+[[claims]]
+text = "impossibly fast"
+setting = "exact"
+rule = "ci_below"
+value = -5.0
+"""
+
+
+def test_reproduce_json_and_report_end_with_the_claims(tmp_path, capsys):
+    path, db = tmp_path / "small.toml", tmp_path / "s.sqlite"
+    path.write_text(SMALL)
+    assert cli.main(["reproduce", str(path), "--db", str(db), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    with Store(db) as store:
+        want = evaluate_claims(Study.from_dict(store.study_spec("small")), store.rows("small"))
+    assert result["claims"] == json.loads(json.dumps(want))
+    assert [c["holds"] for c in want][1] is False          # it says so when a claim fails
+    html = (tmp_path / "small" / "report.html").read_text()
+    assert html.index("Claims") < html.index("Rates") and "impossibly fast" in html
+    assert "holds-NO" in html
+    assert cli.main(["report", str(db)]) == 0
+    assert "NO " in capsys.readouterr().out
