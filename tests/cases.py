@@ -102,7 +102,12 @@ def run_small_study(name: str, db, **changes):
     """A catalogue study with some keys replaced (e.g. a smaller quick grid), run quick
     into the store at ``db``: (the study, its rows)."""
     from gatelab.studies import Store, Study, catalogue, reproduce
-    small = Study.from_dict({**catalogue.get(name).to_dict(), **changes})
+    spec = {**catalogue.get(name).to_dict(), **changes}
+    if "settings" in changes and "claims" not in changes:  # the claims on the kept settings
+        kept = {s["name"] for s in changes["settings"]}
+        spec["claims"] = [c for c in spec.get("claims", [])
+                          if c["setting"] in kept and c.get("minus") in kept | {None}]
+    small = Study.from_dict(spec)
     with Store(db) as store:
         reproduce(small, store, quick=True, progress=False)
         return small, store.rows(small.name)

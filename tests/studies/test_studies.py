@@ -27,6 +27,7 @@ from gatelab.studies import (
     seed_for,
     verdict,
 )
+from gatelab.studies.claims import evaluate_claims
 from gatelab.studies.rates import Rate
 from gatelab.studies.runner import StaleResults, Unit, run_unit, setting_hash
 
@@ -610,3 +611,5 @@ def test_the_quick_softmax_study_recovers_the_parametric_rate(tmp_path):
     total = next(r for r in rate_table(study, rows, n_boot=200) if r["block"] == "total")
     assert abs(total["slope"] + 0.5) < 0.1
     assert total["ci_low"] < -0.5 < total["ci_high"] and total["verdict"] == "within CI"
+    (claim,) = evaluate_claims(study, rows)   # the paper's claim for this setting holds
+    assert claim["holds"] is True and claim["numbers"]["x"] == pytest.approx(total["slope"])
