@@ -98,6 +98,43 @@ def model_and_params(case: str, seed: int = 0, batch_shape=()):
     return model, model.random_params(torch.Generator().manual_seed(seed), batch_shape)
 
 
+#: A small softmax study (two settings, tiny grid) for tests of studies and claims.
+TINY = """
+name = "tiny"
+paper = "2305.03288"
+description = "a small softmax study for tests"
+seed = 7
+replicates = 3
+quick_replicates = 2
+sizes = [300, 600, 1200]
+quick_sizes = [300, 600]
+
+[truth]
+n_experts = 2
+dim = 1
+covariates = { kind = "uniform", low = 0.0, high = 1.0 }
+
+[truth.params]
+beta1 = [[25.0], [0.0]]
+beta0 = [-8.0, 0.0]
+a = [[-20.0], [20.0]]
+b = [15.0, -5.0]
+var = [0.09, 0.16]
+
+[[settings]]
+name = "exact"
+fitted_k = 2
+loss = "D1"
+theory = -0.5
+
+[[settings]]
+name = "over"
+fitted_k = 3
+loss = "D2-softmax"
+n_starts = 2
+"""
+
+
 def run_small_study(name: str, db, **changes):
     """A catalogue study with some keys replaced (e.g. a smaller quick grid), run quick
     into the store at ``db``: (the study, its rows)."""

@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 
+from cases import TINY
 from gatelab import cli
 from gatelab.studies import Store, Study, catalogue
 from gatelab.studies.claims import decide, evaluate_claims
@@ -90,27 +91,10 @@ def test_every_catalogue_claim_names_real_settings_and_blocks():
                 assert c.block in model.param_shapes() or c.block == "mass", (name, c.block)
 
 
-SMALL = """
-name = "small"
-paper = "2305.03288"
-seed = 3
-replicates = 3
-quick_replicates = 3
-sizes = [300, 1200]
-
-[truth]
-n_experts = 2
-dim = 1
-covariates = { kind = "uniform", low = 0.0, high = 1.0 }
-
-[truth.params]
-beta1 = [[25.0], [0.0]]
-beta0 = [-8.0, 0.0]
-a = [[-20.0], [20.0]]
-b = [15.0, -5.0]
-var = [0.09, 0.16]
-
-[[settings]]
+# TINY with 3 replicates (enough to decide), one setting, and a claim that fails.
+SMALL = (TINY.replace('name = "tiny"', 'name = "small"')
+         .replace("quick_replicates = 2", "quick_replicates = 3")
+         .split("[[settings]]")[0] + """[[settings]]
 name = "exact"
 fitted_k = 2
 loss = "D1"
@@ -127,7 +111,7 @@ text = "impossibly fast"
 setting = "exact"
 rule = "ci_below"
 value = -5.0
-"""
+""")
 
 
 def test_reproduce_json_and_report_end_with_the_claims(tmp_path, capsys):

@@ -13,7 +13,11 @@ import pytest
 import torch
 
 import gatelab.cli as cli
-from cases import assert_rows_score_their_estimates, run_small_study
+from cases import (
+    TINY,
+    assert_rows_score_their_estimates,
+    run_small_study,
+)
 from gatelab.studies import (
     SpecError,
     Store,
@@ -30,41 +34,6 @@ from gatelab.studies import (
 from gatelab.studies.claims import evaluate_claims
 from gatelab.studies.rates import Rate
 from gatelab.studies.runner import StaleResults, Unit, run_unit, setting_hash
-
-TINY = """
-name = "tiny"
-paper = "2305.03288"
-description = "a small softmax study for tests"
-seed = 7
-replicates = 3
-quick_replicates = 2
-sizes = [300, 600, 1200]
-quick_sizes = [300, 600]
-
-[truth]
-n_experts = 2
-dim = 1
-covariates = { kind = "uniform", low = 0.0, high = 1.0 }
-
-[truth.params]
-beta1 = [[25.0], [0.0]]
-beta0 = [-8.0, 0.0]
-a = [[-20.0], [20.0]]
-b = [15.0, -5.0]
-var = [0.09, 0.16]
-
-[[settings]]
-name = "exact"
-fitted_k = 2
-loss = "D1"
-theory = -0.5
-
-[[settings]]
-name = "over"
-fitted_k = 3
-loss = "D2-softmax"
-n_starts = 2
-"""
 
 
 @pytest.fixture
