@@ -6,13 +6,14 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.gatelab-installed
+WORDNET := /usr/share/wordnet/data.noun
 
 .PHONY: demo test lint install clean
 
 demo: $(STAMP)
 	$(VENV)/bin/gatelab reproduce softmax-gaussian --quick
 
-test: $(STAMP)
+test: $(STAMP) $(WORDNET)
 	$(PY) -m pytest -q
 
 # Lint rules and type checks are configured in pyproject.toml ([tool.ruff], [tool.mypy]);
@@ -22,6 +23,15 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy
 
 install: $(STAMP)
+
+# Real data for the tests (Debian's wordnet-base: WordNet 3.0 noun glosses). Installed with
+# apt-get where this runs as root; elsewhere the real-data test says it is skipped and why.
+$(WORDNET):
+	@if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  timeout 300 apt-get install -y -qq wordnet-base >/dev/null 2>&1 || \
+	  { timeout 300 apt-get update -qq >/dev/null 2>&1; timeout 300 apt-get install -y -qq wordnet-base >/dev/null; } || true; \
+	else echo "wordnet-base not installed (needs root and apt-get): the real-WordNet test is skipped"; fi
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
