@@ -19,7 +19,12 @@ from .rates import MIN_VERDICT_REPLICATES, Rate, by_setting, interval, rate_draw
 from .spec import CLAIM_RULES, ClaimSpec, Study
 from .store import FitRow
 
-__all__ = ["evaluate_claims", "decide", "describe", "claims_text"]
+__all__ = ["evaluate_claims", "decide", "describe", "claims_text", "holds_word"]
+
+
+def holds_word(holds: bool | None) -> str:
+    """How reports say it: "yes", "NO" (plainly, where a claim does not hold), "undecided"."""
+    return {True: "yes", False: "NO", None: "undecided"}[holds]
 
 
 def decide(rule: str, r: Rate, value: float, margin: float | None = None) -> bool:
@@ -91,7 +96,7 @@ def claims_text(claims: Sequence[dict[str, Any]]) -> str:
     """A plain-text claims table: holds (yes / NO / undecided), the number, the claim."""
     lines = []
     for c in claims:
-        holds = {True: "yes", False: "NO", None: "undecided"}[c["holds"]]
+        holds = holds_word(c["holds"])
         nums = c["numbers"]
         number = (f"{nums['x']:+.3f} [{nums['ci_low']:+.3f}, {nums['ci_high']:+.3f}]"
                   if "x" in nums else nums.get("note", ""))

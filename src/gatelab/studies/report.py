@@ -12,6 +12,7 @@ from typing import Sequence
 
 import numpy as np
 
+from .claims import holds_word
 from .rates import MIN_VERDICT_REPLICATES, fit_summary, left_out, slope
 from .spec import Study
 from .store import FitRow
@@ -107,7 +108,7 @@ def _claims_html(claims: Sequence[dict]) -> str:
     head = "<tr><th>holds</th><th>claim</th><th>arXiv</th><th>measured</th><th>rule</th></tr>"
     rows = []
     for c in claims:
-        word = {True: "yes", False: "NO", None: "undecided"}[c["holds"]]
+        word = holds_word(c["holds"])
         nums = c["numbers"]
         measured = (f"{nums['x']:+.3f} [{nums['ci_low']:+.3f}, {nums['ci_high']:+.3f}], "
                     f"{nums['replicates']} replicates x {nums['sizes']} sizes"
