@@ -174,10 +174,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     goes to stderr (also with --json, whose object is the only thing on stdout)."""
     import json
 
-    from .studies import Store, catalogue, rate_table, reproduce
-    from .studies.claims import evaluate_claims
-    from .studies.rates import fit_summary
-    from .studies.report import write_report
+    from .studies import Store, catalogue, reproduce
     study = catalogue.get(args.name)
     db = Path(args.db or f"runs/{study.name}.sqlite")
     new_store = not db.exists()
@@ -188,26 +185,52 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
                               overwrite=args.overwrite)
             sizes, reps = study.grid(args.quick)
             rows = [r for r in store.rows(study.name) if r.n in set(sizes) and r.replicate < reps]
-            table = rate_table(study, rows)
-            claims = evaluate_claims(study, rows)
-            report = write_report(study, rows, table, report_dir(db, study.name, args.out), stats,
-                                  claims)
+            result = _results(study, rows, report_dir(db, study.name, args.out), stats)
     except BaseException:
         if new_store:
             _remove_if_empty(db)
         raise
     if args.json:
         print(json.dumps({"study": study.name, "seconds": stats.seconds, "fits": stats.fits,
-                          "skipped": stats.skipped, "db": str(db), "report": str(report),
-                          "summary": fit_summary(rows), "rates": table, "claims": claims}))
+                          "skipped": stats.skipped, "db": str(db), **result}))
         return 0
-    print(f"{study.name}: {stats.fits} fits run, {stats.skipped} already in {db}, "
+    what = "runs" if _is_experiment(study) else "fits"
+    print(f"{study.name}: {stats.fits} {what} run, {stats.skipped} already in {db}, "
           f"{stats.seconds:.1f} s")
-    print(fit_summary(rows))
-    _print_rates(table)
-    _print_claims(claims)
-    print(f"report: {report}")
+    _print_results(result)
     return 0
+
+
+def _is_experiment(study) -> bool:
+    return getattr(study, "kind", "") == "experiment"
+
+
+def _results(study, rows: list, out: Path, stats) -> dict:
+    """Rates (a study) or per-arm results (an experiment), claims and the HTML report."""
+    from .studies.claims import evaluate_claims
+    claims = evaluate_claims(study, rows)
+    if _is_experiment(study):
+        from .experiments.report import summary_table, write_experiment_report
+        table = summary_table(study, rows)
+        report = write_experiment_report(study, rows, table, out, stats, claims)
+        return {"report": str(report), "results": table, "claims": claims}
+    from .studies import rate_table
+    from .studies.rates import fit_summary
+    from .studies.report import write_report
+    rates = rate_table(study, rows)
+    report = write_report(study, rows, rates, out, stats, claims)
+    return {"report": str(report), "summary": fit_summary(rows), "rates": rates, "claims": claims}
+
+
+def _print_results(result: dict) -> None:
+    if "results" in result:
+        from .experiments.report import summary_text
+        print(summary_text(result["results"]))
+    else:
+        print(result["summary"])
+        _print_rates(result["rates"])
+    _print_claims(result["claims"])
+    print(f"report: {result['report']}")
 
 
 def _write_csv(db: str, path: str) -> int:
@@ -246,10 +269,7 @@ def _remove_if_empty(db: Path) -> None:
 
 def cmd_report(args: argparse.Namespace) -> int:
     """Rates and report of every study in a results store."""
-    from .studies import Store, Study, rate_table
-    from .studies.claims import evaluate_claims
-    from .studies.rates import fit_summary
-    from .studies.report import write_report
+    from .studies import Store, catalogue
     if not Path(args.db).exists():
         raise UsageError(f"{args.db} does not exist; run 'gatelab reproduce NAME --db {args.db}' "
                          f"first.")
@@ -260,16 +280,10 @@ def cmd_report(args: argparse.Namespace) -> int:
         if not names:
             raise UsageError(f"{args.db} holds no study.")
         for name in names:
-            study = Study.from_dict(store.study_spec(name) or {})
+            study = catalogue.from_dict(store.study_spec(name) or {})
             rows = store.rows(name)
-            table = rate_table(study, rows)
-            claims = evaluate_claims(study, rows)
-            report = write_report(study, rows, table, report_dir(args.db, name, args.out), None,
-                                  claims)
-            print(f"{name}: {fit_summary(rows)}")
-            _print_rates(table)
-            _print_claims(claims)
-            print(f"report: {report}")
+            print(f"{name}:")
+            _print_results(_results(study, rows, report_dir(args.db, name, args.out), None))
     return 0
 
 
@@ -423,7 +437,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, TypeError) as err:
+    except (ValueError, TypeError, FileNotFoundError) as err:
         print(f"gatelab {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

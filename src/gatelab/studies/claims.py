@@ -15,11 +15,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+
 from .rates import MIN_VERDICT_REPLICATES, Rate, by_setting, interval, rate_draws, series
 from .spec import CLAIM_RULES, ClaimSpec, Study
 from .store import FitRow
 
-__all__ = ["evaluate_claims", "decide", "describe", "claims_text", "holds_word"]
+__all__ = ["evaluate_claims", "evaluate_paired_claims", "paired_interval", "decide", "decide_paired",
+           "describe", "claims_text", "holds_word", "measured"]
 
 
 def holds_word(holds: bool | None) -> str:
@@ -67,7 +70,10 @@ def _has_block(rows_by_n, block: str) -> bool:
 
 
 def evaluate_claims(study: Study, rows: Sequence[FitRow], n_boot: int = 1000) -> list[dict[str, Any]]:
-    """Every claim of ``study`` decided on ``rows`` (see the module docstring)."""
+    """Every claim of ``study`` decided on ``rows`` (see the module docstring); for a
+    deep-learning experiment, its paired claims (``evaluate_paired_claims``)."""
+    if getattr(study, "kind", "") == "experiment":
+        return evaluate_paired_claims(study, rows)
     grouped, _ = by_setting(rows)
     out = []
     for i, c in enumerate(study.claims):
@@ -90,6 +96,81 @@ def evaluate_claims(study: Study, rows: Sequence[FitRow], n_boot: int = 1000) ->
         entry["holds"] = decide(c.rule, r, c.value, c.margin)
         out.append(entry)
     return out
+
+
+#: Fewer paired seeds than this leave a paired claim undecided.
+MIN_PAIRED_SEEDS = 3
+
+
+def paired_interval(diffs: Sequence[float], level: float = 0.95) -> Rate:
+    """Mean of paired differences with its t interval: mean +- t_{(1+level)/2, k-1} s / sqrt(k)."""
+    from scipy import stats
+    d = np.asarray(diffs, dtype=float)
+    half = stats.t.ppf((1 + level) / 2, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))
+    return Rate(float(d.mean()), float(d.mean() - half), float(d.mean() + half))
+
+
+def decide_paired(rule: str, r: Rate, value: float, margin: float | None = None) -> bool:
+    """Whether a paired mean difference and its interval satisfy ``rule`` (PAIRED_RULES)."""
+    if rule == "at_least":
+        assert margin is not None, "rule 'at_least' needs a margin"
+        return r.slope >= value and r.ci_low > value - margin
+    return decide(rule, r, value, margin)
+
+
+def describe_paired(c: Any, n: int) -> str:
+    from ..experiments.spec import PAIRED_RULES
+    x = f"{c.metric}({c.arm}) - {c.metric}({c.minus}) at n={n}"
+    if c.versus_n is not None:
+        x = f"[{x}] - [the same at n={c.versus_n}]"
+    rule = (PAIRED_RULES[c.rule].replace("value", f"{c.value:g}")
+            .replace("margin", f"{c.margin:g}" if c.margin is not None else "margin"))
+    return f"x = {x}, paired over seeds: {rule}"
+
+
+def _paired_diffs(values: dict, c: Any, n: int) -> list[float]:
+    """Per seed: the claim's difference, for the seeds that have every run it needs."""
+    sizes = [n] if c.versus_n is None else [n, c.versus_n]
+    seeds = set.intersection(*(set(values.get((arm, m), {})) for arm in (c.arm, c.minus) for m in sizes))
+
+    def diff(m: int, r: int) -> float:
+        return values[(c.arm, m)][r] - values[(c.minus, m)][r]
+
+    return [diff(n, r) - (diff(c.versus_n, r) if c.versus_n is not None else 0.0) for r in sorted(seeds)]
+
+
+def evaluate_paired_claims(exp: Any, rows: Sequence[FitRow]) -> list[dict[str, Any]]:
+    """Every claim of an experiment: the paired mean difference over seeds, its 95% t
+    interval and the rule's verdict; undecided with fewer than MIN_PAIRED_SEEDS seeds."""
+    out = []
+    for c in exp.claims:
+        values: dict[tuple[str, int], dict[int, float]] = {}
+        for r in rows:
+            if c.metric in r.blocks:
+                values.setdefault((r.setting, r.n), {})[r.replicate] = r.blocks[c.metric]
+        n = c.n if c.n is not None else max((r.n for r in rows), default=max(exp.sizes))
+        entry: dict[str, Any] = {"claim": c.text, "arxiv": c.arxiv or exp.paper,
+                                 "rule": describe_paired(c, n), "holds": None, "numbers": {}}
+        diffs = _paired_diffs(values, c, n)
+        if len(diffs) < MIN_PAIRED_SEEDS:
+            entry["numbers"] = {"note": f"{len(diffs)} paired seeds; {MIN_PAIRED_SEEDS} needed to decide"}
+        else:
+            mean = paired_interval(diffs)
+            entry["numbers"] = {"x": mean.slope, "ci_low": mean.ci_low, "ci_high": mean.ci_high,
+                                "seeds": len(diffs), "n": n}
+            entry["holds"] = decide_paired(c.rule, mean, c.value, c.margin)
+        out.append(entry)
+    return out
+
+
+def measured(nums: dict[str, Any]) -> str:
+    """The numbers of a claim in words: x [95% CI] and what it rests on."""
+    if "x" not in nums:
+        return nums.get("note", "")
+    base = f"{nums['x']:+.3f} [{nums['ci_low']:+.3f}, {nums['ci_high']:+.3f}]"
+    if "seeds" in nums:
+        return f"{base}, {nums['seeds']} seeds"
+    return f"{base}, {nums['replicates']} replicates x {nums['sizes']} sizes"
 
 
 def claims_text(claims: Sequence[dict[str, Any]]) -> str:

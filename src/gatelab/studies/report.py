@@ -12,7 +12,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .claims import holds_word
+from .claims import holds_word, measured
 from .rates import MIN_VERDICT_REPLICATES, fit_summary, left_out, slope
 from .spec import Study
 from .store import FitRow
@@ -109,12 +109,8 @@ def _claims_html(claims: Sequence[dict]) -> str:
     rows = []
     for c in claims:
         word = holds_word(c["holds"])
-        nums = c["numbers"]
-        measured = (f"{nums['x']:+.3f} [{nums['ci_low']:+.3f}, {nums['ci_high']:+.3f}], "
-                    f"{nums['replicates']} replicates x {nums['sizes']} sizes"
-                    if "x" in nums else nums.get("note", ""))
         rows.append(f"<tr><td class='holds-{word}'>{word}</td><td>{html.escape(c['claim'])}</td>"
-                    f"<td>{html.escape(c['arxiv'])}</td><td>{measured}</td>"
+                    f"<td>{html.escape(c['arxiv'])}</td><td>{measured(c['numbers'])}</td>"
                     f"<td>{html.escape(c['rule'])}</td></tr>")
     return f"<table>{head}{''.join(rows)}</table>"
 

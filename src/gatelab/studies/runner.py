@@ -17,7 +17,7 @@ from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from multiprocessing import get_context
-from typing import Any, NamedTuple, TextIO
+from typing import Any, NamedTuple, Protocol, TextIO
 
 import torch
 
@@ -38,7 +38,20 @@ __all__ = ["seed_for", "setting_hash", "StaleResults", "Unit", "plan", "run_unit
 _MAX_BATCH_ELEMENTS = 20_000_000
 
 
-def seed_for(study: Study, setting: str, n: int, replicate: int) -> int:
+class _Seeded(Protocol):
+    @property
+    def name(self) -> str: ...
+    @property
+    def seed(self) -> int: ...
+
+
+def _experiment(study: Any) -> bool:
+    """Whether ``study`` is a deep-learning experiment (``gatelab.experiments``), whose
+    units, hashes and rows the experiments package makes."""
+    return getattr(study, "kind", "") == "experiment"
+
+
+def seed_for(study: _Seeded, setting: str, n: int, replicate: int) -> int:
     """A 63-bit seed from (study seed, study name, setting, n, replicate) alone."""
     key = f"{study.seed}|{study.name}|{setting}|{n}|{replicate}".encode()
     return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
@@ -67,6 +80,9 @@ def resolved_estimator(study: Study) -> dict:
 def setting_hash(study: Study, setting: Setting) -> str:
     """A hash of everything that makes one setting's rows: the study's seed, name, truth
     and resolved estimator, the setting's fields (defaults included) and ROWS_VERSION."""
+    if _experiment(study):
+        from ..experiments.run import arm_hash
+        return arm_hash(study, setting)  # type: ignore[arg-type]
     spec = study.to_dict()
     inputs = {k: v for k, v in spec.items() if k not in ("settings", *_STUDY_PRESENTATION)}
     inputs["estimator"] = resolved_estimator(study)
@@ -108,6 +124,9 @@ class Unit:
 def plan(study: Study, quick: bool = False, done: set | frozenset = frozenset()) -> list[Unit]:
     """The work units still to run: missing replicates of every (setting, n), in chunks
     small enough to fit in memory, smallest n first."""
+    if _experiment(study):
+        from ..experiments.run import plan_runs
+        return plan_runs(study, quick, done)  # type: ignore[arg-type]
     sizes, replicates = study.grid(quick)
     units = []
     for n in sizes:
@@ -119,7 +138,11 @@ def plan(study: Study, quick: bool = False, done: set | frozenset = frozenset())
 
 
 def run_unit(study: Study, unit: Unit) -> list[FitRow]:
-    """Sample, start, fit and score the replicates of one unit (one batched fit)."""
+    """Sample, start, fit and score the replicates of one unit (one batched fit); for an
+    experiment, train and evaluate one run."""
+    if _experiment(study):
+        from ..experiments.run import run_experiment_unit
+        return run_experiment_unit(study, unit)  # type: ignore[arg-type]
     setting = next(s for s in study.settings if s.name == unit.setting)
     truth_model, truth = study.truth_model(setting), study.truth_params(setting)
     model = study.fitted_model(setting)
@@ -175,8 +198,9 @@ def _fit(study: Study, model, x: torch.Tensor, y: torch.Tensor, init: dict) -> F
 class Progress:
     """Fits done, rate and ETA on one updating line (a line every 5 s when not a TTY)."""
 
-    def __init__(self, total: int, stream: TextIO | None = None, enabled: bool = True) -> None:
-        self.total, self.done, self.start = total, 0, time.perf_counter()
+    def __init__(self, total: int, stream: TextIO | None = None, enabled: bool = True,
+                 what: str = "fits") -> None:
+        self.total, self.done, self.start, self.what = total, 0, time.perf_counter(), what
         self.stream, self.enabled, self.last = stream or sys.stderr, enabled and total > 0, 0.0
         self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
 
@@ -189,8 +213,8 @@ class Progress:
         rate = self.done / max(now - self.start, 1e-9)
         eta = (self.total - self.done) / rate if rate > 0 else float("inf")
         bar = "#" * int(30 * self.done / self.total)
-        line = (f"[{bar:<30}] {self.done}/{self.total} fits  {rate:.1f} fits/s  "
-                f"ETA {eta:,.0f} s")
+        pace = f"{rate:.1f} {self.what}/s" if rate >= 1 else f"{1 / max(rate, 1e-9):.1f} s each"
+        line = f"[{bar:<30}] {self.done}/{self.total} {self.what}  {pace}  ETA {eta:,.0f} s"
         self.stream.write(("\r" + line) if self.tty else (line + "\n"))
         self.stream.flush()
 
@@ -245,7 +269,10 @@ def reproduce(study: Study, store: Store, quick: bool = False, workers: int = 1,
     units = plan(study, quick, done)
     todo = sum(len(u.replicates) for u in units)
     skipped = len(study.settings) * len(sizes) * replicates - todo
-    bar = Progress(todo, enabled=progress)
+    if units and _experiment(study):
+        from ..experiments.run import prepare
+        prepare(study)  # type: ignore[arg-type]
+    bar = Progress(todo, enabled=progress, what="runs" if _experiment(study) else "fits")
     start = time.perf_counter()
 
     def commit(rows: list[FitRow]) -> None:

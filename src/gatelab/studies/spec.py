@@ -430,16 +430,19 @@ class Study:
 
     def to_dict(self) -> dict:
         """A plain-data form (for the results store and reports)."""
-        def clean(obj):
-            if dataclasses.is_dataclass(obj):
-                return {f.name: clean(getattr(obj, f.name)) for f in dataclasses.fields(obj)
-                        if not f.name.startswith("_")}
-            if isinstance(obj, (list, tuple)):
-                return [clean(v) for v in obj]
-            if isinstance(obj, Mapping):
-                return {k: clean(v) for k, v in obj.items()}
-            return obj
-        return clean(self)
+        return plain_data(self)
+
+
+def plain_data(obj: Any) -> Any:
+    """A spec dataclass as nested dicts and lists (private ``_`` fields left out)."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: plain_data(getattr(obj, f.name)) for f in dataclasses.fields(obj)
+                if not f.name.startswith("_")}
+    if isinstance(obj, (list, tuple)):
+        return [plain_data(v) for v in obj]
+    if isinstance(obj, Mapping):
+        return {k: plain_data(v) for k, v in obj.items()}
+    return obj
 
 
 def _sizes(value: Any, key: str) -> list[int]:
@@ -459,6 +462,11 @@ def _sizes(value: Any, key: str) -> list[int]:
 
 def load_study(path: str | Path) -> Study:
     """Load a study from a TOML file."""
+    return Study.from_dict(read_toml(path))
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """A TOML spec file as a dict; unreadable or invalid files raise SpecError."""
     try:
         import tomllib
     except ModuleNotFoundError:  # Python 3.10
@@ -469,7 +477,7 @@ def load_study(path: str | Path) -> Study:
         raise SpecError(f"cannot read study file {path}: {err.strerror}.") from None
     except tomllib.TOMLDecodeError as err:
         raise SpecError(f"{path} is not valid TOML: {err}.") from None
-    return Study.from_dict(data)
+    return data
 
 
 # TOML words for the annotation strings of the spec fields.

@@ -1,25 +1,37 @@
-"""Built-in studies: one TOML file each, reproducing a paper's simulation."""
+"""Built-in studies and experiments: one TOML file each, reproducing a paper's simulation
+or experiment. A file with ``kind = "experiment"`` is a deep-learning experiment
+(``gatelab.experiments``); any other, a convergence-rate study."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
-from ..spec import Study, load_study
+from ..spec import Study, read_toml
 
 HERE = Path(__file__).resolve().parent
 
 
 def names() -> list[str]:
-    """The built-in study names."""
+    """The built-in study and experiment names."""
     return sorted(p.stem for p in HERE.glob("*.toml"))
 
 
-def get(name: str) -> Study:
-    """A built-in study by name, or a study file by path."""
+def from_dict(data: Mapping[str, Any]) -> Any:
+    """A study or, for ``kind = "experiment"``, an experiment from its spec data."""
+    if data.get("kind") == "experiment":
+        from ...experiments.spec import Experiment
+        return Experiment.from_dict(data)
+    return Study.from_dict(data)
+
+
+def get(name: str) -> Any:
+    """A built-in study or experiment by name, or a spec file by path."""
     path = HERE / f"{name}.toml"
     if path.exists():
-        return load_study(path)
+        return from_dict(read_toml(path))
     if Path(name).suffix == ".toml" and Path(name).exists():
-        return load_study(name)
-    raise ValueError(f"Unknown study {name!r}. Built-in studies: {', '.join(names())}; or pass "
-                     f"the path of a .toml study file.")
+        return from_dict(read_toml(name))
+    raise ValueError(f"Unknown study {name!r}. Built-in studies and experiments: {', '.join(names())}; "
+                     f"or pass the path of a .toml study file.")
