@@ -7,13 +7,12 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from ..studies.claims import paired_interval
-from ..studies.report import _claims_html, _slug
+from ..studies.report import _claims_html, _slug, finish_report
 from ..studies.store import FitRow
 from .spec import Experiment
 
@@ -116,10 +115,4 @@ def write_experiment_report(exp: Experiment, rows: Sequence[FitRow], table: Sequ
     body.write(_table_html(table))
     body.write(f"<h2>Run</h2><ul><li>{len(rows)} runs, {sum(r.seconds for r in rows):.0f} s of "
                f"training and evaluation in all</li>{run}</ul><h2>Plots</h2>")
-    for name, data in images:
-        body.write(f"<h3>{html.escape(name)}</h3><img src='data:image/png;base64,{data}'>")
-    body.write(f"<h2>Specification</h2><pre>{html.escape(json.dumps(exp.to_dict(), indent=2))}"
-               "</pre></body></html>")
-    path = out / "report.html"
-    path.write_text(body.getvalue())
-    return path
+    return finish_report(body, images, exp.to_dict(), out)

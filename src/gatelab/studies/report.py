@@ -158,9 +158,15 @@ def write_report(study: Study, rows: Sequence[FitRow], table: list[dict], out: P
                f"<li>{html.escape(fit_summary(rows))} (statuses: see gatelab.fit.status)</li>"
                f"<li>{fit_seconds:.1f} s of fitting in all</li>{run}</ul>")
     body.write("<h2>Plots</h2>")
+    return finish_report(body, images, study.to_dict(), out)
+
+
+def finish_report(body: io.StringIO, images: Sequence[tuple[str, str]], spec: dict, out: Path) -> Path:
+    """Append the inlined plots (name, base64 PNG) and the specification, and write
+    ``out/report.html``; shared by the study and experiment reports."""
     for name, data in images:
         body.write(f"<h3>{html.escape(name)}</h3><img src='data:image/png;base64,{data}'>")
-    body.write(f"<h2>Specification</h2><pre>{html.escape(json.dumps(study.to_dict(), indent=2))}"
+    body.write(f"<h2>Specification</h2><pre>{html.escape(json.dumps(spec, indent=2))}"
                "</pre></body></html>")
     path = out / "report.html"
     path.write_text(body.getvalue())
