@@ -34,7 +34,7 @@ from torch import Tensor
 from .._checks import choose
 
 __all__ = ["VALUE_ACTIVATIONS", "PrefixGate", "linear_scores", "moe_attention", "explicit_moe",
-           "additive_mask"]
+           "additive_mask", "value_activation"]
 
 #: Value activations for active attention (arXiv 2410.11222); "identity" is plain attention.
 VALUE_ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
@@ -52,7 +52,8 @@ def additive_mask(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     return mask.to(dtype)
 
 
-def _activation(value_act: str) -> Callable[[Tensor], Tensor]:
+def value_activation(value_act: str) -> Callable[[Tensor], Tensor]:
+    """The ``VALUE_ACTIVATIONS`` entry of that name (an unknown name: ValueError naming the valid ones)."""
     return choose("value activation", value_act, VALUE_ACTIVATIONS)
 
 
@@ -136,7 +137,7 @@ def moe_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, *
     ``prefix_gate(q, prefix_k, c)``: the prefix scores s_p(q) for queries of any leading
     shape (a ``gatelab.nn.prefix.PrefixScore``, or the linear default). Returns (B, H, T, D)."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    act = _activation(value_act)
+    act = value_activation(value_act)
     v = act(v)
     mask = additive_mask(mask, q.dtype)
     if prefix_k is None or prefix_v is None or prefix_k.shape[-2] == 0:
@@ -188,4 +189,4 @@ def explicit_moe(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, *,
     if prefix_k is not None and prefix_v is not None:
         scores = torch.cat([prefix_gate(q, prefix_k, scale), scores], -1)
         experts = _with_prefix(prefix_v, v)
-    return scores.softmax(-1), _activation(value_act)(experts)
+    return scores.softmax(-1), value_activation(value_act)(experts)

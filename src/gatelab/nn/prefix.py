@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from .._checks import check_int, choose
 from ..gates import Gate, make_gate
-from .attention import VALUE_ACTIVATIONS, PrefixGate, linear_scores
+from .attention import PrefixGate, linear_scores, value_activation
 
 __all__ = ["NORGA_ACTIVATIONS", "PREFIX_KINDS", "PrefixScore", "FreePrefix", "SharedPrefix",
            "PromptPrefix", "make_prefix", "PrefixLayer", "prefix_gate_names"]
@@ -202,7 +202,7 @@ class PrefixLayer(nn.Module):
     def __init__(self, prefix: nn.Module | None = None, score: PrefixScore | None = None,
                  value_act: str = "identity"):
         super().__init__()
-        choose("value activation", value_act, VALUE_ACTIVATIONS)
+        value_activation(value_act)
         self.prefix = prefix
         self.score = score if score is not None else PrefixScore()
         self.value_act = value_act
