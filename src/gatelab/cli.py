@@ -177,6 +177,10 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     from .studies import Store, catalogue, reproduce
     study = catalogue.get(args.name)
     db = Path(args.db or f"runs/{study.name}.sqlite")
+    if args.backbone is not None:
+        study = _with_backbone(study, args.backbone)
+        from .studies.report import slug  # the last part of the backbone's path or hub id
+        db = Path(args.db or f"runs/{study.name}@{slug(Path(args.backbone.rstrip('/')).name)}.sqlite")
     new_store = not db.exists()
     try:
         with Store(db) as store:
@@ -199,6 +203,16 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
           f"{stats.seconds:.1f} s")
     _print_results(result)
     return 0
+
+
+def _with_backbone(study, backbone: str):
+    """The experiment run on another backbone (a folder, a cached hub id, or "minilm")."""
+    if not _is_experiment(study):
+        raise ValueError(f"--backbone applies to the deep-learning experiments; {study.name!r} is a "
+                         "statistics study. Drop --backbone.")
+    from .nn.backbone import backbone_path
+    backbone_path(backbone)  # a missing or unsupported backbone fails here, with the fix
+    return type(study).from_dict({**study.to_dict(), "options": {**study.options, "backbone": backbone}})
 
 
 def _is_experiment(study) -> bool:
@@ -421,6 +435,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true",
                    help="recompute the fits of settings whose spec changed since they were "
                         "stored (without it such a store is refused)")
+    p.add_argument("--backbone", help="experiments only: the pre-trained model, a saved folder or a hub id "
+                                      "in the local Hugging Face cache (default: the bundled MiniLM); "
+                                      "its rows go to runs/NAME@BACKBONE.sqlite unless --db is given")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(run=cmd_reproduce)
     p = sub.add_parser("report", help="rates and reports of the studies in a results store")

@@ -4,7 +4,7 @@ Debian's wordnet-base is installed."""
 import pytest
 
 from gatelab.data import noun_glosses, supersense_dataset
-from gatelab.data.wordnet import DEFAULT_PATH
+from markers import needs_wordnet
 
 FIXTURE = """\
   1 This software and database is being provided to you, the LICENSEE, by
@@ -49,7 +49,7 @@ def test_missing_file_and_bad_lines_say_how_to_fix(tmp_path, monkeypatch):
         noun_glosses(bad)
 
 
-@pytest.mark.skipif(not DEFAULT_PATH.is_file(), reason="Debian's wordnet-base is not installed")
+@needs_wordnet
 def test_the_real_file_has_82k_glosses_and_20_large_supersenses():
     glosses = noun_glosses()
     assert len(glosses) == 82115

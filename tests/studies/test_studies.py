@@ -92,7 +92,7 @@ def test_bad_toml_and_unknown_study(tmp_path):
     with pytest.raises(SpecError, match="is not valid TOML"):
         load_study(bad)
     with pytest.raises(ValueError, match="Unknown study 'nope'. Built-in studies and experiments: "
-                                         "contaminated, "
+                                         "active-attention, contaminated, "
                                          "cosine-vs-perturbed, deviated"):
         catalogue.get("nope")
 

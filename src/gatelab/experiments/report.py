@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..studies.claims import paired_interval
-from ..studies.report import _claims_html, _slug, finish_report
+from ..studies.report import _claims_html, finish_report, slug
 from ..studies.store import FitRow
 from .spec import Experiment
 
@@ -94,7 +94,7 @@ def write_experiment_report(exp: Experiment, rows: Sequence[FitRow], table: Sequ
     out.mkdir(parents=True, exist_ok=True)
     images = []
     for metric in _metrics(rows):
-        png = plot_metric(exp, table, metric, out / f"{_slug(metric)}.png")
+        png = plot_metric(exp, table, metric, out / f"{slug(metric)}.png")
         images.append((metric, base64.b64encode(png.read_bytes()).decode()))
     run = "" if stats is None else (f"<li>this run: {stats.fits} runs in {stats.seconds:.1f} s "
                                     f"({stats.skipped} already in the store)</li>")

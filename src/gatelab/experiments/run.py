@@ -17,8 +17,8 @@ import time
 from .. import __version__
 from ..studies.runner import Unit, seed_for
 from ..studies.store import FitRow
+from .registry import TASKS
 from .spec import Arm, Experiment
-from .tasks import TASKS
 
 __all__ = ["arm_hash", "plan_runs", "run_experiment_unit", "PAIRED"]
 

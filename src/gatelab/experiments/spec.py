@@ -74,7 +74,7 @@ class Experiment:
     """A deep-learning experiment: every (arm, n, seed) is one training run of ``task``."""
 
     name: str = _key("the experiment's name (rows and reports are filed under it)")
-    task: str = _key("what one run does: a task of gatelab.experiments.tasks.TASKS")
+    task: str = _key("what one run does: a task of gatelab.experiments.registry.TASKS")
     arms: tuple[Arm, ...] = _key("the compared configurations: [[arms]] tables")
     sizes: tuple[int, ...] = _key("training sizes n (the task says per what, e.g. per class)")
     seeds: int = _key("seeds per (arm, n); a paired CI needs >= 5", 5)
@@ -89,7 +89,7 @@ class Experiment:
     kind: str = _key('"experiment" (what tells an experiment file from a study file)', "experiment")
 
     def __post_init__(self) -> None:
-        from .tasks import TASKS
+        from .registry import TASKS
         _need(isinstance(self.name, str) and bool(self.name), "name", "a non-empty string", self.name)
         _need(self.task in TASKS, "task", f"one of {sorted(TASKS)}", self.task)
         names = [a.name for a in self.arms]

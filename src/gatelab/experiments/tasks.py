@@ -23,7 +23,8 @@ from ..nn.prefix import PrefixLayer
 from ..studies.spec import SpecError
 from .text import GlossPool, frozen_states, gloss_pool, model_for
 
-__all__ = ["Task", "PrefixSharing", "TASKS"]
+__all__ = ["Task", "TextPrefixTask", "PrefixSharing", "gloss_data", "encoder", "trim_padding", "optimise",
+           "train_classifier", "predict"]
 
 
 class Task:
@@ -71,17 +72,26 @@ class Task:
         raise NotImplementedError
 
 
-def _prefix_layers(arm: Mapping[str, Any], layers: Iterable[int], hidden: int) -> dict[int, PrefixLayer]:
+def prefix_layers(arm: Mapping[str, Any], layers: Iterable[int], hidden: int) -> dict[int, PrefixLayer]:
     """One PrefixLayer per prompted layer from an arm's options (length 0: no prefix)."""
     return {i: PrefixLayer.build(hidden, kind=arm["kind"], length=arm["length"], gate=arm["gate"],
                                  activation=arm["activation"], bottleneck=arm["bottleneck"])
             for i in layers}
 
 
-def _trim(states: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+def trim_padding(states: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
     """Drop the padding columns every row of a batch has (the pool is padded to one length)."""
     length = int(mask.sum(1).max())
     return states[:, :length], mask[:, :length]
+
+
+def gloss_data(options: Mapping[str, Any]) -> tuple[GlossPool, Tensor, int]:
+    """The gloss pool of a text task's options, the cached frozen states entering its
+    first prompted layer, and that layer's index."""
+    pool = gloss_pool(options["test_per_class"], options["pool_per_class"], options["max_length"],
+                      options["data_seed"], options["backbone"])
+    start = min(options["layers"])
+    return pool, frozen_states(pool, start, options["backbone"]), start
 
 
 Encoder = Callable[[Tensor], Tensor]
@@ -91,7 +101,7 @@ def encoder(model: PrefixTuned, start: int, states: Tensor, mask: Tensor) -> Enc
     """rows -> mean-pooled outputs of the prefix-tuned model, from the cached states entering
     layer ``start``. Without prefixes the outputs never change: they are computed once."""
     def encode(rows: Tensor) -> Tensor:
-        h, m = _trim(states[rows], mask[rows])
+        h, m = trim_padding(states[rows], mask[rows])
         return mean_pool(model.forward_from(start, h, m), m)
 
     if any(layer.prefix is not None or layer.value_act != "identity" for layer in model.layers.values()):
@@ -109,38 +119,42 @@ def encoder(model: PrefixTuned, start: int, states: Tensor, mask: Tensor) -> Enc
 _POOLED: dict[tuple[int, int], Tensor] = {}
 
 
-def train_classifier(encode: Encoder, model: PrefixTuned, rows: Tensor, labels: Tensor, classes: int,
-                     hidden: int, options: Mapping[str, Any], generator: torch.Generator) -> nn.Linear:
-    """Train the prefix layers and a linear head on ``encode``'s outputs with AdamW on
-    cross-entropy: max(min_steps, epochs x rows / batch) minibatches drawn with
-    ``generator``. Returns the head."""
-    head = nn.Linear(hidden, classes)
-    params = [p for p in model.layers.parameters() if p.requires_grad] + list(head.parameters())
+def optimise(params: Iterable[nn.Parameter], loss_of: Callable[[Tensor], Tensor], rows: Tensor,
+             options: Mapping[str, Any], generator: torch.Generator) -> None:
+    """AdamW (options lr, weight_decay) on ``loss_of(batch)`` over max(min_steps, epochs x
+    rows / batch) minibatches of ``batch`` rows drawn with ``generator``."""
     opt = torch.optim.AdamW(params, lr=options["lr"], weight_decay=options["weight_decay"])
     steps = max(options["min_steps"], math.ceil(options["epochs"] * len(rows) / options["batch"]))
-    model.train()
     for _ in range(steps):
-        batch = rows[torch.randint(len(rows), (options["batch"],), generator=generator)]
-        loss = F.cross_entropy(head(encode(batch)), labels[batch])
+        loss = loss_of(rows[torch.randint(len(rows), (options["batch"],), generator=generator)])
         opt.zero_grad()
         loss.backward()
         opt.step()
+
+
+def train_classifier(encode: Encoder, model: PrefixTuned, rows: Tensor, labels: Tensor, classes: int,
+                     hidden: int, options: Mapping[str, Any], generator: torch.Generator) -> nn.Linear:
+    """Train the prefix layers and a linear head on ``encode``'s outputs, on cross-entropy
+    (``optimise``). Returns the head."""
+    head = nn.Linear(hidden, classes)
+    params = [p for p in model.layers.parameters() if p.requires_grad] + list(head.parameters())
+    model.train()
+    optimise(params, lambda batch: F.cross_entropy(head(encode(batch)), labels[batch]), rows, options,
+             generator)
     model.eval()
     return head
 
 
 @torch.no_grad()
-def predict(encode: Encoder, head: nn.Linear, rows: Tensor, batch: int = 250) -> Tensor:
+def predict(encode: Encoder, head: Encoder, rows: Tensor, batch: int = 250) -> Tensor:
     """The head's logits for ``rows``, in batches."""
     return torch.cat([head(encode(rows[i:i + batch])) for i in range(0, len(rows), batch)])
 
 
-class PrefixSharing(Task):
-    """Shared (reparameterised) vs free prefixes on n glosses per class (arXiv 2410.02200).
+class TextPrefixTask(Task):
+    """Prefixes in the upper layers of a frozen MiniLM, on WordNet glosses by supersense:
+    the options and arm options that text tasks share, and their shared caches."""
 
-    Metrics: ``accuracy`` on the fixed test set (points), ``train_loss`` at the end."""
-
-    name = "prefix-sharing"
     OPTIONS: ClassVar[dict[str, Any]] = {
         "test_per_class": 100, "pool_per_class": 100, "max_length": 32, "data_seed": 0,
         "layers": [4, 5], "lr": 1e-2, "weight_decay": 0.0, "batch": 32, "epochs": 6,
@@ -152,26 +166,27 @@ class PrefixSharing(Task):
 
     @classmethod
     def build_arm(cls, arm: Mapping[str, Any]) -> Any:
-        return _prefix_layers(arm, range(1), 8)
-
-    @staticmethod
-    def _data(options: Mapping[str, Any]) -> tuple[GlossPool, Tensor, int]:
-        pool = gloss_pool(options["test_per_class"], options["pool_per_class"], options["max_length"],
-                          options["data_seed"], options["backbone"])
-        start = min(options["layers"])
-        return pool, frozen_states(pool, start, options["backbone"]), start
+        return prefix_layers(arm, range(1), 8)
 
     def prepare(self, options: Mapping[str, Any]) -> None:
-        self._data({**self.OPTIONS, **options})
+        gloss_data({**self.OPTIONS, **options})
+
+
+class PrefixSharing(TextPrefixTask):
+    """Shared (reparameterised) vs free prefixes on n glosses per class (arXiv 2410.02200).
+
+    Metrics: ``accuracy`` on the fixed test set (points)."""
+
+    name = "prefix-sharing"
 
     def run(self, options: Mapping[str, Any], arm: Mapping[str, Any], n: int, seed: int) -> dict[str, float]:
         options, arm = self.resolved(options, arm)
-        pool, states, start = self._data(options)
+        pool, states, start = gloss_data(options)
         generator = torch.Generator().manual_seed(seed)
         torch.manual_seed(seed)  # the prefix tables' and the head's initial values
         rows = pool.draw(n, generator)
         model = PrefixTuned(model_for(options["backbone"]),
-                            _prefix_layers(arm, options["layers"], states.shape[-1]))
+                            prefix_layers(arm, options["layers"], states.shape[-1]))
         started = time.perf_counter()
         encode = encoder(model, start, states, pool.mask)
         head = train_classifier(encode, model, rows, pool.labels, len(pool.names), states.shape[-1], options,
@@ -181,5 +196,3 @@ class PrefixSharing(Task):
         accuracy = (logits.argmax(-1) == pool.labels[test]).float().mean().item() * 100
         return {"accuracy": accuracy, "seconds": time.perf_counter() - started}
 
-
-TASKS: dict[str, type[Task]] = {task.name: task for task in (PrefixSharing,)}

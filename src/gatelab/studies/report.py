@@ -17,7 +17,7 @@ from .rates import MIN_VERDICT_REPLICATES, fit_summary, left_out, slope
 from .spec import Study
 from .store import FitRow
 
-__all__ = ["plot_setting", "write_report"]
+__all__ = ["plot_setting", "write_report", "slug"]
 
 
 def _series(rows: Sequence[FitRow], block: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -126,7 +126,7 @@ def write_report(study: Study, rows: Sequence[FitRow], table: list[dict], out: P
         mine = [r for r in rows if r.setting == setting.name]
         if not mine:
             continue
-        png = plot_setting(study, setting.name, mine, out / f"{_slug(setting.name)}.png")
+        png = plot_setting(study, setting.name, mine, out / f"{slug(setting.name)}.png")
         images.append((setting.name, base64.b64encode(png.read_bytes()).decode()))
     fit_seconds = sum(r.seconds for r in rows)
     run = "" if stats is None else (f"<li>this run: {stats.fits} fits in {stats.seconds:.1f} s "
@@ -173,5 +173,6 @@ def finish_report(body: io.StringIO, images: Sequence[tuple[str, str]], spec: di
     return path
 
 
-def _slug(text: str) -> str:
+def slug(text: str) -> str:
+    """A file-name-safe, lower-case form of ``text`` (other characters become "-")."""
     return "".join(c if c.isalnum() else "-" for c in text).strip("-").lower()

@@ -1,0 +1,11 @@
+"""The experiments' tasks by name (an experiment file's ``task`` key)."""
+
+from __future__ import annotations
+
+from .active import ActiveAttention
+from .continual import NorgaContinual
+from .tasks import PrefixSharing, Task
+
+__all__ = ["TASKS"]
+
+TASKS: dict[str, type[Task]] = {task.name: task for task in (PrefixSharing, NorgaContinual, ActiveAttention)}
