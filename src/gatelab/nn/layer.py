@@ -131,16 +131,20 @@ class MoELayer(nn.Module):
         if x.shape[-1] != self.dim:
             raise ValueError(f"MoELayer(dim={self.dim}) got input of shape {tuple(x.shape)}; "
                              f"the last axis must be the hidden size {self.dim}.")
-        x_TD = x.reshape(-1, self.dim)
-        routing = self.router(x_TD)
+        out = self.route(x.reshape(-1, self.dim))
+        return out._replace(output=out.output.view(x.shape))
+
+    def route(self, x_TD: Tensor, router: Router | None = None) -> MoEOutput:
+        """Tokens (T, D) through ``router`` (default: the layer's own) and this layer's
+        experts; FuseMoE's per-modality routers share one layer's experts this way."""
+        routing = (router or self.router)(x_TD)
         capacity = self.capacity(routing.expert_index.numel())
         y, counts, dropped = dispatch(x_TD, routing, self.experts, capacity)
         if self.shared is not None:
             y = y + self.shared(x_TD)
         losses = self.aux_losses(routing, counts)
-        total = sum((w * losses[k] for k, w in self.aux.items()), x.new_zeros(()))
-        return MoEOutput(y.view(x.shape), total, losses, routing.logits, routing.probs,
-                         counts, dropped)
+        total = sum((w * losses[k] for k, w in self.aux.items()), x_TD.new_zeros(()))
+        return MoEOutput(y, total, losses, routing.logits, routing.probs, counts, dropped)
 
     def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
         """``nn.Module.load_state_dict`` with a clearer error when a checkpoint lacks keys."""
