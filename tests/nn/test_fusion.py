@@ -49,13 +49,15 @@ def test_a_missing_modality_cannot_leak_and_batched_equals_per_sample(router):
     torch.manual_seed(2)
     model = FuseMoE(MODALITIES, 3, width=8, n_experts=4, top_k=2, router=router, references=2).eval()
     inputs = _inputs()
-    present = torch.tensor([[True, False, True], [True, True, True], [False, True, True], [True, True, False]])
+    present = torch.tensor([[True, False, True], [True, True, True], [False, True, True],
+                            [True, True, False]])
     logits = model(inputs, present).logits
     leaked = dict(inputs, b=inputs["b"] * 100)  # b is absent in sample 0
     torch.testing.assert_close(model(leaked, present).logits[0], logits[0])
     assert not torch.allclose(model(leaked, present).logits[1], logits[1])  # present there
     for i in range(4):
-        one = {"a": inputs["a"][i:i + 1], "b": inputs["b"][i:i + 1], "s": tuple(t[i:i + 1] for t in inputs["s"])}
+        one = {"a": inputs["a"][i:i + 1], "b": inputs["b"][i:i + 1],
+               "s": tuple(t[i:i + 1] for t in inputs["s"])}
         torch.testing.assert_close(model(one, present[i:i + 1]).logits, logits[i:i + 1], atol=1e-5, rtol=1e-5)
 
 
