@@ -83,7 +83,9 @@ def test_bad_specs_name_the_key(change, match):
 
 
 @pytest.mark.parametrize("name,arms", [("prefix-sharing", {"shared", "no-share"}),
-                                       ("norga-continual", {"linear", "norga-tanh", "norga-sigmoid"})])
+                                       ("norga-continual", {"linear", "norga-tanh", "norga-sigmoid"}),
+                                       ("active-attention", {"standard", "relu", "gelu", "tanh", "monomial"}),
+                                       ("fusemoe-missing", {"joint-laplace@0.5", "concat@0.8", "late@0.0"})])
 def test_the_catalogue_experiments_load_and_their_claims_name_real_arms(name, arms):
     from gatelab.studies import catalogue
     exp = catalogue.get(name)

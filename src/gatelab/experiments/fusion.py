@@ -1,0 +1,175 @@
+"""``fusemoe-missing`` (arXiv 2402.03226): MoE fusion of the six views of UCI Multiple
+Features when views are missing, against a concatenation MLP and late fusion.
+
+Per class a fixed test set (``test_per_class``, drawn with ``data_seed``) and a training
+pool; each seed draws n training digits per class. Features are standardised with the
+training rows' means and deviations. Each view of each digit (training and test) is
+missing independently with the arm's rate; where every view of a digit is dropped, one
+view drawn at random is kept, so a digit always has at least one view. Masks depend on the
+seed and the rate only, so the arms of a seed with the same rate see the same gaps.
+
+Models (arm option ``model``):
+
+- "fusemoe": ``FuseMoE`` with one vector modality per view, ``router`` joint or
+  per-modality, catalogue ``gate``; absent views become the learned missing embedding;
+- "concat": an MLP on the concatenated views, absent views imputed by the training mean
+  (0 after standardising) plus one missing indicator per view;
+- "late": one MLP per view, trained on the digits that have that view; the prediction
+  averages the class probabilities of the views a digit has.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from functools import lru_cache
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .._checks import choose
+from ..data import MFEAT_VIEWS, uci_multiple_features
+from ..nn.fusion import FUSIONS, FuseMoE, Modality
+from .tasks import Task, optimise
+
+__all__ = ["FuseMissing", "missing_masks", "MODELS"]
+
+MODELS = {"fusemoe": "FuseMoE fusion", "concat": "concatenation MLP, mean imputation + indicators",
+          "late": "late fusion: the mean of the available views' classifiers"}
+
+
+def missing_masks(rows: int, views: int, rate: float, generator: torch.Generator) -> Tensor:
+    """(rows, views) bool, True = present: each view dropped with probability ``rate``; a row
+    that lost every view gets one back, drawn uniformly."""
+    present = torch.rand(rows, views, generator=generator) >= rate
+    empty = ~present.any(1)
+    keep = torch.randint(views, (rows,), generator=generator)
+    present[empty, keep[empty]] = True
+    return present
+
+
+@lru_cache(maxsize=2)
+def _split(test_per_class: int, seed: int) -> tuple[tuple[Tensor, ...], Tensor, Tensor, Tensor]:
+    """Views (float32), labels, and the fixed test rows and training pool rows."""
+    data = uci_multiple_features()
+    labels = torch.as_tensor(data.labels)
+    rng = np.random.default_rng(seed)
+    test, pool = [], []
+    for c in range(int(labels.max()) + 1):
+        rows = rng.permutation(np.flatnonzero(data.labels == c))
+        test.append(rows[:test_per_class])
+        pool.append(rows[test_per_class:])
+    views = tuple(torch.as_tensor(v, dtype=torch.float32) for v in data.views)
+    return views, labels, torch.as_tensor(np.concatenate(test)), torch.as_tensor(np.stack(pool))
+
+
+class _Concat(nn.Module):
+    def __init__(self, dims: list[int], classes: int, hidden: int):
+        super().__init__()
+        width = sum(dims) + len(dims)
+        self.net = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, classes))
+
+    def forward(self, views: list[Tensor], present: Tensor) -> Tensor:
+        filled = [v * present[:, i:i + 1] for i, v in enumerate(views)]  # standardised: the mean is 0
+        return self.net(torch.cat(filled + [present.float()], -1))
+
+
+class _Late(nn.Module):
+    def __init__(self, dims: list[int], classes: int, hidden: int):
+        super().__init__()
+        self.nets = nn.ModuleList(nn.Sequential(nn.Linear(d, hidden), nn.GELU(), nn.Linear(hidden, classes))
+                                  for d in dims)
+
+    def view_logits(self, views: list[Tensor]) -> Tensor:
+        return torch.stack([net(v) for net, v in zip(self.nets, views, strict=True)], 1)  # (B, V, C)
+
+    def loss(self, views: list[Tensor], present: Tensor, labels: Tensor) -> Tensor:
+        logits = self.view_logits(views)
+        each = F.cross_entropy(logits.flatten(0, 1), labels.repeat_interleave(len(views)), reduction="none")
+        return (each * present.flatten().float()).sum() / present.sum()
+
+    def forward(self, views: list[Tensor], present: Tensor) -> Tensor:
+        probs = self.view_logits(views).softmax(-1) * present.unsqueeze(-1)
+        return (probs.sum(1) / present.sum(1, keepdim=True)).log()
+
+
+class FuseMissing(Task):
+    """n training digits per class, views missing at the arm's ``missing`` rate. Metric:
+    ``accuracy`` on the fixed test set (points), with its views missing at the same rate."""
+
+    name = "fusemoe-missing"
+    OPTIONS: ClassVar[dict[str, Any]] = {
+        "test_per_class": 100, "data_seed": 0, "width": 32, "n_experts": 8, "top_k": 2, "hidden": 64,
+        "lr": 3e-3, "weight_decay": 1e-4, "batch": 32, "epochs": 60, "min_steps": 150,
+        "load_balance": 0.01,
+    }
+    ARM_OPTIONS: ClassVar[dict[str, Any]] = {"model": "fusemoe", "router": "joint", "gate": "laplace",
+                                             "missing": 0.0}
+
+    @classmethod
+    def build_arm(cls, arm: Mapping[str, Any]) -> Any:
+        choose("model", arm["model"], MODELS)
+        choose("fusion router", arm["router"], FUSIONS)
+        if not (isinstance(arm["missing"], (int, float)) and 0 <= arm["missing"] < 1):
+            raise ValueError(f"missing must be a rate in [0, 1); got {arm['missing']!r}.")
+        return cls._model(arm, {**cls.OPTIONS}, 10)
+
+    @staticmethod
+    def _model(arm: Mapping[str, Any], options: Mapping[str, Any], classes: int) -> nn.Module:
+        dims = list(MFEAT_VIEWS.values())
+        if arm["model"] == "concat":
+            return _Concat(dims, classes, options["hidden"])
+        if arm["model"] == "late":
+            return _Late(dims, classes, options["hidden"])
+        return FuseMoE([Modality(v, "vector", d) for v, d in MFEAT_VIEWS.items()], classes,
+                       width=options["width"], n_experts=options["n_experts"], top_k=options["top_k"],
+                       gate=arm["gate"], router=arm["router"], aux={"load_balance": options["load_balance"]})
+
+    def prepare(self, options: Mapping[str, Any]) -> None:
+        options = {**self.OPTIONS, **options}
+        _split(options["test_per_class"], options["data_seed"])
+
+    def run(self, options: Mapping[str, Any], arm: Mapping[str, Any], n: int, seed: int) -> dict[str, float]:
+        options, arm = self.resolved(options, arm)
+        views, labels, test, pool = _split(options["test_per_class"], options["data_seed"])
+        generator = torch.Generator().manual_seed(seed)
+        if n > pool.shape[1]:
+            raise ValueError(f"n = {n} digits per class exceeds the training pool of {pool.shape[1]}.")
+        train = pool[:, torch.randperm(pool.shape[1], generator=generator)[:n]].flatten()
+        masks = torch.Generator().manual_seed(seed + 1)  # the same gaps for every model of a rate
+        present = torch.zeros(len(labels), len(views), dtype=torch.bool)
+        present[train] = missing_masks(len(train), len(views), arm["missing"], masks)
+        present[test] = missing_masks(len(test), len(views), arm["missing"], masks)
+        mean = [v[train].mean(0) for v in views]
+        std = [v[train].std(0).clamp_min(1e-6) for v in views]
+        scaled = [(v - m) / s for v, m, s in zip(views, mean, std, strict=True)]
+        torch.manual_seed(seed)
+        model = self._model(arm, options, int(labels.max()) + 1)
+        started = time.perf_counter()
+        model.train()
+        optimise(list(model.parameters()), lambda rows: self._loss(model, scaled, present, labels, rows),
+                 train, options, generator)
+        model.eval()
+        with torch.no_grad():
+            logits = self._logits(model, [v[test] for v in scaled], present[test])
+        accuracy = (logits.argmax(-1) == labels[test]).float().mean().item() * 100
+        return {"accuracy": accuracy, "seconds": time.perf_counter() - started}
+
+    @staticmethod
+    def _logits(model: nn.Module, views: list[Tensor], present: Tensor) -> Tensor:
+        if isinstance(model, FuseMoE):
+            return model(dict(zip(MFEAT_VIEWS, views, strict=True)), present).logits
+        return model(views, present)
+
+    @staticmethod
+    def _loss(model: nn.Module, views: list[Tensor], present: Tensor, labels: Tensor, rows: Tensor) -> Tensor:
+        batch = [v[rows] for v in views]
+        if isinstance(model, _Late):
+            return model.loss(batch, present[rows], labels[rows])
+        if isinstance(model, FuseMoE):
+            out = model(dict(zip(MFEAT_VIEWS, batch, strict=True)), present[rows])
+            return F.cross_entropy(out.logits, labels[rows]) + out.aux_loss
+        return F.cross_entropy(model(batch, present[rows]), labels[rows])
