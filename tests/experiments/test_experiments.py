@@ -54,6 +54,16 @@ def test_at_least_uses_the_mean_and_the_margin():
     assert _decide(claim, _rows({4: [3.0, -3.0, 2.0, -2.0, 0.5]}))["holds"] is False  # CI too wide
 
 
+def test_a_higher_level_widens_the_interval_and_can_undo_a_claim():
+    diffs = [0.5, 1.5, 0.8, 1.2, 0.2]  # mean 0.84, sd 0.5, t-interval at 95% above 0, at 99.5% not
+    assert _decide(_claim(n=4), _rows({4: diffs}))["holds"] is True
+    strict = _decide(_claim(n=4, level=0.995), _rows({4: diffs}))
+    assert strict["holds"] is False and "99.5% CI" in strict["rule"]
+    assert strict["numbers"]["ci_low"] == pytest.approx(paired_interval(diffs, 0.995).ci_low)
+    with pytest.raises(SpecError, match=r"claims\[0\].level"):
+        Experiment.from_dict({**BASE, "claims": [_claim(level=95.0)]})
+
+
 def test_versus_n_compares_the_differences_of_two_sizes():
     rows = _rows({4: [2.0, 2.1, 1.9, 2.2, 2.0], 8: [0.1, 0.0, 0.2, 0.1, 0.0]})
     entry = _decide(_claim(n=4, versus_n=8), rows)
@@ -85,7 +95,8 @@ def test_bad_specs_name_the_key(change, match):
 @pytest.mark.parametrize("name,arms", [("prefix-sharing", {"shared", "no-share"}),
                                        ("norga-continual", {"linear", "norga-tanh", "norga-sigmoid"}),
                                        ("active-attention", {"standard", "relu", "gelu", "tanh", "monomial"}),
-                                       ("fusemoe-missing", {"joint-laplace@0.5", "concat@0.8", "late@0.0"})])
+                                       ("fusemoe-missing", {"joint-laplace@0.5", "concat@0.8", "late@0.0"}),
+                                       ("hmoe-gates", {"SS", "SL", "LS", "LL"})])
 def test_the_catalogue_experiments_load_and_their_claims_name_real_arms(name, arms):
     from gatelab.studies import catalogue
     exp = catalogue.get(name)

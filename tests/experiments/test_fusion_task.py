@@ -4,7 +4,7 @@ of each model on the real UCI Multiple Features files."""
 import pytest
 import torch
 
-from gatelab.experiments.fusion import FuseMissing, missing_masks
+from gatelab.experiments.fusion import FuseMissing, HMoEGates, missing_masks
 from gatelab.experiments.spec import Experiment
 from gatelab.studies.spec import SpecError
 from markers import needs_data_wheels
@@ -37,9 +37,10 @@ def test_bad_arms_name_the_fix(options, match):
 @needs_data_wheels
 @pytest.mark.parametrize("arm", [{"model": "fusemoe", "router": "joint", "gate": "laplace"},
                                  {"model": "fusemoe", "router": "per-modality", "gate": "gaussian"},
-                                 {"model": "concat"}, {"model": "late"}])
+                                 {"model": "concat"}, {"model": "late"},
+                                 {"outer": "laplace", "inner": "laplace"}])
 def test_each_model_trains_and_beats_chance(arm):
-    task = FuseMissing()
+    task = HMoEGates() if "outer" in arm else FuseMissing()
     options = {"epochs": 0, "min_steps": 25}
     task.prepare(options)
     scores = task.run(options, {**arm, "missing": 0.5}, 5, seed=11)

@@ -33,9 +33,10 @@ from torch import Tensor, nn
 from .._checks import choose
 from ..data import MFEAT_VIEWS, uci_multiple_features
 from ..nn.fusion import FUSIONS, FuseMoE, Modality
+from ..nn.hierarchical import HierarchicalMoE
 from .tasks import Task, optimise
 
-__all__ = ["FuseMissing", "missing_masks", "MODELS"]
+__all__ = ["FuseMissing", "HMoEGates", "missing_masks", "MODELS"]
 
 MODELS = {"fusemoe": "FuseMoE fusion", "concat": "concatenation MLP, mean imputation + indicators",
           "late": "late fusion: the mean of the available views' classifiers"}
@@ -49,6 +50,11 @@ def missing_masks(rows: int, views: int, rate: float, generator: torch.Generator
     keep = torch.randint(views, (rows,), generator=generator)
     present[empty, keep[empty]] = True
     return present
+
+
+def _check_rate(rate: Any) -> None:
+    if not (isinstance(rate, (int, float)) and 0 <= rate < 1):
+        raise ValueError(f"missing must be a rate in [0, 1); got {rate!r}.")
 
 
 @lru_cache(maxsize=2)
@@ -66,18 +72,38 @@ def _split(test_per_class: int, seed: int) -> tuple[tuple[Tensor, ...], Tensor, 
     return views, labels, torch.as_tensor(np.concatenate(test)), torch.as_tensor(np.stack(pool))
 
 
-class _Concat(nn.Module):
-    def __init__(self, dims: list[int], classes: int, hidden: int):
-        super().__init__()
-        width = sum(dims) + len(dims)
-        self.net = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, classes))
+class _ViewModel(nn.Module):
+    """A classifier of digits from their views (list of (B, d_v)) and presence mask (B, V)."""
+
+    def scores(self, views: list[Tensor], present: Tensor) -> tuple[Tensor, Tensor]:
+        """(logits (B, C), auxiliary loss)."""
+        raise NotImplementedError
 
     def forward(self, views: list[Tensor], present: Tensor) -> Tensor:
-        filled = [v * present[:, i:i + 1] for i, v in enumerate(views)]  # standardised: the mean is 0
-        return self.net(torch.cat(filled + [present.float()], -1))
+        return self.scores(views, present)[0]
+
+    def loss(self, views: list[Tensor], present: Tensor, labels: Tensor) -> Tensor:
+        logits, aux = self.scores(views, present)
+        return F.cross_entropy(logits, labels) + aux
 
 
-class _Late(nn.Module):
+def _imputed(views: list[Tensor], present: Tensor) -> Tensor:
+    """The views side by side, absent ones at the training mean (0 after standardising),
+    then one missing indicator per view."""
+    return torch.cat([v * present[:, i:i + 1] for i, v in enumerate(views)] + [present.float()], -1)
+
+
+class _Concat(_ViewModel):
+    def __init__(self, dims: list[int], classes: int, hidden: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(sum(dims) + len(dims), hidden), nn.GELU(),
+                                 nn.Linear(hidden, classes))
+
+    def scores(self, views: list[Tensor], present: Tensor) -> tuple[Tensor, Tensor]:
+        return self.net(_imputed(views, present)), present.new_zeros((), dtype=views[0].dtype)
+
+
+class _Late(_ViewModel):
     def __init__(self, dims: list[int], classes: int, hidden: int):
         super().__init__()
         self.nets = nn.ModuleList(nn.Sequential(nn.Linear(d, hidden), nn.GELU(), nn.Linear(hidden, classes))
@@ -87,13 +113,25 @@ class _Late(nn.Module):
         return torch.stack([net(v) for net, v in zip(self.nets, views, strict=True)], 1)  # (B, V, C)
 
     def loss(self, views: list[Tensor], present: Tensor, labels: Tensor) -> Tensor:
+        """Each view's classifier on the digits that have that view."""
         logits = self.view_logits(views)
         each = F.cross_entropy(logits.flatten(0, 1), labels.repeat_interleave(len(views)), reduction="none")
         return (each * present.flatten().float()).sum() / present.sum()
 
-    def forward(self, views: list[Tensor], present: Tensor) -> Tensor:
+    def scores(self, views: list[Tensor], present: Tensor) -> tuple[Tensor, Tensor]:
         probs = self.view_logits(views).softmax(-1) * present.unsqueeze(-1)
-        return (probs.sum(1) / present.sum(1, keepdim=True)).log()
+        logits = (probs.sum(1) / present.sum(1, keepdim=True)).log()
+        return logits, present.new_zeros((), dtype=views[0].dtype)
+
+
+class _Fused(_ViewModel):
+    def __init__(self, fuse: FuseMoE):
+        super().__init__()
+        self.fuse = fuse
+
+    def scores(self, views: list[Tensor], present: Tensor) -> tuple[Tensor, Tensor]:
+        out = self.fuse(dict(zip(MFEAT_VIEWS, views, strict=True)), present)
+        return out.logits, out.aux_loss
 
 
 class FuseMissing(Task):
@@ -113,20 +151,20 @@ class FuseMissing(Task):
     def build_arm(cls, arm: Mapping[str, Any]) -> Any:
         choose("model", arm["model"], MODELS)
         choose("fusion router", arm["router"], FUSIONS)
-        if not (isinstance(arm["missing"], (int, float)) and 0 <= arm["missing"] < 1):
-            raise ValueError(f"missing must be a rate in [0, 1); got {arm['missing']!r}.")
+        _check_rate(arm["missing"])
         return cls._model(arm, {**cls.OPTIONS}, 10)
 
     @staticmethod
-    def _model(arm: Mapping[str, Any], options: Mapping[str, Any], classes: int) -> nn.Module:
+    def _model(arm: Mapping[str, Any], options: Mapping[str, Any], classes: int) -> _ViewModel:
         dims = list(MFEAT_VIEWS.values())
         if arm["model"] == "concat":
             return _Concat(dims, classes, options["hidden"])
         if arm["model"] == "late":
             return _Late(dims, classes, options["hidden"])
-        return FuseMoE([Modality(v, "vector", d) for v, d in MFEAT_VIEWS.items()], classes,
-                       width=options["width"], n_experts=options["n_experts"], top_k=options["top_k"],
-                       gate=arm["gate"], router=arm["router"], aux={"load_balance": options["load_balance"]})
+        return _Fused(FuseMoE([Modality(v, "vector", d) for v, d in MFEAT_VIEWS.items()], classes,
+                              width=options["width"], n_experts=options["n_experts"], top_k=options["top_k"],
+                              gate=arm["gate"], router=arm["router"],
+                              aux={"load_balance": options["load_balance"]}))
 
     def prepare(self, options: Mapping[str, Any]) -> None:
         options = {**self.OPTIONS, **options}
@@ -150,26 +188,50 @@ class FuseMissing(Task):
         model = self._model(arm, options, int(labels.max()) + 1)
         started = time.perf_counter()
         model.train()
-        optimise(list(model.parameters()), lambda rows: self._loss(model, scaled, present, labels, rows),
+        optimise(list(model.parameters()),
+                 lambda rows: model.loss([v[rows] for v in scaled], present[rows], labels[rows]),
                  train, options, generator)
         model.eval()
         with torch.no_grad():
-            logits = self._logits(model, [v[test] for v in scaled], present[test])
+            logits = model([v[test] for v in scaled], present[test])
         accuracy = (logits.argmax(-1) == labels[test]).float().mean().item() * 100
         return {"accuracy": accuracy, "seconds": time.perf_counter() - started}
 
-    @staticmethod
-    def _logits(model: nn.Module, views: list[Tensor], present: Tensor) -> Tensor:
-        if isinstance(model, FuseMoE):
-            return model(dict(zip(MFEAT_VIEWS, views, strict=True)), present).logits
-        return model(views, present)
+
+
+class _Hierarchical(_ViewModel):
+    """The imputed views side by side -> Linear(width) -> GELU = x -> x + HMoE(x) -> head."""
+
+    def __init__(self, dims: list[int], classes: int, options: Mapping[str, Any], outer: str, inner: str):
+        super().__init__()
+        width = options["width"]
+        self.embed = nn.Sequential(nn.Linear(sum(dims) + len(dims), width), nn.GELU())
+        self.moe = HierarchicalMoE(width, 2 * width, options["groups"], options["inner"], outer=outer,
+                                   inner=inner, outer_top_k=None, inner_top_k=options["inner_top_k"],
+                                   expert="gelu", aux={"load_balance": options["load_balance"]})
+        self.head = nn.Linear(width, classes)
+
+    def scores(self, views: list[Tensor], present: Tensor) -> tuple[Tensor, Tensor]:
+        x = self.embed(_imputed(views, present))
+        out = self.moe(x)
+        return self.head(x + out.output), out.aux_loss
+
+
+class HMoEGates(FuseMissing):
+    """The hierarchical MoE's gate pairs (arXiv 2410.02935) on UCI Multiple Features: arm
+    options ``outer`` and ``inner`` (softmax, laplace, gaussian), the outer level dense over
+    ``groups`` groups, the inner level top-``inner_top_k`` of ``inner`` experts. Same data,
+    training and metric as ``fusemoe-missing`` (views may be missing: arm option ``missing``)."""
+
+    name = "hmoe-gates"
+    OPTIONS: ClassVar[dict[str, Any]] = {**FuseMissing.OPTIONS, "groups": 2, "inner": 4, "inner_top_k": 2}
+    ARM_OPTIONS: ClassVar[dict[str, Any]] = {"outer": "softmax", "inner": "softmax", "missing": 0.0}
+
+    @classmethod
+    def build_arm(cls, arm: Mapping[str, Any]) -> Any:
+        _check_rate(arm["missing"])
+        return cls._model(arm, {**cls.OPTIONS}, 10)
 
     @staticmethod
-    def _loss(model: nn.Module, views: list[Tensor], present: Tensor, labels: Tensor, rows: Tensor) -> Tensor:
-        batch = [v[rows] for v in views]
-        if isinstance(model, _Late):
-            return model.loss(batch, present[rows], labels[rows])
-        if isinstance(model, FuseMoE):
-            out = model(dict(zip(MFEAT_VIEWS, batch, strict=True)), present[rows])
-            return F.cross_entropy(out.logits, labels[rows]) + out.aux_loss
-        return F.cross_entropy(model(batch, present[rows]), labels[rows])
+    def _model(arm: Mapping[str, Any], options: Mapping[str, Any], classes: int) -> _ViewModel:
+        return _Hierarchical(list(MFEAT_VIEWS.values()), classes, options, arm["outer"], arm["inner"])

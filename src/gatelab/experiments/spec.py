@@ -19,10 +19,10 @@ from ..studies.spec import SpecError, _from_dict, _is_int, _key, _need, plain_da
 __all__ = ["Arm", "PairedClaim", "Experiment", "PAIRED_RULES"]
 
 PAIRED_RULES = {
-    "ci_above": "the paired 95% CI lies above value",
-    "ci_below": "the paired 95% CI lies below value",
-    "ci_covers": "the paired 95% CI contains value",
-    "at_least": "mean >= value and the paired 95% CI lies above value - margin",
+    "ci_above": "the paired level CI lies above value",
+    "ci_below": "the paired level CI lies below value",
+    "ci_covers": "the paired level CI contains value",
+    "at_least": "mean >= value and the paired level CI lies above value - margin",
 }
 
 
@@ -56,6 +56,8 @@ class PairedClaim:
     versus_n: int | None = _key("another size: x = difference(n) - difference(versus_n)", None)
     value: float = _key("the number the rule compares with", 0.0)
     margin: float | None = _key("the margin of rule 'at_least'", None)
+    level: float = _key("the interval's confidence level (e.g. 1 - 0.05/3 for a Bonferroni reading of "
+                        "three comparisons)", 0.95)
     arxiv: str = _key("arXiv id of the paper that makes the claim (default: the experiment's)", "")
     _path: str = "claims"
 
@@ -67,6 +69,8 @@ class PairedClaim:
         _need(isinstance(self.value, (int, float)), f"{p}.value", "a number", self.value)
         _need(self.rule != "at_least" or isinstance(self.margin, (int, float)), f"{p}.margin",
               "a number for rule 'at_least'", self.margin)
+        _need(isinstance(self.level, float) and 0.5 <= self.level < 1, f"{p}.level",
+              "a confidence level in [0.5, 1)", self.level)
 
 
 @dataclass(frozen=True)

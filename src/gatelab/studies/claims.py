@@ -124,7 +124,8 @@ def describe_paired(c: Any, n: int) -> str:
     if c.versus_n is not None:
         x = f"[{x}] - [the same at n={c.versus_n}]"
     rule = (PAIRED_RULES[c.rule].replace("value", f"{c.value:g}")
-            .replace("margin", f"{c.margin:g}" if c.margin is not None else "margin"))
+            .replace("margin", f"{c.margin:g}" if c.margin is not None else "margin")
+            .replace("level", f"{100 * c.level:.4g}%"))
     return f"x = {x}, paired over seeds: {rule}"
 
 
@@ -140,8 +141,9 @@ def _paired_diffs(values: dict, c: Any, n: int) -> list[float]:
 
 
 def evaluate_paired_claims(exp: Any, rows: Sequence[FitRow]) -> list[dict[str, Any]]:
-    """Every claim of an experiment: the paired mean difference over seeds, its 95% t
-    interval and the rule's verdict; undecided with fewer than MIN_PAIRED_SEEDS seeds."""
+    """Every claim of an experiment: the paired mean difference over seeds, its t interval
+    (at the claim's level, 95% by default) and the rule's verdict; undecided with fewer
+    than MIN_PAIRED_SEEDS seeds."""
     out = []
     for c in exp.claims:
         values: dict[tuple[str, int], dict[int, float]] = {}
@@ -155,7 +157,7 @@ def evaluate_paired_claims(exp: Any, rows: Sequence[FitRow]) -> list[dict[str, A
         if len(diffs) < MIN_PAIRED_SEEDS:
             entry["numbers"] = {"note": f"{len(diffs)} paired seeds; {MIN_PAIRED_SEEDS} needed to decide"}
         else:
-            mean = paired_interval(diffs)
+            mean = paired_interval(diffs, c.level)
             entry["numbers"] = {"x": mean.slope, "ci_low": mean.ci_low, "ci_high": mean.ci_high,
                                 "seeds": len(diffs), "n": n}
             entry["holds"] = decide_paired(c.rule, mean, c.value, c.margin)
