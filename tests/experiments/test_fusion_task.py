@@ -45,3 +45,27 @@ def test_each_model_trains_and_beats_chance(arm):
     task.prepare(options)
     scores = task.run(options, {**arm, "missing": 0.5}, 5, seed=11)
     assert 20 < scores["accuracy"] <= 100  # 10 classes: chance is 10
+
+
+def test_interpolation_is_exact_on_a_line_and_flat_outside_the_points():
+    from gatelab.experiments.fusion import interpolate
+    times = torch.tensor([[0.0, 0.25, 0.5, 1.0]])
+    values = (2 * times + 1).unsqueeze(-1)
+    observed = torch.tensor([[False, True, True, False]])
+    grid = interpolate(values, times, observed, 5)[0, :, 0]
+    assert grid.tolist() == pytest.approx([1.5, 1.5, 2.0, 2.0, 2.0])  # held at 0.25 and 0.5's values
+
+
+@needs_data_wheels
+def test_irregular_vowels_drop_points_at_the_rate_and_keep_one_per_group():
+    from gatelab.experiments.fusion import FuseIrregular, irregular_vowels
+    groups, labels = irregular_vowels("train", 0.6, 2, torch.Generator().manual_seed(0))
+    assert len(groups) == 2 and labels.shape == (270,) and groups[0][0].shape == (270, 29, 6)
+    real = (groups[0][0] != 0).any(-1) | groups[0][2]  # frames that exist (padding is all zero)
+    kept = groups[0][2].sum() / real.sum()
+    assert 0.35 < kept.item() < 0.45 and all(g[2].any(1).all() for g in groups)
+    assert not torch.equal(groups[0][2], groups[1][2])  # the two groups drop independently
+    task = FuseIrregular()
+    for arm in ({"model": "fusemoe"}, {"model": "impute"}):
+        scores = task.run({"epochs": 0, "min_steps": 30}, {**arm, "drop": 0.3}, 3, seed=2)
+        assert 100 / 9 < scores["accuracy"] <= 100

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from .active import ActiveAttention
 from .continual import NorgaContinual
-from .fusion import FuseMissing, HMoEGates
+from .fusion import FuseIrregular, FuseMissing, HMoEGates
 from .tasks import PrefixSharing, Task
 
 __all__ = ["TASKS"]
 
 TASKS: dict[str, type[Task]] = {task.name: task for task in (PrefixSharing, NorgaContinual, ActiveAttention,
-                                                              FuseMissing, HMoEGates)}
+                                                              FuseMissing, HMoEGates, FuseIrregular)}
