@@ -136,11 +136,12 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 
 def cmd_studies(args: argparse.Namespace) -> int:
-    """List the built-in studies, one line each."""
+    """List the built-in studies and experiments, one line each: name, kind, paper, what."""
     from .studies import catalogue
     for name in catalogue.names():
         study = catalogue.get(name)
-        print(f"{name:<20} arXiv {study.paper:<11} {study.description}")
+        kind = "experiment" if _is_experiment(study) else "study"
+        print(f"{name:<20} {kind:<10} arXiv {study.paper:<11} {study.description}")
     return 0
 
 
@@ -417,7 +418,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("data", help="CSV file with the model's covariate and response columns")
     p.add_argument("--out", metavar="PNG", default="fit.png", help="the picture (default fit.png)")
     p.set_defaults(run=cmd_plot)
-    p = sub.add_parser("studies", help="list the built-in convergence-rate studies")
+    p = sub.add_parser("studies", help="list the built-in convergence-rate studies and deep-learning "
+                                       "experiments")
     p.set_defaults(run=cmd_studies)
     p = sub.add_parser("schema", help="every key of a study file, with type, default and meaning")
     p.set_defaults(run=cmd_schema)

@@ -219,7 +219,8 @@ def test_sigkill_mid_run_loses_only_fits_in_flight(tiny_path, tmp_path):
 
 def test_cli_studies_lists_the_catalogue(capsys):
     assert cli.main(["studies"]) == 0
-    assert "softmax-gaussian" in capsys.readouterr().out
+    lines = {line.split()[0]: line.split()[1] for line in capsys.readouterr().out.splitlines()}
+    assert lines["softmax-gaussian"] == "study" and lines["norga-continual"] == "experiment"
 
 
 def test_cli_reproduce_json_and_report(tiny_path, tmp_path, capsys):

@@ -150,18 +150,21 @@ class FuseMoE(nn.Module):
         return TimeAttentionEncoder(m.dim, width, time_dim=time_dim, references=references)
 
     def tokens(self, inputs: Mapping[str, Any], present: Tensor) -> list[Tensor]:
-        """Per modality its tokens (B, n_m, width): encoded, or the missing embedding where
-        ``present`` (B, M) is False; plus the type embedding."""
-        out = []
-        for i, m in enumerate(self.modalities):
+        """Per modality its tokens (B, n_m, width): encoded, then ``embed``."""
+        encoded = []
+        for m in self.modalities:
             if m.name not in inputs:
                 raise ValueError(f"FuseMoE got no input for modality {m.name!r}; pass every modality "
                                  "(any values where it is missing) and mark absences in present.")
             encoder, given = self.encoders[m.name], inputs[m.name]
-            encoded = encoder(given).unsqueeze(1) if m.kind == "vector" else encoder(*given)
-            keep = present[:, i].view(-1, 1, 1).bool()
-            out.append(torch.where(keep, encoded, self.missing_embedding[i]) + self.type_embedding[i])
-        return out
+            encoded.append(encoder(given).unsqueeze(1) if m.kind == "vector" else encoder(*given))
+        return self.embed(encoded, present)
+
+    def embed(self, encoded: Sequence[Tensor], present: Tensor) -> list[Tensor]:
+        """Encoded tokens (B, n_m, width) per modality -> the missing embedding where
+        ``present`` (B, M) is False, plus the type embedding."""
+        return [torch.where(present[:, i].view(-1, 1, 1).bool(), t, self.missing_embedding[i])
+                + self.type_embedding[i] for i, t in enumerate(encoded)]
 
     def forward(self, inputs: Mapping[str, Any], present: Tensor | None = None) -> FusionOutput:
         """``inputs``: modality name -> (B, dim) for vectors, (values, times, observed) for
@@ -169,7 +172,10 @@ class FuseMoE(nn.Module):
         batch = next(iter(inputs.values()))
         B = (batch if isinstance(batch, Tensor) else batch[0]).shape[0]
         present = torch.ones(B, len(self.modalities), dtype=torch.bool) if present is None else present
-        tokens = self.tokens(inputs, present)
+        return self.fuse(self.tokens(inputs, present))
+
+    def fuse(self, tokens: Sequence[Tensor]) -> FusionOutput:
+        """The fusion MoE, residual, mean pool and head on per-modality tokens (``tokens``)."""
         if self.fusion == "joint":
             z = torch.cat([t.mean(1) for t in tokens], -1)
             out = self.moe[0](z)
