@@ -35,6 +35,7 @@ __all__ = [
     "Gate", "LinearGate", "CosineGate", "PerturbedCosineGate", "QuadraticGate", "LaplaceGate",
     "GaussianGate", "InputFreeGate", "HierarchicalGate", "GATES", "NORMALISERS", "make_gate",
     "top_k_mask", "top_k_indices", "separable_q_derivatives", "EXAMPLE_OPTIONS", "example_gate",
+    "network_form",
 ]
 
 NEG_INF = float("-inf")
@@ -685,6 +686,15 @@ EXAMPLE_OPTIONS: dict[str, dict[str, Any]] = {
 def example_gate(name: str) -> Gate:
     """The catalogue gate ``name`` with ``EXAMPLE_OPTIONS`` (routes over 4 experts)."""
     return make_gate(name, **EXAMPLE_OPTIONS.get(name, {}))
+
+
+def network_form(gate: Gate) -> Gate:
+    """The gate as deep layers should compute it: distance gates with ``expanded=True``
+    (one matmul, N*E memory, instead of the N*E*D differences that would dominate a step at
+    large D); other gates unchanged."""
+    if "expanded" in {f.name for f in dataclasses.fields(gate)}:
+        return dataclasses.replace(gate, expanded=True)  # type: ignore[call-arg]  # only distance gates
+    return gate
 
 
 def make_gate(gate: str | Gate, **options: Any) -> Gate:

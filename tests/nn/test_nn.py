@@ -336,3 +336,17 @@ def test_jitter_and_noisy_top_k_act_in_training_only():
     assert not torch.allclose(noisy.logits, first.logits)
     noisy.weight.sum().backward()
     assert router.w_noise.grad is not None and router.w_noise.grad.abs().sum() > 0
+
+
+def test_routers_compute_distance_gates_by_one_matmul_unless_told_otherwise():
+    from gatelab.gates import make_gate
+    Router = gn.Router
+    torch.manual_seed(0)
+    by_name = Router(16, 4, 2, "laplace")
+    given = Router(16, 4, 2, make_gate("laplace"))
+    assert by_name.gate.expanded and not given.gate.expanded
+    assert not Router(16, 4, 2, "gaussian", expanded=False).gate.expanded
+    given.load_state_dict(by_name.state_dict())
+    x = torch.randn(8, 16)
+    torch.testing.assert_close(by_name(x).logits, given(x).logits, atol=1e-5, rtol=1e-5)
+    assert Router(16, 4, 2, "softmax").gate == make_gate("softmax")  # gates without distances unchanged

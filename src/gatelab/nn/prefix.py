@@ -19,7 +19,6 @@ Tables start uniform(-1, 1), as in the authors' code (MoE_PromptCL).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import fields
 from typing import Any
 
 import torch
@@ -27,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._checks import check_int, choose
-from ..gates import Gate, make_gate
+from ..gates import Gate, make_gate, network_form
 from .attention import PrefixGate, linear_scores, value_activation
 
 __all__ = ["NORGA_ACTIVATIONS", "PREFIX_KINDS", "PrefixScore", "FreePrefix", "SharedPrefix",
@@ -99,11 +98,7 @@ class PrefixScore(nn.Module):
         if name not in allowed:
             raise ValueError(f"Unknown prefix score gate {name!r}. Valid names: {', '.join(allowed)} "
                              "(catalogue gates need one vector per expert, which the prefix keys become).")
-        gate = make_gate(name)
-        if "expanded" in {f.name for f in fields(gate)}:
-            # One matmul for the distances: T * P * D memory would dominate a step.
-            gate = make_gate(gate, expanded=True)
-        return gate
+        return network_form(make_gate(name))  # T * P * D differences would dominate a step
 
     @property
     def gate(self) -> PrefixGate:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._checks import check_int, check_nonnegative, check_positive, choose
-from ..gates import NORMALISERS, Gate, make_gate, top_k_indices
+from ..gates import NORMALISERS, Gate, make_gate, network_form, top_k_indices
 
 __all__ = ["Routing", "Router", "ExpertChoiceRouter", "ORDERS"]
 
@@ -111,7 +111,10 @@ class Router(nn.Module):
         super().__init__()
         self.dim = check_int("dim", dim, 1)
         self.n_experts = check_int("n_experts", n_experts, 1)
+        by_name = isinstance(gate, str) and "expanded" not in gate_options
         gate = make_gate(gate, **gate_options)
+        if by_name:
+            gate = network_form(gate)  # a Gate instance, or an explicit expanded=..., is kept as given
         top_k, order = _with_gate_top_k(gate, top_k, order)
         self.top_k = check_int("top_k", top_k, 1, n_experts,
                                fix=f"A token cannot use more than the {n_experts} experts; "
