@@ -88,6 +88,18 @@ def test_route_with_another_router_is_that_router_over_the_same_experts():
     torch.testing.assert_close(layer.route(x, other).output, twin(x).output)
 
 
+def test_route_groups_is_each_group_routed_alone_in_one_dispatch():
+    torch.manual_seed(5)
+    layer = MoELayer(6, 12, 4, 2, expert="gelu", aux={"load_balance": 0.01, "entropy": 0.01})
+    routers = [Router(6, 4, 2, "laplace"), Router(6, 4, 2, "softmax"), layer.router]
+    xs = [torch.randn(n, 6) for n in (3, 5, 2)]
+    for got, x, r in zip(layer.route_groups(xs, routers), xs, routers, strict=True):
+        want = layer.route(x, r)
+        torch.testing.assert_close(got.output, want.output)
+        torch.testing.assert_close(got.aux_loss, want.aux_loss)
+        assert torch.equal(got.expert_counts, want.expert_counts)
+
+
 def test_bad_input_names_the_fix():
     with pytest.raises(ValueError, match="fusion router.*joint"):
         FuseMoE(MODALITIES, 3, router="late")

@@ -180,9 +180,11 @@ class FuseMoE(nn.Module):
             z = torch.cat([t.mean(1) for t in tokens], -1)
             out = self.moe[0](z)
             return FusionOutput(self.head(z + out.output), out.aux_loss, (out.router_probs,))
-        # per-modality / disjoint: modality i's tokens through router i and its experts
-        outs = [self._layer(i).route(t.reshape(-1, t.shape[-1]), self._router(i))
-                for i, t in enumerate(tokens)]
+        flat = [t.reshape(-1, t.shape[-1]) for t in tokens]
+        if self.fusion == "per-modality":  # every modality's router, the shared experts, one dispatch
+            outs = self._layer(0).route_groups(flat, [self._router(i) for i in range(len(flat))])
+        else:
+            outs = [self._layer(i).route(x, self._router(i)) for i, x in enumerate(flat)]
         pooled = torch.cat([t + o.output.view(t.shape) for t, o in zip(tokens, outs, strict=True)], 1).mean(1)
         aux = torch.stack([o.aux_loss for o in outs]).sum()
         return FusionOutput(self.head(pooled), aux, tuple(o.router_probs for o in outs))

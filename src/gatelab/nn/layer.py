@@ -3,7 +3,9 @@ dispatch (or a capacity factor), and auxiliary losses returned with the output."
 
 from __future__ import annotations
 
+import itertools
 import math
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -136,15 +138,33 @@ class MoELayer(nn.Module):
 
     def route(self, x_TD: Tensor, router: Router | None = None) -> MoEOutput:
         """Tokens (T, D) through ``router`` (default: the layer's own) and this layer's
-        experts; FuseMoE's per-modality routers share one layer's experts this way."""
-        routing = (router or self.router)(x_TD)
-        capacity = self.capacity(routing.expert_index.numel())
-        y, counts, dropped = dispatch(x_TD, routing, self.experts, capacity)
+        experts."""
+        return self.route_groups([x_TD], [router or self.router])[0]
+
+    def route_groups(self, xs: Sequence[Tensor], routers: Sequence[Router]) -> list[MoEOutput]:
+        """Groups of tokens, each (T_g, D) through its own router, over this layer's experts in
+        one dispatch (FuseMoE's per-modality routers share one layer's experts this way). Each
+        group's output, auxiliary losses and counts are its own; the capacity, if any, is
+        shared by all assignments."""
+        routings = [router(x) for router, x in zip(routers, xs, strict=True)]
+        starts = [0, *itertools.accumulate(len(x) for x in xs)]
+        def cat(field: str) -> Tensor:
+            return torch.cat([getattr(r, field) for r in routings])
+
+        offsets = torch.cat([r.token_index + s for r, s in zip(routings, starts, strict=False)])
+        merged = Routing(offsets, cat("expert_index"), cat("weight"), cat("logits"), cat("probs"),
+                         routings[0].top_k)
+        x_TD = torch.cat(list(xs)) if len(xs) > 1 else xs[0]
+        y, _, dropped = dispatch(x_TD, merged, self.experts, self.capacity(merged.expert_index.numel()))
         if self.shared is not None:
             y = y + self.shared(x_TD)
-        losses = self.aux_losses(routing, counts)
-        total = sum((w * losses[k] for k, w in self.aux.items()), x_TD.new_zeros(()))
-        return MoEOutput(y, total, losses, routing.logits, routing.probs, counts, dropped)
+        out = []
+        for r, x, start in zip(routings, xs, starts, strict=False):
+            counts = torch.bincount(r.expert_index, minlength=self.n_experts)
+            losses = self.aux_losses(r, counts)
+            total = sum((w * losses[k] for k, w in self.aux.items()), x.new_zeros(()))
+            out.append(MoEOutput(y[start:start + len(x)], total, losses, r.logits, r.probs, counts, dropped))
+        return out
 
     def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
         """``nn.Module.load_state_dict`` with a clearer error when a checkpoint lacks keys."""
