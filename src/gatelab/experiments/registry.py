@@ -5,9 +5,10 @@ from __future__ import annotations
 from .active import ActiveAttention
 from .continual import NorgaContinual
 from .fusion import FuseIrregular, FuseMissing, HMoEGates
+from .images import DeWiRecipe
 from .tasks import PrefixSharing, Task
 
 __all__ = ["TASKS"]
 
-TASKS: dict[str, type[Task]] = {task.name: task for task in (PrefixSharing, NorgaContinual, ActiveAttention,
-                                                              FuseMissing, HMoEGates, FuseIrregular)}
+TASKS: dict[str, type[Task]] = {task.name: task for task in (
+    PrefixSharing, NorgaContinual, ActiveAttention, FuseMissing, HMoEGates, FuseIrregular, DeWiRecipe)}
