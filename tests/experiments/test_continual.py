@@ -93,5 +93,5 @@ def test_a_tiny_continual_run_gives_consistent_metrics(tiny_backbone):
     assert 0 <= scores["accuracy"] <= scores["til_accuracy"] <= 100
     assert scores["accuracy"] <= scores["task_inference"] <= 100 and scores["forgetting"] >= 0
     again = task.run(options, {"gate": "norga", "length": 2}, 2, seed=5)
-    assert {k: v for k, v in again.items() if k != "seconds"} == {k: v for k, v in scores.items()
-                                                                  if k != "seconds"}
+    metrics = ("accuracy", "til_accuracy", "forgetting", "task_inference")
+    assert [again[k] for k in metrics] == [scores[k] for k in metrics]  # seeded: the same run

@@ -34,7 +34,7 @@ from .._checks import choose
 from ..data import MFEAT_VIEWS, uci_multiple_features
 from ..nn.fusion import FUSIONS, FuseMoE, Modality
 from ..nn.hierarchical import HierarchicalMoE
-from .tasks import Task, optimise
+from .tasks import Task, class_split, draw_per_class, optimise
 
 __all__ = ["FuseMissing", "HMoEGates", "FuseIrregular", "missing_masks", "irregular_vowels", "interpolate",
            "MODELS"]
@@ -60,17 +60,10 @@ def _check_rate(rate: Any) -> None:
 
 @lru_cache(maxsize=2)
 def _split(test_per_class: int, seed: int) -> tuple[tuple[Tensor, ...], Tensor, Tensor, Tensor]:
-    """Views (float32), labels, and the fixed test rows and training pool rows."""
+    """Views (float32), labels, and the fixed test rows and training pool (``class_split``)."""
     data = uci_multiple_features()
-    labels = torch.as_tensor(data.labels)
-    rng = np.random.default_rng(seed)
-    test, pool = [], []
-    for c in range(int(labels.max()) + 1):
-        rows = rng.permutation(np.flatnonzero(data.labels == c))
-        test.append(rows[:test_per_class])
-        pool.append(rows[test_per_class:])
     views = tuple(torch.as_tensor(v, dtype=torch.float32) for v in data.views)
-    return views, labels, torch.as_tensor(np.concatenate(test)), torch.as_tensor(np.stack(pool))
+    return (views, torch.as_tensor(data.labels), *class_split(data.labels, test_per_class, seed))
 
 
 class _ViewModel(nn.Module):
@@ -175,9 +168,7 @@ class FuseMissing(Task):
         options, arm = self.resolved(options, arm)
         views, labels, test, pool = _split(options["test_per_class"], options["data_seed"])
         generator = torch.Generator().manual_seed(seed)
-        if n > pool.shape[1]:
-            raise ValueError(f"n = {n} digits per class exceeds the training pool of {pool.shape[1]}.")
-        train = pool[:, torch.randperm(pool.shape[1], generator=generator)[:n]].flatten()
+        train = draw_per_class(pool, n, generator)
         masks = torch.Generator().manual_seed(seed + 1)  # the same gaps for every model of a rate
         present = torch.zeros(len(labels), len(views), dtype=torch.bool)
         present[train] = missing_masks(len(train), len(views), arm["missing"], masks)

@@ -13,7 +13,6 @@ from collections.abc import Mapping
 from functools import lru_cache
 from typing import Any, ClassVar
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -21,7 +20,7 @@ from torch import Tensor, nn
 from .._checks import choose
 from ..data import mnist_5k
 from ..nn.dewi import DeWiHeads, dewi_loss, mixup, mixup_loss
-from .tasks import Task, optimise, predict
+from .tasks import Task, class_split, draw_per_class, optimise, predict
 
 __all__ = ["SmallCNN", "DeWiRecipe", "RECIPES"]
 
@@ -49,16 +48,9 @@ class SmallCNN(nn.Module):
 
 @lru_cache(maxsize=2)
 def _split(test_per_class: int, seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Images, labels, and the fixed test rows and training pool (``class_split``)."""
     images, labels = mnist_5k()
-    rng = np.random.default_rng(seed)
-    test, pool = [], []
-    for c in range(10):
-        rows = rng.permutation(np.flatnonzero(labels == c))
-        test.append(rows[:test_per_class])
-        pool.append(rows[test_per_class:])
-    width = min(len(p) for p in pool)
-    return (torch.as_tensor(images), torch.as_tensor(labels), torch.as_tensor(np.concatenate(test)),
-            torch.as_tensor(np.stack([p[:width] for p in pool])))
+    return (torch.as_tensor(images), torch.as_tensor(labels), *class_split(labels, test_per_class, seed))
 
 
 class DeWiRecipe(Task):
@@ -85,9 +77,7 @@ class DeWiRecipe(Task):
         options, arm = self.resolved(options, arm)
         images, labels, test, pool = _split(options["test_per_class"], options["data_seed"])
         generator = torch.Generator().manual_seed(seed)
-        if n > pool.shape[1]:
-            raise ValueError(f"n = {n} images per class exceeds the training pool of {pool.shape[1]}.")
-        rows = pool[:, torch.randperm(pool.shape[1], generator=generator)[:n]].flatten()
+        rows = draw_per_class(pool, n, generator)
         torch.manual_seed(seed)
         model = SmallCNN(10, options["width"])
         heads = DeWiHeads(options["width"], options["width"]) if arm["heads"] else None

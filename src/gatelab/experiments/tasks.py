@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -23,8 +24,8 @@ from ..nn.prefix import PrefixLayer
 from ..studies.spec import SpecError
 from .text import GlossPool, frozen_states, gloss_pool, model_for
 
-__all__ = ["Task", "TextPrefixTask", "PrefixSharing", "gloss_data", "encoder", "trim_padding", "optimise",
-           "train_classifier", "predict"]
+__all__ = ["Task", "TextPrefixTask", "PrefixSharing", "gloss_data", "class_split", "draw_per_class",
+           "encoder", "trim_padding", "optimise", "train_classifier", "predict"]
 
 
 class Task:
@@ -83,6 +84,28 @@ def trim_padding(states: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
     """Drop the padding columns every row of a batch has (the pool is padded to one length)."""
     length = int(mask.sum(1).max())
     return states[:, :length], mask[:, :length]
+
+
+def class_split(labels: np.ndarray, test_per_class: int, seed: int) -> tuple[Tensor, Tensor]:
+    """Per class, in a random order drawn with ``seed``: the first ``test_per_class`` rows
+    are its fixed test set, the rest its training pool. Returns (test rows (C x t,),
+    pool (C, m)), m the smallest class's pool, so that each column is one draw per class."""
+    rng = np.random.default_rng(seed)
+    test, pool = [], []
+    for c in range(int(labels.max()) + 1):
+        rows = rng.permutation(np.flatnonzero(labels == c))
+        test.append(rows[:test_per_class])
+        pool.append(rows[test_per_class:])
+    width = min(len(p) for p in pool)
+    return torch.as_tensor(np.concatenate(test)), torch.as_tensor(np.stack([p[:width] for p in pool]))
+
+
+def draw_per_class(pool: Tensor, n: int, generator: torch.Generator) -> Tensor:
+    """n training rows per class from ``class_split``'s pool (the same columns for every class)."""
+    if n > pool.shape[1]:
+        raise ValueError(f"n = {n} training samples per class exceeds the pool of {pool.shape[1]}; "
+                         "lower n or test_per_class.")
+    return pool[:, torch.randperm(pool.shape[1], generator=generator)[:n]].flatten()
 
 
 def gloss_data(options: Mapping[str, Any]) -> tuple[GlossPool, Tensor, int]:
