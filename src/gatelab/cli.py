@@ -175,8 +175,12 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     goes to stderr (also with --json, whose object is the only thing on stdout)."""
     import json
 
-    from .studies import Store, catalogue, reproduce
+    # Everything the end of the run needs is imported now: a long run whose source is edited
+    # meanwhile must not reach its claims table with a mix of old and new code.
+    from .studies import Store, catalogue, claims, report, reproduce  # noqa: F401
     study = catalogue.get(args.name)
+    if _is_experiment(study):
+        from .experiments import report as experiment_report  # noqa: F401
     db = Path(args.db or f"runs/{study.name}.sqlite")
     if args.backbone is not None:
         study = _with_backbone(study, args.backbone)
