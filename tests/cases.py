@@ -46,6 +46,7 @@ LAYER_GATE_CASES = {
     **GATE_CASES,
     "cosine-x-only": lambda: gl.make_gate("cosine", unit_beta=False),
     "cosine-beta-only": lambda: gl.make_gate("cosine", unit_x=False, tau1=0.2),
+    "cosine-centred": lambda: gl.make_gate("cosine", center=True),
     "quadratic-rank2": lambda: gl.make_gate("quadratic", rank=2),
     "quadratic-monomial-rank1": lambda: gl.make_gate("quadratic_monomial", rank=1),
     "laplace-expanded": lambda: gl.make_gate("laplace", expanded=True),

@@ -314,12 +314,17 @@ class CosineGate(Gate):
     With tau1 = tau2 = 0 (this class's default) it is the plain cosine router, whose
     parameter interactions slow estimation to 1/log^tau(n); ``PerturbedCosineGate``
     fixes tau1, tau2 > 0. Blocks: beta1 (E, D), beta0 (E,).
+
+    ``center``: x and beta1_i lose their mean over the D features first. Then
+    sqrt(D) * s_i(x) = LN(x) . LN(beta1_i) / sqrt(D), LN a LayerNorm without affine (and
+    without its epsilon), which is PHATGOOSE's routing score (arXiv 2402.05859).
     """
 
     tau1: float = 0.0
     tau2: float = 0.0
     unit_x: bool = True
     unit_beta: bool = True
+    center: bool = False
     name: ClassVar[str] = "cosine"
 
     def __post_init__(self) -> None:
@@ -332,6 +337,8 @@ class CosineGate(Gate):
 
     def scores(self, x_ND: Tensor, params: Params) -> Tensor:
         beta1 = params["beta1"]
+        if self.center:
+            x_ND, beta1 = x_ND - x_ND.mean(-1, keepdim=True), beta1 - beta1.mean(-1, keepdim=True)
         s = _linear(x_ND, beta1)
         # unit_x / unit_beta choose which sides are normalised (X-MoE normalises both).
         if self.unit_x:

@@ -6,9 +6,11 @@ from .active import ActiveAttention
 from .continual import NorgaContinual
 from .fusion import FuseIrregular, FuseMissing, HMoEGates
 from .images import DeWiRecipe
+from .phatgoose import PhatgooseRouting
 from .tasks import PrefixSharing, Task
 
 __all__ = ["TASKS"]
 
 TASKS: dict[str, type[Task]] = {task.name: task for task in (
-    PrefixSharing, NorgaContinual, ActiveAttention, FuseMissing, HMoEGates, FuseIrregular, DeWiRecipe)}
+    PrefixSharing, NorgaContinual, ActiveAttention, FuseMissing, HMoEGates, FuseIrregular, DeWiRecipe,
+    PhatgooseRouting)}
