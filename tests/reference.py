@@ -28,6 +28,9 @@ def _score(gate, x, p, i):
     b0 = p["beta0"][i]
     if isinstance(gate, gt.CosineGate):
         w = p["beta1"][i]
+        if gate.center:  # both sides lose their mean over the features
+            w = [v - sum(w) / len(w) for v in w]
+            x = [v - sum(x) / len(x) for v in x]
         beta_norm = _norm(w) + gate.tau1 if gate.unit_beta else 1.0
         x_norm = _norm(x) + gate.tau2 if gate.unit_x else 1.0
         return _dot(w, x) / (beta_norm * x_norm) + b0

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -22,7 +23,7 @@ from torch import Tensor
 from ..data import supersense_dataset
 from ..nn.backbone import PrefixTuned, backbone_path, load_backbone
 
-__all__ = ["GlossPool", "gloss_pool", "frozen_states", "cache_dir"]
+__all__ = ["GlossPool", "gloss_pool", "frozen_states", "cached_tensor", "cache_dir"]
 
 
 @dataclass(frozen=True)
@@ -92,27 +93,33 @@ def cache_dir() -> Path:
 def frozen_states(pool: GlossPool, start: int, backbone: str | None = None) -> Tensor:
     """Hidden states (N, T, d) entering layer ``start`` for every gloss of the pool, from
     the frozen layers below it: computed once, then read from the cache folder."""
-    folder = backbone_path(backbone)
-    name = hashlib.sha256(f"{folder}|{pool.key}|{start}".encode()).hexdigest()[:16]
-    if name in _STATES:
-        return _STATES[name]
-    path = cache_dir() / f"states-{name}.pt"
-    if path.exists():
-        _STATES[name] = torch.load(path)
-        return _STATES[name]
-    model, _ = _backbone(backbone)
-    tuned = PrefixTuned(model, {})
-    states = torch.cat([tuned.hidden_before(start, pool.ids[i:i + 256], pool.mask[i:i + 256])
-                        for i in range(0, len(pool.ids), 256)])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".part")
-    torch.save(states, partial)
-    partial.replace(path)  # a killed run never leaves a half-written cache behind
-    _STATES[name] = states
-    return states
+    def compute() -> Tensor:
+        tuned = PrefixTuned(model_for(backbone), {})
+        return torch.cat([tuned.hidden_before(start, pool.ids[i:i + 256], pool.mask[i:i + 256])
+                          for i in range(0, len(pool.ids), 256)])
+
+    return cached_tensor(f"{backbone_path(backbone)}|{pool.key}|{start}", compute)
 
 
-_STATES: dict[str, Tensor] = {}  # this process's copies of the cached states
+def cached_tensor(key: str, compute: Callable[[], Tensor]) -> Tensor:
+    """``compute()``, kept in this process and in the cache folder under a hash of ``key``
+    (written atomically: a killed run never leaves a half-written file behind)."""
+    name = hashlib.sha256(key.encode()).hexdigest()[:16]
+    if name not in _STATES:
+        path = cache_dir() / f"states-{name}.pt"
+        if path.exists():
+            _STATES[name] = torch.load(path)
+        else:
+            value = compute()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            partial = path.with_suffix(".part")
+            torch.save(value, partial)
+            partial.replace(path)
+            _STATES[name] = value
+    return _STATES[name]
+
+
+_STATES: dict[str, Tensor] = {}  # this process's copies of the cached tensors
 
 
 def model_for(backbone: str | None = None):

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -75,7 +75,7 @@ class LoRABank(nn.Module):
         self.router = Router(d, n_adapters, min(top_k, n_adapters), CosineGate(center=True),
                              temperature=d ** -0.5, renormalize=True)
         with torch.no_grad():
-            self.router.scores.beta1.zero_()
+            self.gates.zero_()
         self.mode: Mode = "off"
         self.adapter = 0
         #: When a list, routed forwards append their coefficients (..., E) to it (diagnostics).
@@ -94,7 +94,7 @@ class LoRABank(nn.Module):
     @property
     def gates(self) -> nn.Parameter:
         """The gate vectors v (E, in): the router's rows."""
-        return self.router.scores.beta1
+        return cast(nn.Parameter, self.router.scores.params()["beta1"])
 
     def delta(self, x: Tensor, e: int) -> Tensor:
         """Adapter e's change (alpha / r) B_e A_e x."""
