@@ -93,7 +93,20 @@ def test_add_lora_wraps_every_encoder_linear_and_starts_as_the_backbone():
         add_lora(nn.Sequential(nn.ReLU()), 1, within="0")
 
 
-def test_gate_training_leaves_adapters_backbone_and_other_gates_untouched():
+def test_one_adapter_per_sample_is_each_sample_through_its_own_adapter():
+    b, x = bank(n_adapters=3), torch.randn(4, 5, 6)
+    owner = torch.tensor([2, 0, 2, 1])
+    for mode in ("single", "gated"):
+        set_mode([b], mode, owner)
+        got = b(x)
+        for i, e in enumerate(owner.tolist()):
+            set_mode([b], mode, e)
+            torch.testing.assert_close(got[i], b(x[i:i + 1])[0])
+    with pytest.raises(ValueError, match=r"adapter indices must lie in \[0, 2\]"):
+        set_mode([b], "single", torch.tensor([0, 3]))
+
+
+def test_gate_training_leaves_adapters_and_backbone_untouched():
     from gatelab.experiments.phatgoose import train_gates
     from gatelab.experiments.text import GlossPool
     model = tiny_bert()
@@ -106,12 +119,13 @@ def test_gate_training_leaves_adapters_backbone_and_other_gates_untouched():
     pool = GlossPool(ids, torch.ones_like(ids), torch.tensor([0, 1] * 4), (), (), ("a", "b"), "k")
     head = nn.Linear(16, 2).requires_grad_(False)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    options = {"gate_lr": 0.1, "gate_steps": 3, "batch": 4}
-    train_gates(model, head, pool, torch.arange(8), pool.labels, 1, options, torch.Generator().manual_seed(0))
+    options = {"gate_lr": 0.1, "gate_steps": 3, "gate_batch": 4}
+    train_gates(model, head, pool, [torch.arange(4), torch.arange(4, 8)], pool.labels, options,
+                torch.Generator().manual_seed(0))
     after = model.state_dict()
     changed = {k for k in after if not torch.equal(after[k], before[k])}
     assert changed and all(k.endswith("router.scores.beta1") for k in changed)
-    for k in changed:
-        assert torch.equal(after[k][0], before[k][0])  # adapter 0's gate row is not adapter 1's
+    for k in changed:  # both adapters' gate rows trained
+        assert not torch.equal(after[k][0], before[k][0]) and not torch.equal(after[k][1], before[k][1])
     assert all(not p.requires_grad for p in model.parameters())
     assert banks_of(model) == banks

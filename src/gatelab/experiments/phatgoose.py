@@ -12,7 +12,8 @@ Per seed:
   layers), trained on its task's glosses alone;
 - stage 2 (arm ``phatgoose``): with the adapters and backbone frozen, each adapter's gate
   vectors (one per adapted layer, starting at 0) are trained on its task's glosses for
-  ``gate_steps`` steps, through W x + sigmoid(v . x) B A x;
+  ``gate_steps`` steps, through W x + sigmoid(v . x) B A x (all tasks in one pass per
+  step, each gloss through its own task's adapter: ``train_gates``);
 - stage 3: every token at every adapted layer is routed among all adapters with
   LN(x) . LN(v) / sqrt(d), top 2, renormalised (``gatelab.nn.adapters``).
 
@@ -111,20 +112,27 @@ def train_adapter(model: nn.Module, head: nn.Linear, pool: GlossPool, rows: Tens
         p.requires_grad_(False)
 
 
-def train_gates(model: nn.Module, head: nn.Linear, pool: GlossPool, rows: Tensor, labels: Tensor,
-                e: int, options: Mapping[str, Any], generator: torch.Generator) -> None:
-    """Stage 2: adapter e's gate vectors alone (adapter and backbone frozen), through
-    W x + sigmoid(v_e . x) delta_e(x). No weight decay, so that the other adapters' gate
-    rows, which share the tensor and get zero gradient, stay exactly as they are."""
+def train_gates(model: nn.Module, head: nn.Linear, pool: GlossPool, task_rows: list[Tensor], labels: Tensor,
+                options: Mapping[str, Any], generator: torch.Generator) -> None:
+    """Stage 2: every adapter's gate vectors (adapters and backbone frozen), each on its own
+    task through W x + sigmoid(v_e . x) delta_e(x). A step takes ``gate_batch`` glosses of every
+    task, each through its own task's adapter, so that adapter e's gate row gets gradient
+    from task e's glosses only: one pass does what one step per task would (up to Adam's
+    epsilon, as the mean over the tasks scales each row's gradient by 1 / tasks)."""
     banks = banks_of(model)
-    set_mode(banks, "gated", e)
     gates = [bank.gates for bank in banks]
     for g in gates:
         g.requires_grad_(True)
-    settings = {**options, "lr": options["gate_lr"], "weight_decay": 0.0, "epochs": 0,
-                "min_steps": options["gate_steps"]}
-    optimise(gates, lambda b: F.cross_entropy(head(pooled(model, pool, b)), labels[b]), rows, settings,
-             generator)
+    opt = torch.optim.AdamW(gates, lr=options["gate_lr"], weight_decay=0.0)
+    owner = torch.arange(len(task_rows)).repeat_interleave(options["gate_batch"])
+    set_mode(banks, "gated", owner)
+    for _ in range(options["gate_steps"]):
+        batch = torch.cat([rows[torch.randint(len(rows), (options["gate_batch"],), generator=generator)]
+                           for rows in task_rows])
+        loss = F.cross_entropy(head(pooled(model, pool, batch)), labels[batch])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
     for g in gates:
         g.requires_grad_(False)
 
@@ -158,12 +166,12 @@ class PhatgooseRouting(Task):
     (real token, adapted layer) whose top adapter is the gloss's own task's."""
 
     name = "phatgoose-routing"
-    VERSION = 1
+    VERSION = 2  # 2: stage 2 trains every task's gates in one pass per step
     OPTIONS: ClassVar[dict[str, Any]] = {
-        "test_per_class": 50, "pool_per_class": 100, "max_length": 32, "data_seed": 0,
+        "test_per_class": 40, "pool_per_class": 100, "max_length": 32, "data_seed": 0,
         "backbone": "minilm", "tasks": 4, "classes_per_task": 5, "rank": 8, "alpha": 8.0, "top_k": 2,
         "lr": 2e-3, "weight_decay": 0.0, "batch": 16, "epochs": 6, "min_steps": 60,
-        "head_lr": 1e-2, "head_steps": 300, "gate_lr": 1e-3, "gate_steps": 100,
+        "head_lr": 1e-2, "head_steps": 300, "gate_lr": 1e-3, "gate_steps": 100, "gate_batch": 8,
     }
     ARM_OPTIONS: ClassVar[dict[str, Any]] = {"method": "phatgoose", "adapter": 0}
 
@@ -213,10 +221,11 @@ class PhatgooseRouting(Task):
                  n: int, options: Mapping[str, Any], generator: torch.Generator) -> dict[str, float]:
         method, model, banks = arm["method"], stage.model, stage.banks
         extra: dict[str, float] = {}
-        if method == "oracle":
-            right = sum(self._correct(model, stage.head, pool, labels, pool.test_rows(classes), "single", e)
-                        for e, classes in enumerate(stage.split))
-            return {"accuracy": 100 * right / len(test)}
+        if method == "oracle":  # each gloss through its own task's adapter
+            own = torch.cat([torch.full((len(pool.test_rows(classes)),), e)
+                             for e, classes in enumerate(stage.split)])
+            return {"accuracy": 100 * self._correct(model, stage.head, pool, labels, test, "single", own)
+                    / len(test)}
         if method == "multitask":
             model = lora_model(options["backbone"], 1, options)
             rows = torch.cat([pool.draw(n, generator, classes) for classes in stage.split])
@@ -227,9 +236,8 @@ class PhatgooseRouting(Task):
             with torch.no_grad():
                 for bank in banks:
                     bank.gates.zero_()  # stage 2 from its start, even on a stage 1 kept in memory
-            for e, classes in enumerate(stage.split):
-                train_gates(model, stage.head, pool, pool.draw(n, generator, classes), labels, e, options,
-                            generator)
+            task_rows = [pool.draw(n, generator, classes) for classes in stage.split]
+            train_gates(model, stage.head, pool, task_rows, labels, options, generator)
             extra["routing_accuracy"] = self._routing_accuracy(stage, pool, test)
         mode = {"base": "off", "single": "single", "merged": "merged", "phatgoose": "routed"}[method]
         right = self._correct(model, stage.head, pool, labels, test, mode, arm["adapter"])
@@ -237,9 +245,16 @@ class PhatgooseRouting(Task):
 
     @staticmethod
     def _correct(model: nn.Module, head: nn.Linear, pool: GlossPool, labels: Tensor, rows: Tensor, mode: str,
-                 adapter: int) -> int:
-        set_mode(banks_of(model), mode, adapter)  # type: ignore[arg-type]
-        return int((logits_of(model, head, pool, rows).argmax(-1) == labels[rows]).sum())
+                 adapter: int | Tensor) -> int:
+        """How many of ``rows`` the model classifies right in ``mode`` (with a tensor
+        ``adapter``: one adapter per row of ``rows``)."""
+        banks, right = banks_of(model), 0
+        for i in range(0, len(rows), 100):
+            per_row = adapter[i:i + 100] if isinstance(adapter, Tensor) else adapter
+            set_mode(banks, mode, per_row)  # type: ignore[arg-type]
+            chunk = rows[i:i + 100]
+            right += int((logits_of(model, head, pool, chunk).argmax(-1) == labels[chunk]).sum())
+        return right
 
     @staticmethod
     @torch.no_grad()
@@ -273,6 +288,7 @@ class PhatgooseRouting(Task):
         path = cache_dir() / f"phatgoose-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
         if path in _STAGES:
             return _STAGES[path]
+        torch.manual_seed(seed)  # the adapters' A: seeded here, not by what this process ran before
         model = lora_model(options["backbone"], options["tasks"], options)
         with _locked(path):
             if path.exists():
@@ -295,7 +311,7 @@ class PhatgooseRouting(Task):
     def _train_stage1(model: nn.Module, options: Mapping[str, Any], pool: GlossPool, n: int, seed: int
                       ) -> tuple[list[tuple[int, ...]], nn.Linear]:
         generator = torch.Generator().manual_seed(seed)
-        torch.manual_seed(seed)  # the adapters' A and the head's initial values
+        torch.manual_seed(seed + 2)  # the head's initial values
         split = task_split(len(pool.names), options["tasks"], options["classes_per_task"], generator)
         union = tuple(c for classes in split for c in classes)
         labels = local_labels(pool.labels, union)

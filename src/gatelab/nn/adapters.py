@@ -7,7 +7,8 @@ Every adapted linear layer of the backbone becomes a ``LoRABank``: the frozen
 is chosen by its ``mode``:
 
 - ``"off"``: nothing (the backbone alone);
-- ``"single"``: adapter ``adapter`` alone, W x + delta_e(x) (stage 1 trains it);
+- ``"single"``: adapter ``adapter`` alone, W x + delta_e(x) (stage 1 trains it); with a
+  tensor of indices, each sample (row of x) through its own adapter;
 - ``"gated"``: W x + sigmoid(v_e . x) delta_e(x), v_e adapter e's gate vector, initialised
   at 0 (stage 2 trains v_e alone, with the adapter and backbone frozen);
 - ``"routed"``: W x + sum_e w_e(x) delta_e(x), each token routed at each bank among all
@@ -77,7 +78,7 @@ class LoRABank(nn.Module):
         with torch.no_grad():
             self.gates.zero_()
         self.mode: Mode = "off"
-        self.adapter = 0
+        self.adapter: int | Tensor = 0
         #: When a list, routed forwards append their coefficients (..., E) to it (diagnostics).
         self.record: list[Tensor] | None = None
 
@@ -112,21 +113,34 @@ class LoRABank(nn.Module):
         y = self.base(x)
         if self.mode == "off":
             return y
-        if self.mode == "single":
-            return y + self.delta(x, self.adapter)
-        if self.mode == "gated":
-            gate = torch.sigmoid(x @ self.gates[self.adapter].to(x.dtype))
-            return y + gate.unsqueeze(-1) * self.delta(x, self.adapter)
         if self.mode == "merged":
             a, b = torch.stack(list(self.A)).mean(0), torch.stack(list(self.B)).mean(0)
             return y + F.linear(F.linear(x, a), b) * self.scale
-        # routed: every adapter's low-rank product at once (E r columns, cheap beside W)
+        if self.mode == "routed":
+            coefficients = self.weights(x)
+            if self.record is not None:
+                self.record.append(coefficients.detach())
+            return y + self.mix(x, coefficients)
+        if isinstance(self.adapter, int):
+            change = self.delta(x, self.adapter)
+            if self.mode == "gated":
+                change = torch.sigmoid(x @ self.gates[self.adapter].to(x.dtype)).unsqueeze(-1) * change
+            return y + change
+        # one adapter per sample (rows of x): each row's own A, B (and gate vector), gathered
+        own = self.adapter
+        ax = torch.einsum("b...i,bri->b...r", x, torch.stack(list(self.A))[own])
+        change = torch.einsum("b...r,bor->b...o", ax, torch.stack(list(self.B))[own]) * self.scale
+        if self.mode == "gated":
+            v = self.gates[own].to(x.dtype).view(len(x), *[1] * (x.dim() - 2), x.shape[-1])
+            change = torch.sigmoid((x * v).sum(-1, keepdim=True)) * change
+        return y + change
+
+    def mix(self, x: Tensor, coefficients: Tensor) -> Tensor:
+        """sum_e c_e(x) delta_e(x) for coefficients (..., E): every adapter's low-rank
+        product at once (E r columns, cheap beside W)."""
         ax = torch.einsum("...i,eri->...er", x, torch.stack(list(self.A)))
-        weights = self.weights(x)
-        if self.record is not None:
-            self.record.append(weights.detach())
-        mixed = ax * weights.unsqueeze(-1)
-        return y + torch.einsum("...er,eor->...o", mixed, torch.stack(list(self.B))) * self.scale
+        return torch.einsum("...er,eor->...o", ax * coefficients.unsqueeze(-1), torch.stack(list(self.B))) \
+            * self.scale
 
 
 def add_lora(model: nn.Module, n_adapters: int, rank: int = 8, alpha: float | None = None,
@@ -156,10 +170,16 @@ def banks_of(model: nn.Module) -> list[LoRABank]:
     return [m for m in model.modules() if isinstance(m, LoRABank)]
 
 
-def set_mode(banks: Iterable[LoRABank], mode: Mode, adapter: int = 0) -> None:
-    """Put every bank in ``mode`` (``MODES``), using ``adapter`` for single and gated."""
+def set_mode(banks: Iterable[LoRABank], mode: Mode, adapter: int | Tensor = 0) -> None:
+    """Put every bank in ``mode`` (``MODES``), using ``adapter`` for single and gated: one
+    index, or a LongTensor of one index per sample (the rows of the inputs)."""
     choose("mode", mode, MODES)
     for bank in banks:
         if mode in ("single", "gated"):
-            check_int("adapter", adapter, 0, bank.n_adapters - 1)
+            if isinstance(adapter, Tensor):
+                if adapter.numel() and not 0 <= int(adapter.min()) <= int(adapter.max()) < bank.n_adapters:
+                    raise ValueError(f"adapter indices must lie in [0, {bank.n_adapters - 1}]; got "
+                                     f"{int(adapter.min())}..{int(adapter.max())}.")
+            else:
+                check_int("adapter", adapter, 0, bank.n_adapters - 1)
         bank.mode, bank.adapter = mode, adapter
