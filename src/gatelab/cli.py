@@ -147,13 +147,13 @@ def cmd_studies(args: argparse.Namespace) -> int:
 
 def _print_rates(table: list[dict]) -> None:
     print(f"{'setting':<22} {'loss':<11} {'block':<7} {'slope':>7}  {'95% CI':<18} "
-          f"{'theory':>7}  {'verdict':<10} {'median slope':>12}")
+          f"{'theory':>7}  {'verdict':<12} {'median slope':>12} {'trimmed':>8}")
     for r in table:
         theory = "" if r["theory"] is None else f"{r['theory']:+.3f}"
         ci = f"[{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]"
         note = f" ({r['excluded']} left out)" if r["excluded"] else ""
         print(f"{r['setting']:<22} {r['loss']:<11} {r['block']:<7} {r['slope']:+7.3f}  {ci:<18} "
-              f"{theory:>7}  {r['verdict']:<10} {r['median_slope']:+12.3f}{note}")
+              f"{theory:>7}  {r['verdict']:<12} {r['median_slope']:+12.3f} {r['trimmed_slope']:+8.3f}{note}")
 
 
 def _print_claims(claims: list[dict]) -> None:

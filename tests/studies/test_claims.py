@@ -9,7 +9,7 @@ import pytest
 from cases import TINY
 from gatelab import cli
 from gatelab.studies import Store, Study, catalogue
-from gatelab.studies.claims import decide, evaluate_claims
+from gatelab.studies.claims import claims_text, decide, evaluate_claims, verdict
 from gatelab.studies.rates import Rate
 from gatelab.studies.spec import SpecError
 from gatelab.studies.store import FitRow
@@ -41,6 +41,31 @@ def test_each_rule_holds_and_fails_by_hand():
     assert decide("within", r, -0.5, 0.1) and not decide("within", r, -0.5, 0.01)
     assert decide("ci_below", r, -0.4) and not decide("ci_below", r, -0.45)
     assert decide("ci_above", r, -0.6) and not decide("ci_above", r, -0.5)
+
+
+def test_verdicts_by_hand_hold_fail_or_are_inconclusive():
+    narrow, wide = Rate(-0.48, -0.55, -0.41), Rate(-0.48, -0.7, -0.3)
+    assert verdict("ci_covers", narrow, -0.5) == "yes" and verdict("ci_covers", narrow, -0.25) == "NO"
+    assert verdict("ci_covers", wide, -0.5) == "inconclusive"  # 0.4 wide: it would cover much
+    assert verdict("ci_covers", wide, -0.5, max_width=0.5) == "yes"
+    assert verdict("within", wide, -0.5, 0.1) == "inconclusive"
+    assert verdict("within", narrow, -0.5, 0.01) == "NO"
+    # one-sided rules: a CI containing the value cannot tell the side
+    assert verdict("ci_below", narrow, -0.5) == "inconclusive"
+    assert verdict("ci_below", narrow, -0.4) == "yes" and verdict("ci_below", narrow, -0.6) == "NO"
+    assert verdict("ci_above", narrow, -0.6) == "yes" and verdict("ci_above", narrow, -0.3) == "NO"
+    assert verdict("ci_above", wide, 0.0) == "NO" and verdict("ci_above", Rate(0.1, -0.1, 0.3), 0.0) == \
+        "inconclusive"
+
+
+def test_an_inconclusive_claim_is_reported_as_such():
+    study = _study([{"text": "fast vs slow", "setting": "fast", "minus": "slow", "rule": "ci_below",
+                     "value": -0.25}])
+    claims = evaluate_claims(study, _rows("fast", -0.5) + _rows("slow", -0.25, seed=1))
+    (c,) = claims
+    assert c["numbers"]["ci_low"] < -0.25 < c["numbers"]["ci_high"]
+    assert c["verdict"] == "inconclusive" and c["holds"] is None
+    assert claims_text(claims).startswith("inconclusive") and "inconclusive" in c["rule"]
 
 
 def test_claims_are_decided_on_the_rows():

@@ -160,11 +160,34 @@ def test_rate_recovers_a_known_slope():
     assert r.ci_high - r.ci_low < 0.1
 
 
+def test_trimmed_mean_by_hand():
+    from gatelab.studies.rates import trimmed_mean
+    assert trimmed_mean(np.array([1.0, 2.0, 3.0, 4.0, 100.0]), cut=0.2) == pytest.approx(3.0)
+    assert trimmed_mean(np.array([1.0, 2.0, 3.0, 4.0, 100.0])) == pytest.approx(22.0)  # 10% of 5: none
+    rows = np.array([[5.0, 1e6, 1.0, 2.0, 3.0, 4.0, 6.0, 7.0, 8.0, -1e6], np.arange(10.0)])
+    assert trimmed_mean(rows).tolist() == pytest.approx([4.5, 4.5])  # one value dropped at each end
+
+
+def test_runoff_fractions_count_separated_fits_per_setting_and_n():
+    from gatelab.studies.rates import runoff_fractions
+    from gatelab.studies.store import FitRow
+    def row(setting, n, status):
+        return FitRow("s", setting, n, 0, 0, 1.0, 0.0, {}, 0.0, 1, True, False, 0.0, "v", "h", status)
+    rows = [row("a", 10, "separated"), row("a", 10, "converged"), row("a", 10, "converged"),
+            row("a", 20, "max_iter"), row("b", 10, "separated")]
+    assert runoff_fractions(rows) == {"a": {10: pytest.approx(1 / 3), 20: 0.0}, "b": {10: 1.0}}
+
+
 def test_verdicts():
     assert verdict(-0.5, Rate(-0.45, -0.6, -0.4)) == "within CI"
     assert verdict(-0.5, Rate(-0.9, -1.0, -0.8)) == "faster"
     assert verdict(-0.5, Rate(-0.2, -0.3, -0.1)) == "slower"
     assert verdict(None, Rate(-0.2, -0.3, -0.1)) == "n/a"
+    # covering the theory with an interval wider than 0.3, or one that also covers 0, says nothing
+    assert verdict(-0.5, Rate(-0.5, -0.7, -0.35)) == "inconclusive"
+    assert verdict(-0.5, Rate(-0.5, -0.7, -0.35), max_width=0.4) == "within CI"
+    assert verdict(-0.1, Rate(-0.05, -0.15, 0.05)) == "inconclusive"
+    assert verdict(-0.5, Rate(-0.1, -0.3, 0.1)) == "slower"  # decisive against the theory
 
 
 def test_rate_table_covers_every_setting_and_block(tiny, tmp_path):
@@ -517,7 +540,7 @@ def test_fewer_than_three_replicates_get_no_verdict(tiny):
         return next(r for r in table if r["block"] == "total")["verdict"]
 
     assert total_verdict(2) == "too few"
-    assert total_verdict(3) in ("within CI", "faster", "slower")
+    assert total_verdict(3) in ("within CI", "faster", "slower", "inconclusive")
     assert verdict(-0.5, Rate(-0.45, -0.6, -0.4), replicates=2) == "too few"
 
 

@@ -5,29 +5,53 @@ measures and applies them, so a claim that does not hold is reported as such.
 
 An entry: the claim in words and its arXiv id, the rule in words, the numbers (the
 slope or the difference of two settings' slopes, its 95% bootstrap interval, the
-replicates and sizes it rests on), and ``holds``: True, False, or None where the runs
-cannot decide (fewer than two sizes, or fewer than ``MIN_VERDICT_REPLICATES``
-replicates per size).
+replicates and sizes it rests on), the ``verdict`` (``verdict``): "yes", "NO", or
+"inconclusive" where the interval cannot tell (it contains the value a one-sided rule
+compares with, or is wider than the claim's ``max_width`` for ci_covers / within), and
+``holds``: True (yes), False (NO), or None where inconclusive or where the runs cannot
+decide (fewer than two sizes, or fewer than ``MIN_VERDICT_REPLICATES`` replicates per
+size; then there is no verdict).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from .rates import MIN_VERDICT_REPLICATES, Rate, by_setting, interval, rate_draws, series
-from .spec import CLAIM_RULES, ClaimSpec, Study
+from .spec import CLAIM_RULES, DEFAULT_MAX_WIDTH, ClaimSpec, Study
 from .store import FitRow
 
 __all__ = ["evaluate_claims", "evaluate_paired_claims", "paired_interval", "decide", "decide_paired",
-           "describe", "claims_text", "holds_word", "measured"]
+           "describe", "claims_text", "holds_word", "measured", "verdict", "verdict_word"]
 
 
 def holds_word(holds: bool | None) -> str:
     """How reports say it: "yes", "NO" (plainly, where a claim does not hold), "undecided"."""
     return {True: "yes", False: "NO", None: "undecided"}[holds]
+
+
+def verdict_word(claim: Mapping[str, Any]) -> str:
+    """A decided claim's verdict (yes / NO / inconclusive), else ``holds_word``."""
+    return claim.get("verdict") or holds_word(claim["holds"])
+
+
+def verdict(rule: str, r: Rate, value: float, margin: float | None = None,
+            max_width: float = DEFAULT_MAX_WIDTH) -> str:
+    """"yes", "NO" or "inconclusive" for a measured slope (or difference) ``r``.
+
+    ``ci_above`` / ``ci_below``: inconclusive when the CI contains ``value`` (the data cannot
+    tell which side the slope is on), NO when it lies wholly on the wrong side.
+    ``ci_covers`` / ``within``: inconclusive when the CI is wider than ``max_width``, since
+    a wide enough interval covers any theory; otherwise ``decide``."""
+    if rule in ("ci_above", "ci_below"):
+        if r.ci_low <= value <= r.ci_high:
+            return "inconclusive"
+    elif r.ci_high - r.ci_low > max_width:
+        return "inconclusive"
+    return "yes" if decide(rule, r, value, margin) else "NO"
 
 
 def decide(rule: str, r: Rate, value: float, margin: float | None = None) -> bool:
@@ -50,7 +74,9 @@ def describe(c: ClaimSpec) -> str:
     x = f"slope({c.setting}) - slope({c.minus})" if c.minus else f"slope({c.setting})"
     rule = (CLAIM_RULES[c.rule].replace("value", f"{c.value:g}")
             .replace("margin", f"{c.margin:g}" if c.margin is not None else "margin"))
-    return f"x = {x}, log({what}) on log(n): {rule}"
+    unsure = (f"a CI containing {c.value:g} is inconclusive" if c.rule in ("ci_above", "ci_below")
+              else f"a CI wider than {c.max_width:g} is inconclusive")
+    return f"x = {x}, log({what}) on log(n): {rule} ({unsure})"
 
 
 def _draws(rows_by_n, block: str, statistic: str, n_boot: int, seed: int):
@@ -93,7 +119,8 @@ def evaluate_claims(study: Study, rows: Sequence[FitRow], n_boot: int = 1000) ->
         entry["numbers"] = {"x": r.slope, "ci_low": r.ci_low, "ci_high": r.ci_high,
                             "replicates": min(first[2], second[2] if second else first[2]),
                             "sizes": first[3]}
-        entry["holds"] = decide(c.rule, r, c.value, c.margin)
+        entry["verdict"] = verdict(c.rule, r, c.value, c.margin, c.max_width)
+        entry["holds"] = {"yes": True, "NO": False}.get(entry["verdict"])
         out.append(entry)
     return out
 
@@ -179,7 +206,7 @@ def claims_text(claims: Sequence[dict[str, Any]]) -> str:
     """A plain-text claims table: holds (yes / NO / undecided), the number, the claim."""
     lines = []
     for c in claims:
-        holds = holds_word(c["holds"])
+        holds = verdict_word(c)
         nums = c["numbers"]
         number = (f"{nums['x']:+.3f} [{nums['ci_low']:+.3f}, {nums['ci_high']:+.3f}]"
                   if "x" in nums else nums.get("note", ""))

@@ -13,11 +13,12 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from .spec import Study
+from .spec import DEFAULT_MAX_WIDTH, Study
 from .store import FitRow
 
 __all__ = ["Rate", "slope", "rate", "rate_draws", "interval", "verdict", "rate_table",
-           "left_out", "by_setting", "series", "fit_summary", "MIN_VERDICT_REPLICATES"]
+           "left_out", "by_setting", "series", "fit_summary", "trimmed_mean", "runoff_fractions",
+           "MIN_VERDICT_REPLICATES"]
 
 #: A bootstrap over fewer replicates than this has (next to) no spread: its interval says
 #: nothing, so no verdict is given.
@@ -50,13 +51,23 @@ def slope(ns: Sequence[float] | np.ndarray, means: np.ndarray) -> np.ndarray:
     return ((y - y.mean(-1, keepdims=True)) * xc).sum(-1) / (xc ** 2).sum()
 
 
-STATISTICS: dict[str, Callable[..., Any]] = {"mean": np.mean, "median": np.median}
+def trimmed_mean(values: np.ndarray, axis: int = -1, cut: float = 0.1) -> np.ndarray:
+    """The mean after dropping the floor(cut * m) smallest and largest of the m values
+    along ``axis`` (a 10% trimmed mean by default: robust to the few fits that wander)."""
+    ordered = np.sort(np.asarray(values, dtype=float), axis=axis)
+    m = ordered.shape[axis]
+    k = int(cut * m)
+    return np.take(ordered, np.arange(k, m - k), axis=axis).mean(axis=axis)
+
+
+STATISTICS: dict[str, Callable[..., Any]] = {"mean": np.mean, "median": np.median, "trimmed": trimmed_mean}
 
 
 def rate(ns: Sequence[int], losses: Sequence[np.ndarray], n_boot: int = 1000, level: float = 0.95,
          seed: int = 0, statistic: str = "mean") -> Rate:
-    """Slope of log(statistic of the loss) on log(n), the statistic "mean" (default) or
-    "median" over replicates, and its percentile bootstrap interval.
+    """Slope of log(statistic of the loss) on log(n), the statistic "mean" (default),
+    "median" or "trimmed" (``trimmed_mean``) over replicates, and its percentile bootstrap
+    interval.
 
     ``losses[m]`` holds the replicates' losses at ``ns[m]``. Each bootstrap draw resamples
     the replicates of every n with replacement and refits the slope.
@@ -90,6 +101,16 @@ def rate_draws(ns: Sequence[int], losses: Sequence[np.ndarray], n_boot: int = 10
     return point, slope(ns, boot)
 
 
+def runoff_fractions(rows: Sequence[FitRow]) -> dict[str, dict[int, float]]:
+    """Per setting and n, the fraction of fits whose gate parameters ran off (fit status
+    "separated": the likelihood rises without bound along a direction of the gate
+    parameters, so no MLE exists). A heavy-tailed mean slope is read beside this curve."""
+    cells: dict[str, dict[int, list[bool]]] = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        cells[r.setting][r.n].append(r.status == "separated")
+    return {s: {n: sum(v) / len(v) for n, v in sorted(by_n.items())} for s, by_n in cells.items()}
+
+
 def fit_summary(rows: Sequence[FitRow]) -> str:
     """One line on how the fits ended and which were left out of the slopes, e.g.
     "40 fits: 37 converged, 2 max_iter, 1 separated; left out of the slopes: 1
@@ -104,8 +125,12 @@ def fit_summary(rows: Sequence[FitRow]) -> str:
     return out
 
 
-def verdict(theory: float | None, r: Rate, replicates: int = MIN_VERDICT_REPLICATES) -> str:
-    """'within CI', 'faster' (the whole interval below the theoretical slope) or 'slower';
+def verdict(theory: float | None, r: Rate, replicates: int = MIN_VERDICT_REPLICATES,
+            max_width: float = DEFAULT_MAX_WIDTH) -> str:
+    """'faster' (the whole interval below the theoretical slope), 'slower' (above it),
+    'within CI' (it covers the theory, is at most ``max_width`` wide and excludes 0), or
+    'inconclusive' (it covers the theory but is wider, or also covers 0: such an
+    interval would cover any theory, or cannot tell that the loss falls at all);
     'n/a' without a theory, 'too few' with fewer than ``MIN_VERDICT_REPLICATES``
     replicates per size."""
     if theory is None:
@@ -116,6 +141,8 @@ def verdict(theory: float | None, r: Rate, replicates: int = MIN_VERDICT_REPLICA
         return "faster"
     if r.ci_low > theory:
         return "slower"
+    if r.ci_high - r.ci_low > max_width or r.ci_low <= 0 <= r.ci_high:
+        return "inconclusive"
     return "within CI"
 
 
@@ -144,8 +171,9 @@ def series(cells: dict[int, list[FitRow]], block: str) -> tuple[list[int], list[
 
 def rate_table(study: Study, rows: Sequence[FitRow], n_boot: int = 1000) -> list[dict]:
     """One entry per setting and block ('total' for the whole loss) with slope, interval,
-    theory and verdict, and the slope of log(median loss) with its interval
-    (``median_slope``, ``median_ci_low``, ``median_ci_high``). Fits that ``left_out``
+    theory and verdict, and the slopes of log(median loss) and log(10% trimmed mean loss)
+    with their intervals (``median_slope``, ``median_ci_low``, ``median_ci_high``;
+    ``trimmed_slope`` ...). Fits that ``left_out``
     rejects are left out of every block's slope of their setting, and counted in
     ``excluded``; sizes with a non-positive mean loss are left out too."""
     grouped, excluded = by_setting(rows)
@@ -163,6 +191,7 @@ def rate_table(study: Study, rows: Sequence[FitRow], n_boot: int = 1000) -> list
                 continue
             r = rate(kept_ns, kept, n_boot=n_boot)
             med = rate(kept_ns, kept, n_boot=n_boot, statistic="median")
+            trim = rate(kept_ns, kept, n_boot=n_boot, statistic="trimmed")
             theory = setting.theory if block == "total" else setting.theory_blocks.get(block)
             replicates = int(np.median([len(v) for v in kept]))
             table.append({"setting": setting.name, "fitted_k": setting.fitted_k,
@@ -170,6 +199,8 @@ def rate_table(study: Study, rows: Sequence[FitRow], n_boot: int = 1000) -> list
                           "ci_low": r.ci_low, "ci_high": r.ci_high, "theory": theory,
                           "verdict": verdict(theory, r, min(len(v) for v in kept)),
                           "median_slope": med.slope, "median_ci_low": med.ci_low,
-                          "median_ci_high": med.ci_high, "sizes": len(kept_ns),
+                          "median_ci_high": med.ci_high, "trimmed_slope": trim.slope,
+                          "trimmed_ci_low": trim.ci_low, "trimmed_ci_high": trim.ci_high,
+                          "sizes": len(kept_ns),
                           "excluded": excluded[setting.name], "replicates": replicates})
     return table

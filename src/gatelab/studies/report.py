@@ -12,8 +12,8 @@ from typing import Sequence
 
 import numpy as np
 
-from .claims import holds_word, measured
-from .rates import MIN_VERDICT_REPLICATES, fit_summary, left_out, slope
+from .claims import measured, verdict_word
+from .rates import MIN_VERDICT_REPLICATES, fit_summary, left_out, runoff_fractions, slope
 from .spec import Study
 from .store import FitRow
 
@@ -86,7 +86,7 @@ def plot_setting(study: Study, setting_name: str, rows: Sequence[FitRow], path: 
 def _table_html(table: list[dict]) -> str:
     head = ("<tr><th>setting</th><th>k</th><th>loss</th><th>block</th><th>slope</th>"
             "<th>95% CI</th><th>theory</th><th>verdict</th><th>median slope</th>"
-            "<th>median 95% CI</th><th>left out</th></tr>")
+            "<th>median 95% CI</th><th>10% trimmed slope</th><th>trimmed 95% CI</th><th>left out</th></tr>")
     rows = []
     for r in table:
         theory = "" if r["theory"] is None else f"{r['theory']:+.3f}"
@@ -96,8 +96,20 @@ def _table_html(table: list[dict]) -> str:
                     f"<td class='{r['verdict'].replace(' ', '-')}'>{r['verdict']}</td>"
                     f"<td>{r['median_slope']:+.3f}</td>"
                     f"<td>[{r['median_ci_low']:+.3f}, {r['median_ci_high']:+.3f}]</td>"
+                    f"<td>{r['trimmed_slope']:+.3f}</td>"
+                    f"<td>[{r['trimmed_ci_low']:+.3f}, {r['trimmed_ci_high']:+.3f}]</td>"
                     f"<td>{r['excluded']}</td></tr>")
     return f"<table>{head}{''.join(rows)}</table>"
+
+
+def _runoff_html(fractions: dict[str, dict[int, float]]) -> str:
+    """Per setting, the fraction of fits whose gate ran off (status separated) at each n."""
+    ns = sorted({n for by_n in fractions.values() for n in by_n})
+    head = "<tr><th>run-off fraction</th>" + "".join(f"<th>n={n}</th>" for n in ns) + "</tr>"
+    rows = "".join(f"<tr><td>{html.escape(s)}</td>"
+                   + "".join(f"<td>{by_n[n]:.2f}</td>" if n in by_n else "<td></td>" for n in ns) + "</tr>"
+                   for s, by_n in fractions.items())
+    return f"<h3>Fits whose gate parameters ran off</h3><table>{head}{rows}</table>"
 
 
 def _claims_html(claims: Sequence[dict]) -> str:
@@ -108,7 +120,7 @@ def _claims_html(claims: Sequence[dict]) -> str:
     head = "<tr><th>holds</th><th>claim</th><th>arXiv</th><th>measured</th><th>rule</th></tr>"
     rows = []
     for c in claims:
-        word = holds_word(c["holds"])
+        word = verdict_word(c)
         rows.append(f"<tr><td class='holds-{word}'>{word}</td><td>{html.escape(c['claim'])}</td>"
                     f"<td>{html.escape(c['arxiv'])}</td><td>{measured(c['numbers'])}</td>"
                     f"<td>{html.escape(c['rule'])}</td></tr>")
@@ -136,7 +148,7 @@ def write_report(study: Study, rows: Sequence[FitRow], table: list[dict], out: P
                "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}"
                "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 8px}"
                ".faster{color:#06c}.slower{color:#c60}.within-CI{color:#080}"
-               ".holds-yes{color:#080}.holds-NO{color:#c00;font-weight:bold}"
+               ".holds-yes{color:#080}.holds-NO{color:#c00;font-weight:bold}.holds-inconclusive{color:#b60}"
                "pre{background:#f6f6f6;padding:1em;overflow:auto}</style></head><body>")
     body.write(f"<h1>{html.escape(study.name)}</h1><p>{html.escape(study.description)} "
                f"(arXiv {html.escape(study.paper)})</p>")
@@ -147,13 +159,17 @@ def write_report(study: Study, rows: Sequence[FitRow], table: list[dict], out: P
     body.write(f"<pre>{html.escape(study.notes.strip())}</pre>" if study.notes else "")
     body.write("<h2>Rates</h2><p>Slope of log(mean loss over replicates) against log(n), "
                "95% bootstrap interval over replicates; the verdict compares it with the "
-               "theoretical slope. The median slope fits log(median loss) instead: it is the "
-               "robust reading where a few replicates have huge losses (over-specified fits). "
+               "theoretical slope. The median slope fits log(median loss) instead, and the trimmed "
+               "slope log(10% trimmed mean loss): they are the robust readings where a few "
+               "replicates have huge losses (over-specified fits), and the run-off table below says "
+               "how often fits' gate parameters ran off at each n. A verdict is 'inconclusive' where "
+               "the interval covers the theory but is wider than 0.3 or also covers 0. "
                "Fits whose gate separated the data (no finite maximum likelihood estimate "
                "exists) or whose loss is not finite are left out of every slope of their "
                "setting and counted (column 'left out'). A verdict needs at least "
                f"{MIN_VERDICT_REPLICATES} replicates per size.</p>")
     body.write(_table_html(table))
+    body.write(_runoff_html(runoff_fractions(rows)))
     body.write("<h2>Run</h2><ul>"
                f"<li>{html.escape(fit_summary(rows))} (statuses: see gatelab.fit.status)</li>"
                f"<li>{fit_seconds:.1f} s of fitting in all</li>{run}</ul>")

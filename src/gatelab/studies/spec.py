@@ -30,7 +30,8 @@ from ..models import (
 )
 from ..params import Params, pick
 
-__all__ = ["SpecError", "TruthSpec", "Setting", "ClaimSpec", "CLAIM_RULES", "Study", "load_study", "schema"]
+__all__ = ["SpecError", "TruthSpec", "Setting", "ClaimSpec", "CLAIM_RULES", "DEFAULT_MAX_WIDTH",
+           "Study", "load_study", "schema"]
 
 
 class SpecError(ValueError):
@@ -237,6 +238,9 @@ class Setting:
 
 #: How a claim's number decides it (``ClaimSpec.rule``): x is the slope (or the
 #: difference of two settings' slopes), [lo, hi] its 95% bootstrap interval.
+#: The widest 95% CI of a slope that can decide a ci_covers or within claim (+-0.15).
+DEFAULT_MAX_WIDTH = 0.3
+
 CLAIM_RULES = {
     "ci_covers": "the 95% CI contains value",
     "within": "|x - value| <= margin",
@@ -258,8 +262,12 @@ class ClaimSpec:
     value: float = _key("the number the rule compares with (e.g. the theory slope)", 0.0)
     margin: float | None = _key("the margin of rule 'within'", None)
     block: str = _key("'total' (the loss) or a block of the setting's rows", "total")
-    statistic: str = _key("the slope of log(mean) or log(median) loss over replicates", "mean")
+    statistic: str = _key("the slope of log(mean), log(median) or log(10% trimmed mean) loss over "
+                          "replicates: 'mean', 'median' or 'trimmed'", "mean")
     minus: str | None = _key("another setting: measure slope(setting) - slope(minus)", None)
+    max_width: float = _key("the widest CI that decides a ci_covers or within claim; a wider one is "
+                            "'inconclusive' (ci_above / ci_below: a CI containing value is)",
+                            DEFAULT_MAX_WIDTH)
     arxiv: str = _key("arXiv id of the paper that makes the claim (default: the study's)", "")
     _path: str = "claims"
 
@@ -271,8 +279,10 @@ class ClaimSpec:
         _need(isinstance(self.value, (int, float)), f"{p}.value", "a number", self.value)
         _need(self.rule != "within" or isinstance(self.margin, (int, float)), f"{p}.margin",
               "a number for rule 'within'", self.margin)
-        _need(self.statistic in ("mean", "median"), f"{p}.statistic", "'mean' or 'median'",
-              self.statistic)
+        _need(self.statistic in ("mean", "median", "trimmed"), f"{p}.statistic",
+              "'mean', 'median' or 'trimmed'", self.statistic)
+        _need(isinstance(self.max_width, (int, float)) and self.max_width > 0, f"{p}.max_width",
+              "a positive number", self.max_width)
 
 
 @dataclass(frozen=True)
