@@ -612,3 +612,95 @@ def test_the_quick_softmax_study_recovers_the_parametric_rate(tmp_path):
     assert total["ci_low"] < -0.5 < total["ci_high"] and total["verdict"] == "within CI"
     (claim,) = evaluate_claims(study, rows)   # the paper's claim for this setting holds
     assert claim["holds"] is True and claim["numbers"]["x"] == pytest.approx(total["slope"])
+
+
+# --- the certified reading (issue 14, reading (b)) ----------------------------------------
+
+CERTIFIED = TINY.replace('[truth]', '[estimator]\nreading = "certified"\ngrad_bound = 1e-7\n\n[truth]')
+
+
+def test_a_certified_study_stores_certificates_and_the_reading(tmp_path):
+    import dataclasses
+
+    from gatelab.studies.report import write_report
+    study = Study.from_dict(__import__("tomllib").loads(CERTIFIED))
+    with Store(tmp_path / "c.sqlite") as store:
+        reproduce(study, store, quick=True, progress=False)
+        rows = store.rows("tiny")
+    assert len(rows) == 8 and {r.reading for r in rows} == {"certified"}
+    for r in rows:
+        assert r.gain >= 0 and r.grad_norm is not None and np.isfinite(r.grad_norm)
+        # status converged means certified; max_iter that the bound was not met
+        assert (r.status == "converged") == (r.grad_norm <= 1e-7) or r.status in (
+            "separated", "degenerate", "stuck")
+    assert sum(r.status == "converged" for r in rows) >= 6
+    from gatelab.studies.rates import certificates
+    table = certificates(rows)
+    for setting, by_n in table.items():
+        for n, cert in by_n.items():
+            mine = [r for r in rows if (r.setting, r.n) == (setting, n)]
+            assert cert.certified == np.mean([r.status != "max_iter" for r in mine])
+            assert cert.gain == np.median([r.gain for r in mine])
+    assert certificates([dataclasses.replace(r, reading="protocol") for r in rows]) == {}
+    out = write_report(study, rows, rate_table(study, rows, n_boot=20), tmp_path / "rep")
+    assert "Certificates (reading: certified)" in out.read_text() and "Reading: certified" in out.read_text()
+
+
+def test_certified_rows_above_the_bound_are_left_out_but_protocol_rows_are_not(tiny):
+    import dataclasses
+
+    from gatelab.studies.rates import left_out
+    row = _synthetic_rows(tiny, "exact", 1)[0]
+    assert left_out(dataclasses.replace(row, status="max_iter")) is None
+    assert left_out(dataclasses.replace(row, status="max_iter", reading="certified")) == "not certified"
+    assert left_out(dataclasses.replace(row, reading="certified")) is None
+
+
+def test_the_reading_is_checked_in_the_spec():
+    import tomllib
+    with pytest.raises(SpecError, match=r"estimator\.reading: must be 'protocol' or 'certified'"):
+        Study.from_dict(tomllib.loads(CERTIFIED.replace('"certified"', '"strict"')))
+    with pytest.raises(SpecError, match=r"grad_bound and polish_steps only with reading"):
+        Study.from_dict(tomllib.loads(CERTIFIED.replace('reading = "certified"\n', "")))
+    with pytest.raises(SpecError, match=r"estimator\.grad_bound: must be a positive number"):
+        Study.from_dict(tomllib.loads(CERTIFIED.replace("grad_bound = 1e-7", "grad_bound = 0")))
+    with pytest.raises(SpecError, match=r"settings\[0\]\.start: must be 'near_truth' or "
+                                        r"'near_truth_fixed'"):
+        Study.from_dict(tomllib.loads(TINY.replace('loss = "D1"', 'loss = "D1"\nstart = "far"')))
+
+
+def test_the_default_start_hashes_as_the_scheme_it_resolves_to(tiny):
+    import tomllib
+    text = TINY.replace('loss = "D1"', 'loss = "D1"\nstart = "near_truth"')
+    explicit = Study.from_dict(tomllib.loads(text))
+    assert setting_hash(tiny, tiny.settings[0]) == setting_hash(explicit, explicit.settings[0])
+    certified = Study.from_dict(tomllib.loads(CERTIFIED))
+    assert setting_hash(certified, certified.settings[0]) != setting_hash(tiny, tiny.settings[0])
+
+
+def test_an_old_store_gains_the_certificate_columns(tmp_path):
+    db = tmp_path / "old.sqlite"
+    with sqlite3.connect(db) as conn:   # a store from before the readings, one row
+        conn.executescript(
+            "CREATE TABLE fits (study TEXT NOT NULL, setting TEXT NOT NULL, n INTEGER NOT NULL,"
+            " replicate INTEGER NOT NULL, seed INTEGER NOT NULL, loss REAL, mass REAL, blocks TEXT"
+            " NOT NULL, loglik REAL, n_iter INTEGER, converged INTEGER, degenerate INTEGER, seconds"
+            " REAL, version TEXT, created REAL, spec_hash TEXT, status TEXT, params TEXT,"
+            " PRIMARY KEY (study, setting, n, replicate));"
+            "INSERT INTO fits VALUES ('tiny', 'exact', 300, 0, 1, 0.1, 0.0, '{}', -1.0, 5, 1, 0, 0.1,"
+            " '0.1.0', 0.0, 'h', 'converged', '{}');")
+    from gatelab.studies.store import FitRow
+    with Store(db) as store:
+        (old,) = store.rows("tiny")
+        assert old.reading == "protocol" and old.grad_norm is None and old.gain is None
+        store.add([FitRow("tiny", "exact", 600, 0, 1, 0.1, 0.0, {}, -1.0, 5, True, False, 0.1,
+                          "t", "h", "converged", {}, "certified", 3e-8, 0.25)])
+        new = [r for r in store.rows("tiny") if r.n == 600][0]
+    assert (new.reading, new.grad_norm, new.gain) == ("certified", 3e-8, 0.25)
+
+
+def test_the_certified_softmax_study_has_the_protocol_s_truth():
+    a, b = catalogue.get("softmax-gaussian"), catalogue.get("softmax-gaussian-certified")
+    assert b.reading == "certified" and a.reading == "protocol"
+    assert a.to_dict()["truth"] == b.to_dict()["truth"]
+    assert [s.name for s in a.settings] == [s.name for s in b.settings]

@@ -182,13 +182,15 @@ def _collapsed(var_BE: Tensor, y_BN: Tensor) -> Tensor:
 
 
 def fit_status(model, x_BND: Tensor, y_BN: Tensor, start: Params, end: Params,
-               converged: Tensor, degenerate: Tensor) -> Tensor:
+               converged: Tensor, degenerate: Tensor, stuck: Tensor | None = None) -> Tensor:
     """The status (B,) int8 of B fits of ``model`` from ``start`` to ``end`` on their
     data, given the estimator's own ``converged`` and ``degenerate`` flags (a floored
     variance, or an expert with less than ``MIN_EXPERT_WEIGHT`` responsibility, at any
     iteration: EM has the responsibilities at hand, so it checks them). Gate checks (separated, stuck) apply
     to gated models; for deviated and contaminated models only the variance and
-    convergence checks do. The noise variance of an ``MoERegression`` is ``nu``."""
+    convergence checks do. The noise variance of an ``MoERegression`` is ``nu``. ``stuck``
+    (B,) replaces the start-to-end check, for a fit continued from another's end (a
+    polish), whose gate was or was not estimated by the first."""
     bad = degenerate.clone()
     var = end["var"] if "var" in end else end.get("nu")
     if var is not None:
@@ -199,5 +201,5 @@ def fit_status(model, x_BND: Tensor, y_BN: Tensor, start: Params, end: Params,
         status[separated(model, x_BND, end)] = FitStatus.SEPARATED
     status[bad] = FitStatus.DEGENERATE
     if gated:
-        status[_stuck(model, start, end)] = FitStatus.STUCK
+        status[_stuck(model, start, end) if stuck is None else stuck] = FitStatus.STUCK
     return status

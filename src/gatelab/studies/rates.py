@@ -29,9 +29,12 @@ def left_out(row: FitRow) -> str | None:
     """Why a fit is left out of every slope of its setting, or None if it is used: its gate
     separated the data ("separated", see ``gatelab.fit.status``: the MLE does not exist,
     and the estimate is where the optimiser stopped), or a loss of it is not finite
-    ("infinite loss", e.g. a mass that diverged)."""
+    ("infinite loss", e.g. a mass that diverged), or, in a certified reading, its gradient
+    norm stayed above the bound ("not certified": status max_iter of ``fit.polish``)."""
     if row.status == "separated":
         return "separated"
+    if row.reading == "certified" and row.status == "max_iter":
+        return "not certified"
     if not (np.isfinite(row.loss) and all(np.isfinite(v) for v in row.blocks.values())):
         return "infinite loss"
     return None
@@ -109,6 +112,33 @@ def runoff_fractions(rows: Sequence[FitRow]) -> dict[str, dict[int, float]]:
     for r in rows:
         cells[r.setting][r.n].append(r.status == "separated")
     return {s: {n: sum(v) / len(v) for n, v in sorted(by_n.items())} for s, by_n in cells.items()}
+
+
+class Certificates(NamedTuple):
+    """Of a certified reading's fits at one (setting, n): the share at or below the
+    gradient bound, the median gradient norm and the median log-likelihood gain of the
+    polish over EM's stopping point."""
+
+    certified: float
+    grad_norm: float
+    gain: float
+
+
+def certificates(rows: Sequence[FitRow]) -> dict[str, dict[int, Certificates]]:
+    """Per setting and n, ``Certificates`` of the rows of the certified reading (none for
+    protocol rows). A row counts as certified unless it is "not certified" (``left_out``)."""
+    cells: dict[str, dict[int, list[FitRow]]] = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        if r.reading == "certified":
+            cells[r.setting][r.n].append(r)
+    return {s: {n: Certificates(float(np.mean([left_out(r) != "not certified" for r in v])),
+                                _median([r.grad_norm for r in v]), _median([r.gain for r in v]))
+                for n, v in sorted(by_n.items())} for s, by_n in cells.items()}
+
+
+def _median(values: Sequence[float | None]) -> float:
+    known = [v for v in values if v is not None]
+    return float(np.median(known)) if known else float("nan")
 
 
 def fit_summary(rows: Sequence[FitRow]) -> str:

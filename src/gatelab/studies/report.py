@@ -13,7 +13,14 @@ from typing import Sequence
 import numpy as np
 
 from .claims import measured, verdict_word
-from .rates import MIN_VERDICT_REPLICATES, fit_summary, left_out, runoff_fractions, slope
+from .rates import (
+    MIN_VERDICT_REPLICATES,
+    certificates,
+    fit_summary,
+    left_out,
+    runoff_fractions,
+    slope,
+)
 from .spec import Study
 from .store import FitRow
 
@@ -112,6 +119,30 @@ def _runoff_html(fractions: dict[str, dict[int, float]]) -> str:
     return f"<h3>Fits whose gate parameters ran off</h3><table>{head}{rows}</table>"
 
 
+def _reading(study: Study) -> str:
+    if study.reading == "certified":
+        bound = study.estimator.get("grad_bound", 1e-6)
+        return (f"certified (fits polished until the per-sample gradient norm is at most "
+                f"{bound:g}).")
+    return "protocol (the estimator's own stopping rule)."
+
+
+def _certificates_html(rows: Sequence[FitRow]) -> str:
+    """The certified reading's certificates per setting and n (empty for the protocol)."""
+    table = certificates(rows)
+    if not table:
+        return ""
+    head = ("<tr><th>setting</th><th>n</th><th>certified</th><th>median gradient norm</th>"
+            "<th>median log-likelihood gain over EM's stop</th></tr>")
+    body = "".join(f"<tr><td>{html.escape(s)}</td><td>{n}</td><td>{c.certified:.2f}</td>"
+                   f"<td>{c.grad_norm:.2e}</td><td>{c.gain:.3g}</td></tr>"
+                   for s, by_n in table.items() for n, c in by_n.items())
+    return ("<h3>Certificates (reading: certified)</h3><p>Each fit was polished by Newton steps "
+            "on every parameter until the gradient norm of the per-sample log-likelihood was at "
+            "most the study's grad_bound; fits still above it are 'not certified' and left out "
+            f"of the slopes.</p><table>{head}{body}</table>")
+
+
 def _claims_html(claims: Sequence[dict]) -> str:
     """The claims table: whether each holds (plainly NO where it does not), its numbers
     and the rule that decided it."""
@@ -151,7 +182,7 @@ def write_report(study: Study, rows: Sequence[FitRow], table: list[dict], out: P
                ".holds-yes{color:#080}.holds-NO{color:#c00;font-weight:bold}.holds-inconclusive{color:#b60}"
                "pre{background:#f6f6f6;padding:1em;overflow:auto}</style></head><body>")
     body.write(f"<h1>{html.escape(study.name)}</h1><p>{html.escape(study.description)} "
-               f"(arXiv {html.escape(study.paper)})</p>")
+               f"(arXiv {html.escape(study.paper)})</p><p>Reading: {_reading(study)}</p>")
     body.write("<h2>Claims</h2><p>Each claim is decided by its rule, written in the study's "
                "spec before the runs; the 95% intervals are bootstrap intervals over "
                "replicates.</p>")
@@ -170,6 +201,7 @@ def write_report(study: Study, rows: Sequence[FitRow], table: list[dict], out: P
                f"{MIN_VERDICT_REPLICATES} replicates per size.</p>")
     body.write(_table_html(table))
     body.write(_runoff_html(runoff_fractions(rows)))
+    body.write(_certificates_html(rows))
     body.write("<h2>Run</h2><ul>"
                f"<li>{html.escape(fit_summary(rows))} (statuses: see gatelab.fit.status)</li>"
                f"<li>{fit_seconds:.1f} s of fitting in all</li>{run}</ul>")

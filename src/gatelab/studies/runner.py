@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -26,9 +27,10 @@ from .._threads import available_cores
 from ..fit import FitResult, select_best
 from ..fit.estimators import estimator
 from ..fit.init import near_truth_starts
-from ..fit.status import status_names
+from ..fit.polish import DEFAULT_BOUND, gradient_norm, polish
+from ..fit.status import FitStatus, fit_status, status_codes, status_names
 from ..losses import voronoi_loss, wasserstein
-from .spec import Setting, Study
+from .spec import READING_KEYS, Setting, Study
 from .store import FitRow, Store
 
 __all__ = ["seed_for", "setting_hash", "StaleResults", "Unit", "plan", "run_unit", "RunStats",
@@ -74,6 +76,10 @@ def resolved_estimator(study: Study) -> dict:
     options: dict[str, Any] = {name: defaults[name] for name in ("tol", "max_iter", "accelerate")
                                if name in defaults}
     options.update({k: v for k, v in study.estimator.items() if k in defaults or k == "method"})
+    if study.reading == "certified":
+        options.update(reading="certified",
+                       grad_bound=study.estimator.get("grad_bound", DEFAULT_BOUND),
+                       polish_steps=study.estimator.get("polish_steps", 100))
     return {**options, "method": method}
 
 
@@ -88,6 +94,7 @@ def setting_hash(study: Study, setting: Setting) -> str:
     inputs["estimator"] = resolved_estimator(study)
     mine = next(s for s in spec["settings"] if s["name"] == setting.name)
     inputs["setting"] = {k: v for k, v in mine.items() if k not in _SETTING_PRESENTATION}
+    inputs["setting"]["start"] = start_scheme(study, setting)   # resolved, as fits use it
     inputs["rows_version"] = ROWS_VERSION
     text = json.dumps(inputs, sort_keys=True, default=repr)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -153,10 +160,17 @@ def run_unit(study: Study, unit: Unit) -> list[FitRow]:
         x, y = truth_model.sample(truth, unit.n, g)
         xs.append(x)
         ys.append(y)
-        starts.append(near_truth_starts(model, truth, unit.n, setting.n_starts, g))
+        starts.append(near_truth_starts(model, truth, _noise_n(study, setting, unit.n),
+                                        setting.n_starts, g))
     init = {k: torch.stack([s[k] for s in starts], dim=1) for k in starts[0]}   # (S, R, ...)
     start = time.perf_counter()
-    res = select_best(_fit(study, model, torch.stack(xs), torch.stack(ys), init))
+    x_all, y_all = torch.stack(xs), torch.stack(ys)
+    res = select_best(_fit(study, model, x_all, y_all, init))
+    gain = torch.full_like(res.loglik, float("nan"))
+    if study.reading == "certified":
+        res, grad_norm, gain = _certify(study, model, x_all, y_all, res)
+    else:
+        grad_norm = _stop_gradient(study, model, x_all, y_all, res)
     seconds = (time.perf_counter() - start) / len(seeds)
     # Losses compare identifiable forms (e.g. ReLU experts' scale, a cosine router's norm).
     estimate = model.normalise(res.params)
@@ -169,8 +183,52 @@ def run_unit(study: Study, unit: Unit) -> list[FitRow]:
                    float(loss.mass[i]), {k: float(v[i]) for k, v in blocks.items()},
                    float(res.loglik[i]), int(res.n_iter[i]), bool(res.converged[i]),
                    bool(res.degenerate[i]), seconds, __version__, digest, status[i],
-                   {k: v[i].tolist() for k, v in estimate.items()})
+                   {k: v[i].tolist() for k, v in estimate.items()}, study.reading,
+                   _number(grad_norm[i]), _number(gain[i]))
             for i, (r, seed) in enumerate(zip(unit.replicates, seeds))]
+
+
+def start_scheme(study: Study, setting: Setting) -> str:
+    """The setting's start scheme: its own, else near_truth_fixed for a certified reading
+    and near_truth (the protocol's) otherwise."""
+    return setting.start or ("near_truth_fixed" if study.reading == "certified" else "near_truth")
+
+
+def _noise_n(study: Study, setting: Setting, n: int) -> int:
+    """The n that sets the start noise: the sample size for the protocol's near-truth
+    starts (noise shrinking as n^-0.083), 1 for near_truth_fixed (the same noise at every
+    n: the protocol's at n = 1)."""
+    return n if start_scheme(study, setting) == "near_truth" else 1
+
+
+def _number(value: torch.Tensor) -> float | None:
+    """A row's optional number: None where there is none (NaN), so rows compare equal."""
+    out = float(value)
+    return None if math.isnan(out) else out
+
+
+def _stop_gradient(study: Study, model, x: torch.Tensor, y: torch.Tensor, res) -> torch.Tensor:
+    """The protocol's fits: the gradient norm where the estimator stopped (the certificate
+    of ``fit.polish``, not enforced), so that a row says how far from stationary it is;
+    NaN for least squares, whose objective is not the likelihood."""
+    if study.estimator.get("method", "em") == "lsq":
+        return torch.full((x.shape[0],), float("nan"), dtype=x.dtype)
+    return gradient_norm(model, x, y, res.params)
+
+
+def _certify(study: Study, model, x: torch.Tensor, y: torch.Tensor, res: FitResult):
+    """Reading (b): Newton polish of the EM fit until its gradient norm is at most the
+    study's ``grad_bound`` (``fit.polish``). Returns the polished result (status
+    recomputed at the new estimate; converged means certified, max_iter that the bound
+    was not reached), the gradient norms and the log-likelihood gains over EM's stop."""
+    bound = float(study.estimator.get("grad_bound", DEFAULT_BOUND))
+    done = polish(model, x, y, res.params, bound, int(study.estimator.get("polish_steps", 100)))
+    certified = done.grad_norm <= bound
+    stuck = status_codes(res) == FitStatus.STUCK
+    status = fit_status(model, x, y, res.params, done.params, certified, res.degenerate, stuck)
+    polished = res._replace(params=done.params, loglik=done.loglik, converged=certified,
+                            status=status)
+    return polished, done.grad_norm, done.gain
 
 
 def _losses(model, truth_model, setting, params: dict, truth: dict):
@@ -189,7 +247,7 @@ def _losses(model, truth_model, setting, params: dict, truth: dict):
 def _fit(study: Study, model, x: torch.Tensor, y: torch.Tensor, init: dict) -> FitResult:
     """The study's estimator (``fit.estimators``): EM (maximum likelihood), the top-K
     segment fit (maximum likelihood for top-K gates in one covariate) or least squares."""
-    options = {k: v for k, v in study.estimator.items() if k != "method"}
+    options = {k: v for k, v in study.estimator.items() if k not in ("method", *READING_KEYS)}
     return estimator(study.estimator.get("method", "em")).fit(model, x, y, init, **options)
 
 

@@ -180,6 +180,14 @@ class TruthSpec:
         return self.model().normalise(raw) if set(raw) == set(self.model().param_shapes()) else raw
 
 
+#: Start schemes of a setting (``fit.init.near_truth_starts``).
+START_SCHEMES = ("near_truth", "near_truth_fixed")
+
+#: The readings of a study (issue 14): the authors' protocol, or fits certified by a
+#: gradient bound (``gatelab.fit.polish``).
+READINGS = ("protocol", "certified")
+READING_KEYS = ("reading", "grad_bound", "polish_steps")
+
 @dataclass(frozen=True)
 class Setting:
     """One fitted configuration of a study: its own number of experts, gate, starts, loss,
@@ -204,7 +212,10 @@ class Setting:
                                               "block of the setting's rows", factory=dict)
     gate: str | None = _key("the fitted gate (default: truth_gate, else the truth's)", None)
     gate_options: Mapping[str, Any] = _key("options of the fitted gate", factory=dict)
-    start: str = _key("the starts: near_truth (the reference protocol)", "near_truth")
+    start: str | None = _key("the starts: near_truth (the protocol's, noise shrinking as "
+                             "n^-0.083) or near_truth_fixed (the same noise at every n); "
+                             "default near_truth, near_truth_fixed for a certified reading",
+                             None)
     n_starts: int = _key("starts per fit; the best log-likelihood is kept", 1)
     loss_blocks: tuple[str, ...] = _key("restrict the loss's atoms to these blocks", ())
     truth_gate: str | None = _key("this setting's data come from the truth with this gate", None)
@@ -223,7 +234,8 @@ class Setting:
               self.name)
         _need(_is_int(self.fitted_k), f"{p}.fitted_k", "an int >= 1", self.fitted_k)
         _need(self.loss in TABLES, f"{p}.loss", f"one of {sorted(TABLES)}", self.loss)
-        _need(self.start in ("near_truth",), f"{p}.start", "'near_truth'", self.start)
+        _need(self.start in (None, *START_SCHEMES), f"{p}.start",
+              " or ".join(map(repr, START_SCHEMES)), self.start)
         _need(_is_int(self.n_starts), f"{p}.n_starts", "an int >= 1", self.n_starts)
         _need(self.theory is None or isinstance(self.theory, (int, float)), f"{p}.theory",
               "a number (a slope) or absent", self.theory)
@@ -300,9 +312,13 @@ class Study:
     paper: str = _key("arXiv id of the paper", "")
     description: str = _key("one line on the study", "")
     notes: str = _key("free text shown in the report", "")
-    estimator: Mapping[str, Any] = _key("{method, tol, max_iter, accelerate, gate_ridge}; "
-                                        "method em (default), lsq (regression truths) or "
-                                        "segments (top-K, one covariate)",
+    estimator: Mapping[str, Any] = _key("{method, tol, max_iter, accelerate, gate_ridge, "
+                                        "reading, grad_bound, polish_steps}; method em "
+                                        "(default), lsq (regression truths) or segments "
+                                        "(top-K, one covariate); reading protocol (default) "
+                                        "or certified: EM, then Newton on every parameter "
+                                        "until the per-sample gradient norm is <= grad_bound "
+                                        "(1e-6), at most polish_steps (100) steps",
                                         factory=lambda: {"tol": 1e-6, "max_iter": 2000,
                                                          "accelerate": True})
     claims: tuple[ClaimSpec, ...] = _key("the paper's claims, each a rule over a measured "
@@ -321,10 +337,11 @@ class Study:
         _need(_is_int(self.quick_replicates), "quick_replicates", "an int >= 1",
               self.quick_replicates)
         unknown = sorted(set(self.estimator) - {"method", "tol", "max_iter", "accelerate",
-                                                "gate_ridge"})
+                                                "gate_ridge", *READING_KEYS})
         _need(not unknown, "estimator", "a table of method, tol, max_iter, accelerate, "
-              "gate_ridge", unknown)
+              "gate_ridge, reading, grad_bound, polish_steps", unknown)
         method = self.estimator.get("method", "em")
+        self._check_reading(method)
         _need(method in ("em", "lsq", "segments"), "estimator.method",
               "'em', 'lsq' or 'segments' (top-K gates, one covariate)", method)
         _need(method == "lsq" or self.truth.model_kind != "regression", "estimator.method",
@@ -339,6 +356,28 @@ class Study:
                 _need(name is None and key == "minus" or name in names, f"{c._path}.{key}",
                       f"a setting of this study ({', '.join(names)})", name)
         self._check_estimator_fits_models(method)
+
+    @property
+    def reading(self) -> str:
+        """"protocol" (reading (a): the estimator's own stopping rule) or "certified"
+        (reading (b): polished until the gradient norm is at most ``grad_bound``)."""
+        return str(self.estimator.get("reading", "protocol"))
+
+    def _check_reading(self, method: str) -> None:
+        _need(self.reading in READINGS, "estimator.reading", " or ".join(map(repr, READINGS)),
+              self.reading)
+        if self.reading == "protocol":
+            extra = sorted(set(self.estimator) & {"grad_bound", "polish_steps"})
+            _need(not extra, "estimator", "grad_bound and polish_steps only with reading = "
+                  "'certified'", extra)
+            return
+        _need(method == "em", "estimator.reading", "'protocol' unless method is 'em' (the "
+              "certificate is a gradient of the likelihood)", self.reading)
+        bound = self.estimator.get("grad_bound", 1e-6)
+        _need(isinstance(bound, (int, float)) and bound > 0, "estimator.grad_bound",
+              "a positive number", bound)
+        steps = self.estimator.get("polish_steps", 100)
+        _need(_is_int(steps), "estimator.polish_steps", "an int >= 1", steps)
 
     def _check_estimator_fits_models(self, method: str) -> None:
         """Each setting's model is one the study's estimator can fit (its ``check``)."""

@@ -26,10 +26,16 @@ CREATE TABLE IF NOT EXISTS fits (
     seed INTEGER NOT NULL, loss REAL, mass REAL, blocks TEXT NOT NULL, loglik REAL,
     n_iter INTEGER, converged INTEGER, degenerate INTEGER, seconds REAL,
     version TEXT, created REAL, spec_hash TEXT, status TEXT, params TEXT,
+    reading TEXT, grad_norm REAL, gain REAL,
     PRIMARY KEY (study, setting, n, replicate)
 );
 CREATE TABLE IF NOT EXISTS studies (name TEXT PRIMARY KEY, spec TEXT NOT NULL, updated REAL);
 """
+
+# In insertion order; named, because stores from before a column was added have it last.
+_COLUMNS = ("study", "setting", "n", "replicate", "seed", "loss", "mass", "blocks", "loglik",
+            "n_iter", "converged", "degenerate", "seconds", "version", "created", "spec_hash",
+            "status", "params", "reading", "grad_norm", "gain")
 
 
 @dataclass(frozen=True)
@@ -53,6 +59,9 @@ class FitRow:
     spec_hash: str = ""   # the inputs that made the row (runner.setting_hash)
     status: str = ""      # how the fit ended (``gatelab.fit.status``); "" in old stores
     params: dict[str, Any] = field(default_factory=dict)  # the estimate, identifiable form
+    reading: str = "protocol"   # "protocol" or "certified" (``Study.reading``)
+    grad_norm: float | None = None  # gradient norm at the estimate (fit.polish); None for lsq
+    gain: float | None = None  # certified: log-likelihood gain of the polish over EM's stop
 
 
 class Store:
@@ -68,10 +77,11 @@ class Store:
             self.conn.executescript(_SCHEMA)
             columns = {r[1] for r in self.conn.execute("PRAGMA table_info(fits)")}
             # Columns added since the first stores (their rows are stale: ROWS_VERSION).
-            for name in ("spec_hash", "status", "params"):
+            for name, kind in (("spec_hash", "TEXT"), ("status", "TEXT"), ("params", "TEXT"),
+                               ("reading", "TEXT"), ("grad_norm", "REAL"), ("gain", "REAL")):
                 if name not in columns:
                     with self.conn:
-                        self.conn.execute(f"ALTER TABLE fits ADD COLUMN {name} TEXT")
+                        self.conn.execute(f"ALTER TABLE fits ADD COLUMN {name} {kind}")
         except sqlite3.DatabaseError as err:
             raise ValueError(f"{self.path} is not a gatelab results store ({err}). Pass another "
                              f"--db path.") from None
@@ -133,29 +143,31 @@ class Store:
         values = [(r.study, r.setting, r.n, r.replicate, r.seed, r.loss, r.mass,
                    json.dumps(r.blocks), r.loglik, r.n_iter, int(r.converged), int(r.degenerate),
                    r.seconds, r.version, time.time(), r.spec_hash, r.status,
-                   json.dumps(r.params)) for r in rows]
+                   json.dumps(r.params), r.reading, r.grad_norm, r.gain) for r in rows]
         with self.conn:
             cur = self.conn.executemany(
-                "INSERT OR IGNORE INTO fits VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                values)
+                f"INSERT OR IGNORE INTO fits ({', '.join(_COLUMNS)}) VALUES "
+                f"({', '.join('?' * len(_COLUMNS))})", values)
         return cur.rowcount
 
     def rows(self, study: str) -> list[FitRow]:
         cur = self.conn.execute(
             "SELECT study, setting, n, replicate, seed, loss, mass, blocks, loglik, n_iter, "
-            "converged, degenerate, seconds, version, spec_hash, status, params FROM fits "
-            "WHERE study = ? "
+            "converged, degenerate, seconds, version, spec_hash, status, params, reading, "
+            "grad_norm, gain FROM fits WHERE study = ? "
             "ORDER BY setting, n, replicate", (study,))
         nan = float("nan")  # SQLite stores NaN as NULL
         return [FitRow(r[0], r[1], r[2], r[3], r[4], nan if r[5] is None else r[5],
                        nan if r[6] is None else r[6],
                        json.loads(r[7]), nan if r[8] is None else r[8], r[9], bool(r[10]),
                        bool(r[11]), r[12], r[13], r[14] or "", r[15] or "",
-                       json.loads(r[16]) if r[16] else {}) for r in cur]
+                       json.loads(r[16]) if r[16] else {}, r[17] or "protocol", r[18], r[19])
+                for r in cur]
 
 
 _ROW_FIELDS = ("study", "setting", "n", "replicate", "seed", "status", "loss", "mass", "loglik",
-               "n_iter", "converged", "degenerate", "seconds", "version", "spec_hash")
+               "n_iter", "converged", "degenerate", "seconds", "version", "spec_hash",
+               "reading", "grad_norm", "gain")
 
 
 def records(rows: Iterable[FitRow]) -> list[dict[str, Any]]:
