@@ -48,6 +48,9 @@ def test_verdicts_by_hand_hold_fail_or_are_inconclusive():
     assert verdict("ci_covers", narrow, -0.5) == "yes" and verdict("ci_covers", narrow, -0.25) == "NO"
     assert verdict("ci_covers", wide, -0.5) == "inconclusive"  # 0.4 wide: it would cover much
     assert verdict("ci_covers", wide, -0.5, max_width=0.5) == "yes"
+    # a wide CI that excludes the value rules the claim out (k = 3 D2 mean: -5.7 [-6.0, -3.1])
+    assert verdict("ci_covers", Rate(-5.7, -6.0, -3.1), -0.5) == "NO"
+    assert verdict("ci_covers", wide, -0.2) == "NO"
     assert verdict("within", wide, -0.5, 0.1) == "inconclusive"
     assert verdict("within", narrow, -0.5, 0.01) == "NO"
     # one-sided rules: a CI containing the value cannot tell the side

@@ -7,7 +7,8 @@ An entry: the claim in words and its arXiv id, the rule in words, the numbers (t
 slope or the difference of two settings' slopes, its 95% bootstrap interval, the
 replicates and sizes it rests on), the ``verdict`` (``verdict``): "yes", "NO", or
 "inconclusive" where the interval cannot tell (it contains the value a one-sided rule
-compares with, or is wider than the claim's ``max_width`` for ci_covers / within), and
+compares with; for ci_covers, one that contains its value but is wider than the claim's
+``max_width``; for within, one wider than ``max_width``), and
 ``holds``: True (yes), False (NO), or None where inconclusive or where the runs cannot
 decide (fewer than two sizes, or fewer than ``MIN_VERDICT_REPLICATES`` replicates per
 size; then there is no verdict).
@@ -44,12 +45,14 @@ def verdict(rule: str, r: Rate, value: float, margin: float | None = None,
 
     ``ci_above`` / ``ci_below``: inconclusive when the CI contains ``value`` (the data cannot
     tell which side the slope is on), NO when it lies wholly on the wrong side.
-    ``ci_covers`` / ``within``: inconclusive when the CI is wider than ``max_width``, since
-    a wide enough interval covers any theory; otherwise ``decide``."""
+    ``ci_covers``: NO when the CI excludes ``value``, however wide (the data rule it out);
+    inconclusive when it covers it but is wider than ``max_width``, since a wide enough
+    interval covers any theory. ``within``: inconclusive when the CI is wider than
+    ``max_width``. Otherwise ``decide``."""
     if rule in ("ci_above", "ci_below"):
         if r.ci_low <= value <= r.ci_high:
             return "inconclusive"
-    elif r.ci_high - r.ci_low > max_width:
+    elif r.ci_high - r.ci_low > max_width and (rule == "within" or decide(rule, r, value)):
         return "inconclusive"
     return "yes" if decide(rule, r, value, margin) else "NO"
 
@@ -74,8 +77,10 @@ def describe(c: ClaimSpec) -> str:
     x = f"slope({c.setting}) - slope({c.minus})" if c.minus else f"slope({c.setting})"
     rule = (CLAIM_RULES[c.rule].replace("value", f"{c.value:g}")
             .replace("margin", f"{c.margin:g}" if c.margin is not None else "margin"))
-    unsure = (f"a CI containing {c.value:g} is inconclusive" if c.rule in ("ci_above", "ci_below")
-              else f"a CI wider than {c.max_width:g} is inconclusive")
+    unsure = {"ci_above": f"a CI containing {c.value:g} is inconclusive",
+              "ci_below": f"a CI containing {c.value:g} is inconclusive",
+              "ci_covers": f"a CI containing {c.value:g} but wider than {c.max_width:g} is "
+                           f"inconclusive"}.get(c.rule, f"a CI wider than {c.max_width:g} is inconclusive")
     return f"x = {x}, log({what}) on log(n): {rule} ({unsure})"
 
 

@@ -277,8 +277,10 @@ class ClaimSpec:
     statistic: str = _key("the slope of log(mean), log(median) or log(10% trimmed mean) loss over "
                           "replicates: 'mean', 'median' or 'trimmed'", "mean")
     minus: str | None = _key("another setting: measure slope(setting) - slope(minus)", None)
-    max_width: float = _key("the widest CI that decides a ci_covers or within claim; a wider one is "
-                            "'inconclusive' (ci_above / ci_below: a CI containing value is)",
+    max_width: float = _key("the widest CI that decides a within claim, or a ci_covers claim "
+                            "whose CI contains value; a wider one is 'inconclusive' (a ci_covers "
+                            "CI excluding value is NO; ci_above / ci_below: a CI containing value "
+                            "is inconclusive)",
                             DEFAULT_MAX_WIDTH)
     arxiv: str = _key("arXiv id of the paper that makes the claim (default: the study's)", "")
     _path: str = "claims"
