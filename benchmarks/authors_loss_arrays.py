@@ -12,9 +12,8 @@ array's mean / median / 10% trimmed slopes with gatelab's bootstrap intervals, a
 same replicates, their fixed design x = linspace(0, 1, n)), and with --certified the
 certified reading as well.
 
-Get the arrays (they are not committed here):
-    git -C MIRROR show HEAD:results_SGaME/result_model1_K3_ns_min10000_ns_max100000_n_num200_rep40_ntries5_loss.npy > K3.npy
-or pass --mirror with the path of a fetched snapshot (a bare git directory), as below.
+Get the arrays (they are not committed here) with ``git -C MIRROR show HEAD:results_SGaME/
+FILE > FILE`` for each of FILES into a folder (--folder), or pass --mirror with the path of a fetched snapshot (a bare git directory), as below.
 
     python benchmarks/authors_loss_arrays.py --mirror /work/.mirror/Trung-TinNGUYEN+CRPE-SGaME/repo
     python benchmarks/authors_loss_arrays.py --mirror ... --run --thin 10
