@@ -13,7 +13,8 @@ same replicates, their fixed design x = linspace(0, 1, n)), and with --certified
 certified reading as well.
 
 Get the arrays (they are not committed here) with ``git -C MIRROR show HEAD:results_SGaME/
-FILE > FILE`` for each of FILES into a folder (--folder), or pass --mirror with the path of a fetched snapshot (a bare git directory), as below.
+FILE > FILE`` for each of FILES into a folder (--folder), or pass --mirror with the path
+of a fetched snapshot (a bare git directory), as below.
 
     python benchmarks/authors_loss_arrays.py --mirror /work/.mirror/Trung-TinNGUYEN+CRPE-SGaME/repo
     python benchmarks/authors_loss_arrays.py --mirror ... --run --thin 10
