@@ -699,8 +699,27 @@ def test_an_old_store_gains_the_certificate_columns(tmp_path):
     assert (new.reading, new.grad_norm, new.gain) == ("certified", 3e-8, 0.25)
 
 
-def test_the_certified_softmax_study_has_the_protocol_s_truth():
-    a, b = catalogue.get("softmax-gaussian"), catalogue.get("softmax-gaussian-certified")
+@pytest.mark.parametrize("name", ["softmax-gaussian", "laplace-gaussian"])
+def test_a_certified_study_has_its_protocol_s_truth_and_settings(name):
+    a, b = catalogue.get(name), catalogue.get(f"{name}-certified")
     assert b.reading == "certified" and a.reading == "protocol"
     assert a.to_dict()["truth"] == b.to_dict()["truth"]
-    assert [s.name for s in a.settings] == [s.name for s in b.settings]
+    mine = {s["name"]: s for s in a.to_dict()["settings"]}
+    for s in b.to_dict()["settings"]:   # the same fitted settings (a subset), start aside
+        assert {**s, "start": None} == {**mine[s["name"]], "start": None}
+
+
+def test_certified_starts_keep_their_noise_at_every_n(tiny):
+    """The protocol's start noise shrinks as n^-0.083; near_truth_fixed (the certified
+    default) uses the protocol's noise at n = 1 whatever n is."""
+    import tomllib
+
+    from gatelab.studies.runner import _noise_n, start_scheme
+    certified = Study.from_dict(tomllib.loads(CERTIFIED))
+    protocol_fixed = Study.from_dict(tomllib.loads(
+        TINY.replace('loss = "D1"', 'loss = "D1"\nstart = "near_truth_fixed"')))
+    assert start_scheme(certified, certified.settings[0]) == "near_truth_fixed"
+    assert start_scheme(tiny, tiny.settings[0]) == "near_truth"
+    assert [_noise_n(tiny, tiny.settings[0], n) for n in (300, 90000)] == [300, 90000]
+    assert [_noise_n(certified, certified.settings[0], n) for n in (300, 90000)] == [1, 1]
+    assert _noise_n(protocol_fixed, protocol_fixed.settings[0], 90000) == 1
