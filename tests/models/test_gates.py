@@ -264,3 +264,12 @@ def test_q_derivatives_equal_autograd(name, rows_sum_to_one, d):
     _, grad, hess = grad_and_hessian(q, pack(params, shapes))
     torch.testing.assert_close(derivs[0], grad[:, free], rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(derivs[1], -hess[:, free][:, :, free], rtol=1e-9, atol=1e-9)
+
+
+def test_which_gates_a_gradient_certificate_applies_to():
+    from gatelab.gates import HierarchicalGate, LaplaceGate, LinearGate, make_gate
+    assert LinearGate().differentiable(1) and make_gate("gaussian").differentiable(1)
+    assert not LinearGate(top_k=1).differentiable(3)
+    assert not LaplaceGate().differentiable(1) and LaplaceGate().differentiable(2)
+    hier = HierarchicalGate(outer=LinearGate(), inner=LaplaceGate(), n_groups=2, n_inner=2)
+    assert not hier.differentiable(1) and hier.differentiable(2)

@@ -16,7 +16,9 @@ the log-likelihood never decreases. A row stops once its gradient is at or below
 ``bound``; rows still above after ``max_steps`` keep their certificate, so the caller can
 see (and leave out) what did not converge. Gates that separate the data have no finite
 maximum: there the slopes keep growing and the certificate is not met, or is met only as
-the likelihood flattens; ``fit.status`` says "separated" for those.
+the likelihood flattens; ``fit.status`` says "separated" for those. Gates whose weights
+are not differentiable in their parameters (``Gate.differentiable``: a Laplace gate in one
+covariate, top-K gates) cannot be certified this way; the studies refuse them.
 """
 
 from __future__ import annotations

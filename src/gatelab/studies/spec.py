@@ -343,7 +343,6 @@ class Study:
         _need(not unknown, "estimator", "a table of method, tol, max_iter, accelerate, "
               "gate_ridge, reading, grad_bound, polish_steps", unknown)
         method = self.estimator.get("method", "em")
-        self._check_reading(method)
         _need(method in ("em", "lsq", "segments"), "estimator.method",
               "'em', 'lsq' or 'segments' (top-K gates, one covariate)", method)
         _need(method == "lsq" or self.truth.model_kind != "regression", "estimator.method",
@@ -358,6 +357,7 @@ class Study:
                 _need(name is None and key == "minus" or name in names, f"{c._path}.{key}",
                       f"a setting of this study ({', '.join(names)})", name)
         self._check_estimator_fits_models(method)
+        self._check_reading(method)
 
     @property
     def reading(self) -> str:
@@ -380,6 +380,14 @@ class Study:
               "a positive number", bound)
         steps = self.estimator.get("polish_steps", 100)
         _need(_is_int(steps), "estimator.polish_steps", "an int >= 1", steps)
+        for s in self.settings:
+            gate = getattr(self.fitted_model(s), "gate", None)
+            if gate is not None and not gate.differentiable(self.truth.dim):
+                raise SpecError(f"{s._path}: a certified reading needs a likelihood that is "
+                                f"differentiable in the gate parameters; {gate.name} in "
+                                f"dim={self.truth.dim} is not (a Laplace gate in one covariate "
+                                f"has a kink at every sample, a top-K gate jumps where its "
+                                f"selection changes). Use reading = 'protocol' for it.")
 
     def _check_estimator_fits_models(self, method: str) -> None:
         """Each setting's model is one the study's estimator can fit (its ``check``)."""
