@@ -16,7 +16,6 @@ from gatelab.demo import reference_truth
 from gatelab.fit import fit_em
 from gatelab.fit.inference import (
     SingularInformation,
-    _free_masks,
     choose_experts,
     load_model,
     predict,
@@ -24,6 +23,7 @@ from gatelab.fit.inference import (
     select_experts,
     standard_errors,
 )
+from gatelab.fit.polish import free_masks
 from gatelab.fit.single import fit_best_of_starts, n_free_parameters
 
 F64 = torch.float64
@@ -65,7 +65,7 @@ def test_standard_errors_match_the_bootstrap(reference_fit):
     boot = fit_em(model, xb, yb, start)
     assert bool(boot.converged.all())
     theta = torch.cat([boot.params[b][:, m].reshape(replicates, -1)
-                       for b, m in _free_masks(model).items()], -1)
+                       for b, m in free_masks(model).items()], -1)
     ratio = w.se / theta.std(0)
     assert len(ratio) == 8
     assert abs(float(ratio.median()) - 1) < 0.2

@@ -729,3 +729,24 @@ def test_certified_starts_keep_their_noise_at_every_n(tiny):
     assert [_noise_n(tiny, tiny.settings[0], n) for n in (300, 90000)] == [300, 90000]
     assert [_noise_n(certified, certified.settings[0], n) for n in (300, 90000)] == [1, 1]
     assert _noise_n(protocol_fixed, protocol_fixed.settings[0], 90000) == 1
+
+
+def test_protocol_rows_store_the_gradient_norm_where_em_stopped(tiny, monkeypatch):
+    """Every protocol row records how far from stationary EM stopped, computed in chunks
+    of rows that give the same norms as one batch."""
+    import gatelab.studies.runner as runner
+    from gatelab.fit.polish import gradient_norm
+    whole = run_unit(tiny, Unit("over", 600, (0, 1, 2)))
+    monkeypatch.setattr(runner, "_MAX_GRADIENT_ELEMENTS", 600 * 4)   # one row per chunk
+    chunked = run_unit(tiny, Unit("over", 600, (0, 1, 2)))
+    assert [r.grad_norm for r in whole] == pytest.approx([r.grad_norm for r in chunked], rel=1e-9)
+    assert all(r.grad_norm > 0 and r.gain is None and r.reading == "protocol" for r in whole)
+    # and it is the gradient of the stored estimate's likelihood on the row's data
+    setting = tiny.settings[1]
+    truth_model, truth = tiny.truth_model(setting), tiny.truth_params(setting)
+    g = torch.Generator().manual_seed(whole[0].seed)
+    x, y = truth_model.sample(truth, 600, g)
+    model = tiny.fitted_model(setting)
+    params = {k: torch.tensor(v, dtype=torch.float64).unsqueeze(0) for k, v in whole[0].params.items()}
+    want = float(gradient_norm(model, x.unsqueeze(0), y.unsqueeze(0), params)[0])
+    assert whole[0].grad_norm == pytest.approx(want, rel=1e-6, abs=1e-12)

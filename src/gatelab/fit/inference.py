@@ -20,6 +20,7 @@ from torch import Tensor
 from ..models import GatedExperts, GaussianMoE
 from ..params import Params
 from .lsq import profile_loglik
+from .polish import free_masks
 
 __all__ = ["Wald", "SingularInformation", "observed_information", "standard_errors",
            "MAX_CONDITION", "Prediction", "predict", "Selection", "choose_experts",
@@ -48,19 +49,11 @@ class Wald(NamedTuple):
     level: float
 
 
-def _free_masks(model: GaussianMoE) -> dict[str, Tensor]:
-    """Per block, the entries the likelihood is a function of: all but the gate entries
-    that identifiability fixes (``Gate.free_mask``)."""
-    masks = model.gate.free_mask(model.n_experts, model.dim)
-    return {block: masks.get(block, torch.ones(shape, dtype=torch.bool))
-            for block, shape in model.param_shapes().items()}
-
-
 def observed_information(model: GaussianMoE, x: Tensor, y: Tensor,
                          params: Params) -> tuple[Tensor, list[str], Tensor]:
     """(I, names, theta): I = -d^2 l / d theta^2 at ``params`` over the free entries theta
     (unbatched fit; x (N, D), y (N,)), by autograd; names like ``beta1[0,0]``."""
-    masks = _free_masks(model)
+    masks = free_masks(model)
     base = {k: v.detach().to(torch.float64) for k, v in params.items()}
     names = [b if m.dim() == 0 else f"{b}[{','.join(map(str, i.tolist()))}]"
              for b, m in masks.items() for i in (m.nonzero() if m.dim() else m.view(1, 1))]

@@ -38,6 +38,8 @@ __all__ = ["seed_for", "setting_hash", "StaleResults", "Unit", "plan", "run_unit
 
 # Largest (starts x replicates x n x experts) batch one unit fits at once (memory bound).
 _MAX_BATCH_ELEMENTS = 20_000_000
+# Largest (replicates x n x experts) batch of one gradient by autograd (a dozen saved tensors).
+_MAX_GRADIENT_ELEMENTS = 2_000_000
 
 
 class _Seeded(Protocol):
@@ -210,10 +212,17 @@ def _number(value: torch.Tensor) -> float | None:
 def _stop_gradient(study: Study, model, x: torch.Tensor, y: torch.Tensor, res) -> torch.Tensor:
     """The protocol's fits: the gradient norm where the estimator stopped (the certificate
     of ``fit.polish``, not enforced), so that a row says how far from stationary it is;
-    NaN for least squares, whose objective is not the likelihood."""
-    if study.estimator.get("method", "em") == "lsq":
+    NaN for least squares, whose objective is not the likelihood, and for gates whose
+    weights are not differentiable (``Gate.differentiable``). Rows go in chunks, so that
+    autograd's saved tensors stay small beside the fit's own batch."""
+    gate = getattr(model, "gate", None)
+    if study.estimator.get("method", "em") == "lsq" or (
+            gate is not None and not gate.differentiable(model.dim)):
         return torch.full((x.shape[0],), float("nan"), dtype=x.dtype)
-    return gradient_norm(model, x, y, res.params)
+    per = max(1, _MAX_GRADIENT_ELEMENTS // (x.shape[-2] * (getattr(model, "n_experts", 1) + 1)))
+    return torch.cat([gradient_norm(model, x[i:i + per], y[i:i + per],
+                                    {k: v[i:i + per] for k, v in res.params.items()})
+                      for i in range(0, x.shape[0], per)])
 
 
 def _certify(study: Study, model, x: torch.Tensor, y: torch.Tensor, res: FitResult):
