@@ -91,6 +91,12 @@ TABLES: dict[str, ExponentTable] = {
     "D2-laplace": ExponentTable(
         "D2-laplace", "Laplace-gated Gaussian MoE, over-specified (FuseMoE, arXiv 2402.03226)",
         shared={"W": 2.0, "a": 2.0, "b": "rbar", "var": "rbar/2"}, rbar=_RBAR),
+    "D2-prefix": ExponentTable(
+        "D2-prefix", "prefix-MoE regression, over-specified (arXiv 2410.02200): keys and values "
+        "of a shared prefix at sqrt(log n / n) in one-atom cells and (log n / n)^(1/4) in "
+        "multi-atom cells (the rates of the paper's abstract and introduction; its Section 4 "
+        "was not read), so exponent 2 there; no-share fits are scored with the same table",
+        shared={"beta1": 2.0, "a": 2.0}),
     "D2-strong": ExponentTable(
         "D2-strong", "strongly identifiable experts (least-squares papers): exponent 2",
         default_shared=2.0),
@@ -144,6 +150,13 @@ def _measures(estimate: Mapping[str, Tensor], truth: Mapping[str, Tensor], model
     return log_m.exp(), m_true, atoms
 
 
+def _atom_values(model, params: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
+    """``params`` with any atom blocks the model derives from others (a reparameterised
+    prefix's keys and values, ``PrefixMoERegression.atom_params``)."""
+    derive = getattr(model, "atom_params", None)
+    return derive(dict(params)) if derive is not None else params
+
+
 def _block_rows(params: Mapping[str, Tensor], blocks: list[str], event_ndim: Mapping[str, int],
                 k: int) -> dict[str, Tensor]:
     """Each block as (..., K, size): one row per expert (the expert axis leads the event)."""
@@ -191,6 +204,7 @@ def voronoi_loss(estimate: Mapping[str, Tensor], truth: Mapping[str, Tensor],
     that replicate's total loss +inf (studies flag such fits and leave them out of rates).
     """
     table = choose("loss table", table, TABLES) if isinstance(table, str) else table
+    estimate, truth = _atom_values(model, estimate), _atom_values(truth_model or model, truth)
     m, m_true, blocks = _measures(estimate, truth, model, truth_model, blocks, mass, true_mass)
     k, j = m.shape[-1], m_true.shape[-1]
     ndim = {b: truth[b].dim() for b in blocks}
@@ -255,6 +269,7 @@ def wasserstein(estimate: Mapping[str, Tensor], truth: Mapping[str, Tensor], ord
     import numpy as np
     from scipy.optimize import linprog
 
+    estimate, truth = _atom_values(model, estimate), _atom_values(truth_model or model, truth)
     p, q, blocks = _measures(estimate, truth, model, truth_model, blocks, mass, true_mass)
     k, j = p.shape[-1], q.shape[-1]
     ndim = {b: truth[b].dim() for b in blocks}

@@ -10,7 +10,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from ..models import GaussianMoE, MoERegression
+from ..models import GaussianMoE, Regression
 from ..params import Params
 from .em import FitResult, fit_em
 from .lsq import fit_lsq, profile_loglik
@@ -41,13 +41,14 @@ class Estimator(NamedTuple):
 
 
 def _check_density(model) -> None:
-    if isinstance(model, MoERegression):
+    if isinstance(model, Regression):
         raise ValueError(f"EM fits densities; {model!r} is a regression: use method 'lsq'.")
 
 
 def _check_regression(model) -> None:
-    if not isinstance(model, MoERegression):
-        raise ValueError(f"Least squares fits MoE regressions; got {model!r}: use method 'em'.")
+    if not isinstance(model, Regression):
+        raise ValueError(f"Least squares fits regressions (MoERegression, PrefixMoERegression); "
+                         f"got {model!r}: use method 'em'.")
 
 
 def _check_segments(model) -> None:

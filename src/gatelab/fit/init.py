@@ -14,12 +14,13 @@ from torch import Tensor
 from .._checks import check_inputs, check_int
 from .._threads import threads_for, using_threads
 from ..gates import HierarchicalGate
-from ..models import ContaminatedMoE, DeviatedGaussianMoE, GatedExperts, GaussianMoE
+from ..models import (ContaminatedMoE, DeviatedGaussianMoE, GatedExperts, GaussianMoE,
+                      PrefixMoERegression)
 from ..params import Params
 from .em import broadcast_problem, make_kernel
 
 __all__ = ["covering_assignment", "from_responsibilities", "near_truth", "near_truth_known",
-           "near_truth_starts", "NEAR_TRUTH", "random_starts"]
+           "near_truth_prefix", "near_truth_starts", "NEAR_TRUTH", "random_starts"]
 
 
 def covering_assignment(k: int, k_star: int, generator: torch.Generator | None = None) -> Tensor:
@@ -49,7 +50,7 @@ def near_truth(model: GatedExperts, truth: Params, n: int, n_starts: int = 1,
     fitted inner experts cover the group's true experts as above, so the inner level may be
     over-specified. Returns blocks of shape (n_starts, [replicates,] k, ...).
     """
-    hierarchical = isinstance(model.gate, HierarchicalGate)
+    hierarchical = isinstance(getattr(model, "gate", None), HierarchicalGate)
     lead = (n_starts,) if replicates is None else (n_starts, replicates)
     gate_names = set(model.gate_blocks())
     starts = []
@@ -168,8 +169,17 @@ def _in_fitted_terms(truth: Params, model: GatedExperts) -> Params:
     return {**experts, **flat}
 
 
+def near_truth_prefix(model: PrefixMoERegression, truth: Params, n: int, n_starts: int = 1,
+                      generator: torch.Generator | None = None) -> Params:
+    """Near-truth starts for a ``PrefixMoERegression``: ``near_truth`` from the truth in
+    the fitted model's terms (a shared truth's keys and values for a no-share fit), the
+    prefix scores' blocks (beta1, beta0) perturbed as gate blocks, p and a as expert blocks."""
+    return near_truth(model, model.in_own_terms(truth), n, n_starts, generator=generator)
+
+
 #: Start schemes by model class (their subclasses included); others use ``near_truth``.
-NEAR_TRUTH = {DeviatedGaussianMoE: near_truth_known, ContaminatedMoE: near_truth_known}
+NEAR_TRUTH = {DeviatedGaussianMoE: near_truth_known, ContaminatedMoE: near_truth_known,
+              PrefixMoERegression: near_truth_prefix}
 
 
 def from_responsibilities(model: GaussianMoE, x: Tensor, y: Tensor, resp: Tensor,

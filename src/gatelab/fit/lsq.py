@@ -22,8 +22,9 @@ from torch import Tensor
 
 from .._checks import check_int, check_positive
 from .._threads import threads_for, using_threads
-from ..models import MoERegression
+from ..models import Regression
 from ..params import Params, Shapes, pack, unpack
+from .polish import free_masks
 from .status import fit_status
 
 __all__ = ["LSQResult", "fit_lsq", "profile_loglik"]
@@ -49,12 +50,11 @@ class LSQResult(NamedTuple):
 class _Problem:
     """The residual function of a batch of problems over their free parameters."""
 
-    def __init__(self, model: MoERegression, x: Tensor, y: Tensor, params: Params) -> None:
+    def __init__(self, model: Regression, x: Tensor, y: Tensor, params: Params) -> None:
         self.model, self.x, self.y = model, x, y
         self.shapes: Shapes = {k: v for k, v in model.param_shapes().items() if k != "nu"}
         b = x.shape[0]
-        masks = {k: torch.ones(s, dtype=torch.bool) for k, s in self.shapes.items()}
-        masks.update(model.gate.free_mask(model.n_experts, model.dim))
+        masks = {k: m for k, m in free_masks(model).items() if k in self.shapes}
         self.free = pack({k: m.expand(b, *m.shape) for k, m in masks.items()}, self.shapes)[0]
         self.full = pack({k: params[k] for k in self.shapes}, self.shapes)
 
@@ -109,7 +109,7 @@ def _lm_step(problem: _Problem, theta: Tensor, lam: Tensor) -> tuple[Tensor, Ten
 
 
 @torch.no_grad()
-def fit_lsq(model: MoERegression, x: Tensor, y: Tensor, init: Params, *, tol: float = 1e-8,
+def fit_lsq(model: Regression, x: Tensor, y: Tensor, init: Params, *, tol: float = 1e-8,
             max_iter: int = 500, lam0: float = 1e-3, record: bool = False) -> LSQResult:
     """Least-squares fit of an MoE regression from ``init``, batched over its leading
     dimensions (as ``fit_em``). Each problem stops when even an undamped Gauss-Newton step

@@ -12,9 +12,10 @@ from .base import (
                    sample_categorical,
 )
 from .contaminated import ContaminatedMoE, DeviatedGaussianMoE
-from .moe import GatedExperts, GaussianMoE, HierarchicalGaussianMoE, MoERegression
+from .moe import GatedExperts, GaussianMoE, HierarchicalGaussianMoE, MoERegression, Regression
+from .prefix import PrefixMoERegression
 
 __all__ = ["ConditionalDensity", "DensityModel", "FrozenDensity", "MixingMeasure", "Model", "Sample",
            "normal_cdf", "normal_log_prob", "sample_categorical", "ContaminatedMoE",
            "DeviatedGaussianMoE", "GatedExperts", "GaussianMoE", "HierarchicalGaussianMoE",
-           "MoERegression"]
+           "MoERegression", "PrefixMoERegression", "Regression"]

@@ -6,6 +6,8 @@ Shape legend: N samples, D features, E experts; ``...`` are batch (replicate) di
 
 from __future__ import annotations
 
+from abc import abstractmethod
+
 import torch
 from torch import Tensor
 
@@ -16,7 +18,7 @@ from ..gates import Gate, HierarchicalGate, LinearGate, make_gate
 from ..params import Params, Shapes, pick
 from .base import DensityModel, MixingMeasure, normal_cdf, normal_log_prob, sample_categorical
 
-__all__ = ["GatedExperts", "GaussianMoE", "HierarchicalGaussianMoE", "MoERegression"]
+__all__ = ["GatedExperts", "GaussianMoE", "HierarchicalGaussianMoE", "MoERegression", "Regression"]
 
 
 class GatedExperts(DensityModel):
@@ -193,19 +195,21 @@ class HierarchicalGaussianMoE(GaussianMoE):
         super().__init__(n_groups * n_inner, dim, gate, expert, covariates)
 
 
-class MoERegression(GatedExperts):
-    """MoE regression, estimated by least squares (arXiv 2402.02952, 2405.13997, 2405.14131):
-
-        y = f(x) + eps,  f(x) = sum_i w_i(x) h(x; eta_i),  eps ~ N(0, nu).
-
-    Any gate works, sigmoid included (then w_i(x) = sigmoid(s_i(x)) need not sum to one).
-    Blocks: the gate's, the expert's, and ``nu`` (scalar noise variance).
-    """
+class Regression(DensityModel):
+    """A regression model y = f(x) + eps, eps ~ N(0, nu), estimated by least squares: its
+    density, CDF and sampling follow from the mean ``_regression`` and the scalar noise
+    variance block ``nu``."""
 
     positive_blocks = ("nu",)
 
-    def param_shapes(self) -> Shapes:
-        return {**self.gate_blocks(), **self.expert_blocks(), "nu": ()}
+    @abstractmethod
+    def _regression(self, x_ND: Tensor, params: Params) -> Tensor:
+        """f(x) (..., N), without checks."""
+
+    def predict(self, x: Tensor, params: Params) -> Tensor:
+        """E[y | x] = f(x): (..., N)."""
+        x, _ = self._prepare(x, params)
+        return self._regression(x, params)
 
     def _log_prob(self, x_ND: Tensor, y_N: Tensor, params: Params) -> Tensor:
         return normal_log_prob(y_N, self._regression(x_ND, params), params["nu"].unsqueeze(-1))
@@ -217,3 +221,16 @@ class MoERegression(GatedExperts):
         f = self._regression(x_ND, params)
         noise = torch.randn(f.shape, generator=generator, dtype=f.dtype)
         return f + params["nu"].unsqueeze(-1).sqrt() * noise
+
+
+class MoERegression(GatedExperts, Regression):
+    """MoE regression, estimated by least squares (arXiv 2402.02952, 2405.13997, 2405.14131):
+
+        y = f(x) + eps,  f(x) = sum_i w_i(x) h(x; eta_i),  eps ~ N(0, nu).
+
+    Any gate works, sigmoid included (then w_i(x) = sigmoid(s_i(x)) need not sum to one).
+    Blocks: the gate's, the expert's, and ``nu`` (scalar noise variance).
+    """
+
+    def param_shapes(self) -> Shapes:
+        return {**self.gate_blocks(), **self.expert_blocks(), "nu": ()}

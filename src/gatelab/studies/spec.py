@@ -27,7 +27,9 @@ from ..models import (
     FrozenDensity,
     GaussianMoE,
     MoERegression,
+    PrefixMoERegression,
 )
+from ..models.prefix import SHARINGS
 from ..params import Params, pick
 
 __all__ = ["SpecError", "TruthSpec", "Setting", "ClaimSpec", "CLAIM_RULES", "DEFAULT_MAX_WIDTH",
@@ -84,7 +86,9 @@ def _is_int(v: Any, low: int = 1) -> bool:
 
 _MODELS = {"gaussian_moe": GaussianMoE, "regression": MoERegression}
 # Models with a known (frozen) component, given by the truth's ``known`` table.
-_KNOWN_MODELS = ("deviated", "contaminated")
+_KNOWN_MODELS = ("deviated", "contaminated", "prefix")
+# Truths fitted by least squares.
+_REGRESSION_KINDS = ("regression", "prefix")
 
 
 @dataclass(frozen=True)
@@ -95,12 +99,17 @@ class TruthSpec:
     (``"contaminated"``: one prompt expert, ``gate`` "input_free" (block lam) or "softmax"
     (beta1, beta0)), given by gate, expert, covariates and parameters. The last two mix in
     a known density, ``known``: a table {n_experts, params, gate, expert, expert_options}
-    describing a Gaussian MoE that is frozen at those parameters."""
+    describing a Gaussian MoE that is frozen at those parameters. A prefix-MoE regression
+    (``"prefix"``, ``gatelab.models.PrefixMoERegression``, arXiv 2410.02200) has
+    ``n_experts`` prefixes, ``gate`` its prefix parameterisation ("shared" or "no_share";
+    a setting's ``gate`` picks the fitted one) and ``known`` the pre-trained head and the
+    shared map {A, c, a, b, reparam, W1, c1, W2, c2 (mlp) or W (linear)}."""
 
     n_experts: int = _key("number of true experts k*")
     params: Mapping[str, Any] = _key("the true parameter blocks by name (e.g. beta1, beta0, "
                                      "a, b, var), nested lists of numbers")
-    model_kind: str = _key("gaussian_moe, regression, deviated or contaminated", "gaussian_moe")
+    model_kind: str = _key("gaussian_moe, regression, deviated, contaminated or prefix",
+                           "gaussian_moe")
     dim: int = _key("number of covariates d", 1)
     gate: str = _key("the true gate, a name from `gatelab gates`", "softmax")
     gate_options: Mapping[str, Any] = _key("options of the gate (e.g. top_k, tau1)", factory=dict)
@@ -111,7 +120,8 @@ class TruthSpec:
                                          "high} or {kind = gaussian, mean, std}",
                                          factory=lambda: {"kind": "uniform"})
     known: Mapping[str, Any] = _key("deviated/contaminated truths: the frozen Gaussian MoE "
-                                    "{n_experts, params, gate, expert, expert_options}",
+                                    "{n_experts, params, gate, expert, expert_options}; "
+                                    "prefix truths: the pre-trained head and shared map",
                                     factory=dict)
     _path: str = "truth"
 
@@ -120,11 +130,16 @@ class TruthSpec:
         _need(self.model_kind in kinds, f"{self._path}.model_kind", f"one of {kinds}",
               self.model_kind)
         _need((self.model_kind in _KNOWN_MODELS) == bool(self.known), f"{self._path}.known",
-              "a table for deviated/contaminated truths and absent otherwise", dict(self.known))
+              "a table for deviated/contaminated/prefix truths and absent otherwise",
+              dict(self.known))
         _need(_is_int(self.n_experts), f"{self._path}.n_experts", "an int >= 1", self.n_experts)
         _need(_is_int(self.dim), f"{self._path}.dim", "an int >= 1", self.dim)
         # Each part on its own first, so that an error names the key it comes from.
-        _built(f"{self._path}.gate_options", make_gate, self.gate, **dict(self.gate_options))
+        if self.model_kind == "prefix":
+            _need(self.gate in SHARINGS, f"{self._path}.gate", f"a prefix parameterisation, one "
+                  f"of {SHARINGS}", self.gate)
+        else:
+            _built(f"{self._path}.gate_options", make_gate, self.gate, **dict(self.gate_options))
         _built(f"{self._path}.expert_options", make_expert, self.expert, **dict(self.expert_options))
         _built(f"{self._path}.covariates", self._covariates)
         try:
@@ -148,6 +163,10 @@ class TruthSpec:
         if self.model_kind == "deviated":
             return DeviatedGaussianMoE(self.known_density(known), n_experts or self.n_experts,
                                        self.dim, self._covariates())
+        if self.model_kind == "prefix":
+            return PrefixMoERegression(n_experts or self.n_experts, self.dim,
+                                       {**self.known, **dict(known or {})}, gate or self.gate,
+                                       self._covariates())
         if self.model_kind == "contaminated":
             return ContaminatedMoE(self.known_density(known), self.dim,
                                    make_expert(self.expert, **dict(self.expert_options)),
@@ -345,9 +364,10 @@ class Study:
         method = self.estimator.get("method", "em")
         _need(method in ("em", "lsq", "segments"), "estimator.method",
               "'em', 'lsq' or 'segments' (top-K gates, one covariate)", method)
-        _need(method == "lsq" or self.truth.model_kind != "regression", "estimator.method",
+        regression = self.truth.model_kind in _REGRESSION_KINDS
+        _need(method == "lsq" or not regression, "estimator.method",
               "'lsq' for a regression truth (EM fits densities)", method)
-        _need(method != "lsq" or self.truth.model_kind == "regression", "estimator.method",
+        _need(method != "lsq" or regression, "estimator.method",
               "'em' or 'segments' for a density truth (least squares fits regressions)", method)
         self._check_truth_blocks_used()
         self._check_theory_blocks()
