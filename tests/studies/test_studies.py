@@ -750,3 +750,15 @@ def test_protocol_rows_store_the_gradient_norm_where_em_stopped(tiny, monkeypatc
     params = {k: torch.tensor(v, dtype=torch.float64).unsqueeze(0) for k, v in whole[0].params.items()}
     want = float(gradient_norm(model, x.unsqueeze(0), y.unsqueeze(0), params)[0])
     assert whole[0].grad_norm == pytest.approx(want, rel=1e-6, abs=1e-12)
+
+
+def test_the_prefix_study_runs_both_arms_and_rows_score_their_estimates(tmp_path):
+    study, rows = run_small_study("prefix-sharing-lse", tmp_path / "prefix.sqlite",
+                                  quick_sizes=[400, 800], quick_replicates=2,
+                                  estimator={"method": "lsq", "tol": 1e-8, "max_iter": 60})
+    assert len(rows) == 4 * 2 * 2 and all(np.isfinite(r.loss) for r in rows)
+    assert_rows_score_their_estimates(study, rows)
+    by = {(r.setting, r.n, r.replicate): r for r in rows}
+    assert set(by[("shared L=3", 400, 0)].params) == {"p", "beta0", "nu"}
+    assert set(by[("no-share L=3", 400, 0)].params) == {"beta1", "beta0", "a", "nu"}
+    assert len(by[("no-share L=3", 400, 0)].params["a"]) == 3

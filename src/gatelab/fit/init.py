@@ -14,8 +14,7 @@ from torch import Tensor
 from .._checks import check_inputs, check_int
 from .._threads import threads_for, using_threads
 from ..gates import HierarchicalGate
-from ..models import (ContaminatedMoE, DeviatedGaussianMoE, GatedExperts, GaussianMoE,
-                      PrefixMoERegression)
+from ..models import ContaminatedMoE, DeviatedGaussianMoE, GatedExperts, GaussianMoE, PrefixMoERegression
 from ..params import Params
 from .em import broadcast_problem, make_kernel
 

@@ -77,7 +77,12 @@ class _Problem:
         return self.full[:, self.free]
 
     def jacobian(self, theta: Tensor) -> tuple[Tensor, Tensor]:
-        """Residuals (B, N) and their Jacobian (B, N, P), one forward-mode pass per column."""
+        """Residuals (B, N) and their Jacobian (B, N, P): the model's closed form where it
+        has one (``mean_jacobian``), else one forward-mode pass per column."""
+        closed = getattr(self.model, "mean_jacobian", None)
+        if closed is not None:
+            f, jac = closed(self.x, self.params(theta))
+            return self.y - f, -jac[..., self.free]
         cols: list[Tensor] = []
         r: Tensor | None = None
         eye = torch.eye(theta.shape[-1], dtype=theta.dtype)
