@@ -87,3 +87,19 @@ def test_fixed_gate_entries_stay_fixed():
     model, _, x, y, init = _problem("softmax", "linear", seed=5)
     res = fit_lsq(model, x, y, init)
     assert torch.all(res.params["beta1"][:, -1] == 0) and torch.all(res.params["beta0"][:, -1] == 0)
+
+
+def test_the_rss_gradient_norm_is_autograd_s_and_vanishes_at_the_fit():
+    from gatelab.fit.lsq import rss_gradient_norm
+    from gatelab.fit.polish import free_masks
+    model, truth, x, y, init = _problem("softmax", "linear", noise=0.05)
+    got = rss_gradient_norm(model, x, y, init)
+    masks = {k: m for k, m in free_masks(model).items() if k != "nu"}
+    for b in range(2):
+        params = {k: v[b].detach().clone().requires_grad_(True) for k, v in init.items()}
+        mse = (y[b] - model.predict(x[b], params)).square().mean()
+        grads = torch.autograd.grad(mse, [params[k] for k in masks])
+        want = torch.cat([g[m].reshape(-1) for g, m in zip(grads, masks.values())]).norm()
+        assert float(got[b]) == pytest.approx(float(want), rel=1e-10)
+    fitted = fit_lsq(model, x, y, init, tol=1e-14, max_iter=300).params
+    assert float(rss_gradient_norm(model, x, y, fitted).max()) < 1e-6 * float(got.min())

@@ -27,7 +27,7 @@ from ..params import Params, Shapes, pack, unpack
 from .polish import free_masks
 from .status import fit_status
 
-__all__ = ["LSQResult", "fit_lsq", "profile_loglik"]
+__all__ = ["LSQResult", "fit_lsq", "profile_loglik", "rss_gradient_norm"]
 
 
 def profile_loglik(rss: Tensor, n: int) -> Tensor:
@@ -94,6 +94,20 @@ class _Problem:
                 cols.append(out.tangent)
         assert r is not None, "a problem has at least one free parameter"
         return r, torch.stack(cols, dim=-1)
+
+
+@torch.no_grad()
+def rss_gradient_norm(model: Regression, x: Tensor, y: Tensor, params: Params) -> Tensor:
+    """The stationarity of least-squares fits (B,): the 2-norm over the free mean
+    parameters of the gradient of the mean squared residual,
+
+        || d/dtheta (1/N) sum_n (y_n - f(x_n; theta))^2 || = (2/N) || J^T r ||,
+
+    the least-squares counterpart of ``fit.polish``'s certificate (0 at a stationary
+    point; x (B, N, D), y (B, N), blocks (B, ...))."""
+    problem = _Problem(model, x, y, params)
+    r, jac = problem.jacobian(problem.theta())
+    return 2 * (jac.transpose(-1, -2) @ r.unsqueeze(-1)).squeeze(-1).norm(dim=-1) / x.shape[-2]
 
 
 def _lm_step(problem: _Problem, theta: Tensor, lam: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -27,6 +27,7 @@ from .._threads import available_cores
 from ..fit import FitResult, select_best
 from ..fit.estimators import estimator
 from ..fit.init import near_truth_starts
+from ..fit.lsq import rss_gradient_norm
 from ..fit.polish import DEFAULT_BOUND, gradient_norm, polish
 from ..fit.status import FitStatus, fit_status, status_codes, status_names
 from ..losses import voronoi_loss, wasserstein
@@ -210,18 +211,22 @@ def _number(value: torch.Tensor) -> float | None:
 
 
 def _stop_gradient(study: Study, model, x: torch.Tensor, y: torch.Tensor, res) -> torch.Tensor:
-    """The protocol's fits: the gradient norm where the estimator stopped (the certificate
-    of ``fit.polish``, not enforced), so that a row says how far from stationary it is;
-    NaN for least squares, whose objective is not the likelihood, and for gates whose
-    weights are not differentiable (``Gate.differentiable``). Rows go in chunks, so that
-    autograd's saved tensors stay small beside the fit's own batch."""
+    """The protocol's fits: the gradient norm where the estimator stopped, so that a row
+    says how far from stationary it is (not enforced): for maximum likelihood the
+    certificate of ``fit.polish``, for least squares that of the mean squared residual
+    (``fit.lsq.rss_gradient_norm``); NaN for gates whose weights are not differentiable
+    (``Gate.differentiable``). Rows go in chunks, so that the Jacobians and autograd's
+    saved tensors stay small beside the fit's own batch."""
     gate = getattr(model, "gate", None)
-    if study.estimator.get("method", "em") == "lsq" or (
-            gate is not None and not gate.differentiable(model.dim)):
+    if gate is not None and not gate.differentiable(model.dim):
         return torch.full((x.shape[0],), float("nan"), dtype=x.dtype)
-    per = max(1, _MAX_GRADIENT_ELEMENTS // (x.shape[-2] * (getattr(model, "n_experts", 1) + 1)))
-    return torch.cat([gradient_norm(model, x[i:i + per], y[i:i + per],
-                                    {k: v[i:i + per] for k, v in res.params.items()})
+    lsq = study.estimator.get("method", "em") == "lsq"
+    norm = rss_gradient_norm if lsq else gradient_norm
+    width = sum(math.prod(s) for s in model.param_shapes().values()) if lsq else \
+        getattr(model, "n_experts", 1) + 1
+    per = max(1, _MAX_GRADIENT_ELEMENTS // (x.shape[-2] * width))
+    return torch.cat([norm(model, x[i:i + per], y[i:i + per],
+                           {k: v[i:i + per] for k, v in res.params.items()})
                       for i in range(0, x.shape[0], per)])
 
 
