@@ -256,6 +256,40 @@ def _sq_dist(x_ND: Tensor, w_ED: Tensor, expanded: bool = False) -> Tensor:
     return sq.clamp_min(0)
 
 
+class _ExpandedDistance(torch.autograd.Function):
+    """||x - W_i|| from the expanded square (``_sq_dist(..., expanded=True)``) with its
+    gradient written out: with u = g / d (0 where the square was clamped),
+    dx = (sum_i u_i) x - u W and dW_i = (sum_n u_ni) W_i - sum_n u_ni x_n. Autograd's
+    version of the same formula keeps every intermediate (N, E) and (N, D) tensor of the
+    square, the two clamps and the root; a deep layer's Laplace router or prefix gate
+    spends most of its gate time there. The backward is made of differentiable
+    operations, so second derivatives work."""
+
+    @staticmethod
+    def forward(ctx, x_ND: Tensor, w_ED: Tensor) -> Tensor:  # type: ignore[override]
+        tiny = torch.finfo(x_ND.dtype).tiny
+        dist = _sq_dist(x_ND, w_ED, expanded=True).clamp_min(tiny).sqrt()
+        ctx.save_for_backward(x_ND, w_ED, dist)
+        return dist
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        x_ND, w_ED, dist = ctx.saved_tensors
+        floor = torch.finfo(dist.dtype).tiny ** 0.5
+        u = torch.where(dist > floor, grad / dist, 0.0)                     # (..., N, E)
+        g_x = u.sum(-1, keepdim=True) * x_ND - u @ w_ED
+        g_w = u.sum(-2).unsqueeze(-1) * w_ED - u.transpose(-1, -2) @ x_ND
+        return _sum_to(g_x, x_ND.shape), _sum_to(g_w, w_ED.shape)
+
+
+def _sum_to(t: Tensor, shape: torch.Size) -> Tensor:
+    """``t`` summed over the leading dimensions it was broadcast along to reach ``shape``."""
+    extra = t.dim() - len(shape)
+    t = t.sum(tuple(range(extra))) if extra > 0 else t
+    dims = tuple(i for i, (a, b) in enumerate(zip(t.shape, shape)) if b == 1 and a != 1)
+    return t.sum(dims, keepdim=True) if dims else t
+
+
 # --- the catalogue -------------------------------------------------------------------
 
 @dataclass(frozen=True, kw_only=True)
@@ -450,8 +484,12 @@ class LaplaceGate(Gate):
         return {"W": (n_experts, dim), "beta0": (n_experts,)}
 
     def scores(self, x_ND: Tensor, params: Params) -> Tensor:
-        sq = _sq_dist(x_ND, params["W"], self.expanded)
-        return -sq.clamp_min(torch.finfo(sq.dtype).tiny).sqrt() + params["beta0"].unsqueeze(-2)
+        if self.expanded:
+            dist = _ExpandedDistance.apply(x_ND, params["W"])
+        else:
+            sq = _sq_dist(x_ND, params["W"])
+            dist = sq.clamp_min(torch.finfo(sq.dtype).tiny).sqrt()
+        return -dist + params["beta0"].unsqueeze(-2)
 
     def q_derivatives(self, x_BND: Tensor, resp_BNE: Tensor,
                       params: Params) -> tuple[Tensor, Tensor] | None:

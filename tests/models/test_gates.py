@@ -273,3 +273,33 @@ def test_which_gates_a_gradient_certificate_applies_to():
     assert not LaplaceGate().differentiable(1) and LaplaceGate().differentiable(2)
     hier = HierarchicalGate(outer=LinearGate(), inner=LaplaceGate(), n_groups=2, n_inner=2)
     assert not hier.differentiable(1) and hier.differentiable(2)
+
+
+@pytest.mark.parametrize("x_shape,w_shape", [((7, 3), (4, 3)), ((2, 7, 3), (2, 4, 3)),
+                                             ((2, 7, 3), (4, 3)), ((2, 7, 3), (1, 4, 3))])
+def test_the_expanded_laplace_distance_has_autograd_s_gradients(x_shape, w_shape):
+    from gatelab.gates import _ExpandedDistance, _sq_dist
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(x_shape, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(w_shape, generator=g, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(_ExpandedDistance.apply, (x, w))
+    torch.autograd.gradgradcheck(_ExpandedDistance.apply, (x, w))
+    # the same as autograd through the explicit (unexpanded) distance
+    weights = torch.randn(torch.broadcast_shapes(x_shape[:-1] + (1,), w_shape[:-2] + (1, 1))[:-1]
+                          + (w_shape[-2],), generator=g, dtype=torch.float64)
+    fused = torch.autograd.grad((_ExpandedDistance.apply(x, w) * weights).sum(), (x, w))
+    plain = torch.autograd.grad((_sq_dist(x, w).sqrt() * weights).sum(), (x, w))
+    for a, b in zip(fused, plain):
+        assert a.shape == b.shape and torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_an_expanded_laplace_gate_scores_as_the_plain_one_and_a_sample_on_a_centre_has_no_nan():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(20, 3, generator=g, dtype=torch.float64)
+    params = {"W": torch.cat([x[:1], torch.randn(2, 3, generator=g, dtype=torch.float64)]),
+              "beta0": torch.zeros(3, dtype=torch.float64)}
+    params["W"].requires_grad_(True)
+    fused = gl.make_gate("laplace", expanded=True).scores(x, params)
+    assert torch.allclose(fused, gl.make_gate("laplace").scores(x, params), atol=1e-7)
+    (grad,) = torch.autograd.grad(fused.sum(), params["W"])
+    assert torch.isfinite(grad).all()
