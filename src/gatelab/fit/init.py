@@ -36,7 +36,7 @@ def covering_assignment(k: int, k_star: int, generator: torch.Generator | None =
     return torch.cat([rest, torch.tensor([k_star - 1])])
 
 
-def near_truth(model: GatedExperts, truth: Params, n: int, n_starts: int = 1,
+def near_truth(model: GatedExperts | PrefixMoERegression, truth: Params, n: int, n_starts: int = 1,
                replicates: int | None = None, generator: torch.Generator | None = None) -> Params:
     """Near-truth starts (reference protocol of arXiv 2305.03288's public code):
 
@@ -54,8 +54,8 @@ def near_truth(model: GatedExperts, truth: Params, n: int, n_starts: int = 1,
     gate_names = set(model.gate_blocks())
     starts = []
     for _ in range(math.prod(lead)):
-        plan = (_hierarchical_plan(model, truth, generator) if hierarchical
-                else _flat_plan(model, truth, generator))
+        plan = (_hierarchical_plan(model, truth, generator) if isinstance(model, GatedExperts)
+                and hierarchical else _flat_plan(model, truth, generator))
         start = {}
         for name, value in truth.items():
             if value.dim() == 0:  # no expert axis (a noise variance): copied as it is
@@ -93,7 +93,8 @@ class _Plan:
         return value[rows]
 
 
-def _flat_plan(model: GatedExperts, truth: Params, generator: torch.Generator | None) -> _Plan:
+def _flat_plan(model: GatedExperts | PrefixMoERegression, truth: Params,
+               generator: torch.Generator | None) -> _Plan:
     k_star = truth["beta0"].shape[-1]
     atoms = covering_assignment(model.n_experts, k_star, generator)
     counts = torch.bincount(atoms, minlength=k_star)[atoms]

@@ -201,6 +201,7 @@ class Regression(DensityModel):
     variance block ``nu``."""
 
     positive_blocks = ("nu",)
+    n_experts: int
 
     @abstractmethod
     def _regression(self, x_ND: Tensor, params: Params) -> Tensor:
