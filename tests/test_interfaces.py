@@ -74,7 +74,7 @@ def test_estimators_check_their_model_and_return_one_result_type():
     reg = gl.MoERegression(2, 1, "sigmoid")
     with pytest.raises(ValueError, match="EM fits densities"):
         estimator("em").fit(reg, None, None, None)
-    with pytest.raises(ValueError, match="Least squares fits MoE regressions"):
+    with pytest.raises(ValueError, match="Least squares fits regressions"):
         estimator("lsq").fit(gl.GaussianMoE(2, 1), None, None, None)
     with pytest.raises(ValueError, match="fit_topk_segments fits"):
         estimator("segments").fit(gl.GaussianMoE(2, 1), None, None, None)
