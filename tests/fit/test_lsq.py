@@ -103,3 +103,18 @@ def test_the_rss_gradient_norm_is_autograd_s_and_vanishes_at_the_fit():
         assert float(got[b]) == pytest.approx(float(want), rel=1e-10)
     fitted = fit_lsq(model, x, y, init, tol=1e-14, max_iter=300).params
     assert float(rss_gradient_norm(model, x, y, fitted).max()) < 1e-6 * float(got.min())
+
+
+def test_a_gradient_bound_stops_on_the_certificate_and_says_when_it_was_not_met():
+    from gatelab.fit.lsq import rss_gradient_norm
+    model, truth, x, y, init = _problem("softmax", "linear", noise=0.05)
+    res = fit_lsq(model, x, y, init, grad_bound=1e-9, max_iter=300)
+    assert bool(res.converged.all())
+    assert float(rss_gradient_norm(model, x, y, res.params).max()) <= 1e-9
+    # the protocol's own stop is not a gradient bound: a loose tol stops above it
+    loose = fit_lsq(model, x, y, init, tol=1e-3, max_iter=300)
+    assert float(rss_gradient_norm(model, x, y, loose.params).max()) > 1e-9
+    short = fit_lsq(model, x, y, init, grad_bound=1e-12, max_iter=2)
+    assert not bool(short.converged.any()) and set(short.status.tolist()) == {1}  # max_iter
+    with pytest.raises(ValueError, match="grad_bound"):
+        fit_lsq(model, x, y, init, grad_bound=0.0)

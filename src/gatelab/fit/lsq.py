@@ -110,10 +110,12 @@ def rss_gradient_norm(model: Regression, x: Tensor, y: Tensor, params: Params) -
     return 2 * (jac.transpose(-1, -2) @ r.unsqueeze(-1)).squeeze(-1).norm(dim=-1) / x.shape[-2]
 
 
-def _lm_step(problem: _Problem, theta: Tensor, lam: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """The damped Gauss-Newton step, the current RSS, and the decrease of the RSS that the
+def _lm_step(problem: _Problem, theta: Tensor,
+             lam: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The damped Gauss-Newton step, the current RSS, the decrease of the RSS that the
     undamped Gauss-Newton model predicts, g^T (J^T J)^+ g with g = J^T r (a stopping
-    measure that does not depend on the damping)."""
+    measure that does not depend on the damping), and the certificate (2/N) ||g||
+    (``rss_gradient_norm``) at ``theta``."""
     r, jac = problem.jacobian(theta)
     jtj = jac.transpose(-1, -2) @ jac
     grad = (jac.transpose(-1, -2) @ r.unsqueeze(-1)).squeeze(-1)
@@ -124,33 +126,39 @@ def _lm_step(problem: _Problem, theta: Tensor, lam: Tensor) -> tuple[Tensor, Ten
     step = -torch.linalg.lstsq(system, grad.unsqueeze(-1)).solution.squeeze(-1)
     ridge = torch.diag_embed((1e-12 * scale).expand_as(diag))
     gn = torch.linalg.lstsq(jtj + ridge, grad.unsqueeze(-1)).solution.squeeze(-1)
-    return step, r.square().sum(-1), (gn * grad).sum(-1)
+    return step, r.square().sum(-1), (gn * grad).sum(-1), 2 * grad.norm(dim=-1) / r.shape[-1]
 
 
 @torch.no_grad()
 def fit_lsq(model: Regression, x: Tensor, y: Tensor, init: Params, *, tol: float = 1e-8,
-            max_iter: int = 500, lam0: float = 1e-3, record: bool = False) -> LSQResult:
+            max_iter: int = 500, lam0: float = 1e-3, record: bool = False,
+            grad_bound: float | None = None) -> LSQResult:
     """Least-squares fit of an MoE regression from ``init``, batched over its leading
     dimensions (as ``fit_em``). Each problem stops when even an undamped Gauss-Newton step
     is predicted to lower the RSS by a relative ``tol`` or less, or when a lightly damped
     step (lam <= 1) lowered it by a relative ``tol`` or less (heavily damped steps are
     short by construction, so their small decrease says nothing), or after ``max_iter``.
+    With ``grad_bound``, a problem stops instead when its certificate ``rss_gradient_norm``
+    is at most the bound (converged), or when no damping finds a lower RSS, or after
+    ``max_iter`` (not converged): the certified reading of least-squares studies.
     Each fit has a ``status`` (``gatelab.fit.status``); ``degenerate`` there means
     RSS / N <= ``VARIANCE_COLLAPSE`` Var(y), a fit through the points."""
     from .em import broadcast_problem, shaped
     check_positive("tol", tol)
+    if grad_bound is not None:
+        check_positive("grad_bound", grad_bound)
     check_int("max_iter", max_iter, 1)
     x, y, params, lead = broadcast_problem(model, x, y, init)
     start = model.normalise(params)
     with using_threads(threads_for(y.numel() * model.n_experts)):
-        res = _run_lsq(_Problem(model, x, y, start), tol, max_iter, lam0, record)
+        res = _run_lsq(_Problem(model, x, y, start), tol, max_iter, lam0, record, grad_bound)
         status = fit_status(model, x, y, start, res.params, res.converged,
                             torch.zeros_like(res.converged))
     return shaped(res._replace(status=status), lead)
 
 
 def _run_lsq(problem: _Problem, tol: float, max_iter: int, lam0: float,
-             record: bool) -> LSQResult:
+             record: bool, grad_bound: float | None = None) -> LSQResult:
     """The Levenberg-Marquardt loop of ``fit_lsq`` over the problem's B rows (a flat
     result without its status)."""
     theta = problem.theta()
@@ -168,18 +176,25 @@ def _run_lsq(problem: _Problem, tol: float, max_iter: int, lam0: float,
         if idx.numel() == 0:
             break
         sub = problem.subset(idx) if idx.numel() < b else problem
-        step, old, predicted = _lm_step(sub, theta[idx], lam[idx])
+        step, old, predicted, grad_norm = _lm_step(sub, theta[idx], lam[idx])
+        certified = grad_norm <= grad_bound if grad_bound is not None else None
         cand = theta[idx] + step
         new = sub.residuals(cand).square().sum(-1)
         better = torch.isfinite(new) & (new < old)
+        if certified is not None:   # the certificate holds where the row stands: stay
+            better &= ~certified
         light = lam[idx] <= 1.0   # the step was close to Gauss-Newton's
         theta[idx] = torch.where(better.unsqueeze(-1), cand, theta[idx])
         rss[idx] = torch.where(better, new, old)
         lam[idx] = torch.where(better, lam[idx] / 10, lam[idx] * 10).clamp(1e-12, 1e12)
         n_iter[idx] = it
-        stalled = better & light & ((old - new) <= tol * old)
-        done = (predicted <= tol * old) | stalled | (lam[idx] >= 1e12) | (old == 0)
-        converged[idx] |= done
+        if certified is None:
+            stalled = better & light & ((old - new) <= tol * old)
+            done = (predicted <= tol * old) | stalled | (lam[idx] >= 1e12) | (old == 0)
+            converged[idx] |= done
+        else:
+            converged[idx] |= certified | (old == 0)
+            done = certified | (lam[idx] >= 1e12) | (old == 0)
         active[idx] &= ~done
         if history is not None:
             history[idx, it] = rss[idx]

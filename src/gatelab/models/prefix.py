@@ -131,6 +131,10 @@ class PrefixMoERegression(Regression):
         return dict(truth)
 
     def _regression(self, x_ND: Tensor, params: Params) -> Tensor:
+        return self._mixture(x_ND, params)[0]
+
+    def _mixture(self, x_ND: Tensor, params: Params) -> tuple[Tensor, Tensor, Tensor]:
+        """f(x) (..., N), the prefix weights w_l(x) and outputs h_l = v_l . x, (..., L, N)."""
         keys, values = self.prefix_rows(params)
         s_pre, h_pre = self._pretrained_part(x_ND)
         # Scores and outputs as (..., experts, N): reductions over the few experts then run
@@ -139,12 +143,13 @@ class PrefixMoERegression(Regression):
         s_new = keys @ x_DN + params["beta0"].unsqueeze(-1)                          # (..., L, N)
         h_new = values @ x_DN
         # The softmax written out over the two groups, without concatenating them: the
-        # pre-trained half (most of the work) has no parameter to track.
-        # f does not depend on the shift, so it is taken without derivatives.
+        # pre-trained half (most of the work) has no parameter to track. f does not depend
+        # on the shift, so it is taken without derivatives.
         top = torch.maximum(s_pre.amax(-2), s_new.detach().amax(-2)).unsqueeze(-2)
         e_pre, e_new = (s_pre - top).exp(), (s_new - top).exp()
-        num = (e_pre * h_pre).sum(-2) + (e_new * h_new).sum(-2)
-        return num / (e_pre.sum(-2) + e_new.sum(-2))
+        den = e_pre.sum(-2) + e_new.sum(-2)
+        f = ((e_pre * h_pre).sum(-2) + (e_new * h_new).sum(-2)) / den
+        return f, e_new / den.unsqueeze(-2), h_new
 
     def mean_jacobian(self, x_ND: Tensor, params: Params) -> tuple[Tensor, Tensor]:
         """f(x) (..., N) and its Jacobian (..., N, P) over every entry of the blocks but nu,
@@ -153,16 +158,8 @@ class PrefixMoERegression(Regression):
         f) x, df/dv_l = w_l x, and for a shared map df/dp_l = J_sigma(p_l)^T (df/dk_l,
         df/dv_l). Least squares (``fit_lsq``) uses it instead of one forward-mode pass
         per parameter."""
-        keys, values = self.prefix_rows(params)
-        s_pre, h_pre = self._pretrained_part(x_ND)
-        x_DN = x_ND.transpose(-1, -2)
-        s_new = keys @ x_DN + params["beta0"].unsqueeze(-1)                          # (..., L, N)
-        h_new = values @ x_DN
-        top = torch.maximum(s_pre.amax(-2), s_new.amax(-2)).unsqueeze(-2)
-        e_pre, e_new = (s_pre - top).exp(), (s_new - top).exp()
-        den = e_pre.sum(-2) + e_new.sum(-2)
-        f = ((e_pre * h_pre).sum(-2) + (e_new * h_new).sum(-2)) / den                 # (..., N)
-        w = (e_new / den.unsqueeze(-2)).transpose(-1, -2)                            # (..., N, L)
+        f, w_LN, h_new = self._mixture(x_ND, params)
+        w = w_LN.transpose(-1, -2)                                                   # (..., N, L)
         d_b0 = w * (h_new.transpose(-1, -2) - f.unsqueeze(-1))                        # (..., N, L)
         x = x_ND.unsqueeze(-2)                                                       # (..., N, 1, D)
         d_k, d_v = d_b0.unsqueeze(-1) * x, w.unsqueeze(-1) * x                       # (..., N, L, D)

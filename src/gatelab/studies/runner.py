@@ -27,7 +27,7 @@ from .._threads import available_cores
 from ..fit import FitResult, select_best
 from ..fit.estimators import estimator
 from ..fit.init import near_truth_starts
-from ..fit.lsq import rss_gradient_norm
+from ..fit.lsq import fit_lsq, profile_loglik, rss_gradient_norm
 from ..fit.polish import DEFAULT_BOUND, gradient_norm, polish
 from ..fit.status import FitStatus, fit_status, status_codes, status_names
 from ..losses import voronoi_loss, wasserstein
@@ -231,18 +231,29 @@ def _stop_gradient(study: Study, model, x: torch.Tensor, y: torch.Tensor, res) -
 
 
 def _certify(study: Study, model, x: torch.Tensor, y: torch.Tensor, res: FitResult):
-    """Reading (b): Newton polish of the EM fit until its gradient norm is at most the
-    study's ``grad_bound`` (``fit.polish``). Returns the polished result (status
+    """Reading (b): the protocol's fit continued until its gradient norm is at most the
+    study's ``grad_bound``, for at most ``polish_steps`` steps: Newton on the likelihood
+    after EM (``fit.polish``), Levenberg-Marquardt stopping on the certificate
+    ``rss_gradient_norm`` after least squares. Returns the continued result (status
     recomputed at the new estimate; converged means certified, max_iter that the bound
-    was not reached), the gradient norms and the log-likelihood gains over EM's stop."""
+    was not reached), the gradient norms and the log-likelihood gains over the protocol's
+    stop (least squares: of the profile log-likelihood)."""
     bound = float(study.estimator.get("grad_bound", DEFAULT_BOUND))
-    done = polish(model, x, y, res.params, bound, int(study.estimator.get("polish_steps", 100)))
-    certified = done.grad_norm <= bound
+    steps = int(study.estimator.get("polish_steps", 100))
+    if study.estimator.get("method", "em") == "lsq":
+        more = fit_lsq(model, x, y, res.params, tol=float(study.estimator.get("tol", 1e-8)),
+                       max_iter=steps, grad_bound=bound)
+        params, loglik = more.params, profile_loglik(more.rss, x.shape[-2])
+        grad_norm = _stop_gradient(study, model, x, y, more)
+        gain = loglik - res.loglik
+    else:
+        done = polish(model, x, y, res.params, bound, steps)
+        params, loglik, grad_norm, gain = done.params, done.loglik, done.grad_norm, done.gain
+    certified = grad_norm <= bound
     stuck = status_codes(res) == FitStatus.STUCK
-    status = fit_status(model, x, y, res.params, done.params, certified, res.degenerate, stuck)
-    polished = res._replace(params=done.params, loglik=done.loglik, converged=certified,
-                            status=status)
-    return polished, done.grad_norm, done.gain
+    status = fit_status(model, x, y, res.params, params, certified, res.degenerate, stuck)
+    polished = res._replace(params=params, loglik=loglik, converged=certified, status=status)
+    return polished, grad_norm, gain
 
 
 def _losses(model, truth_model, setting, params: dict, truth: dict):

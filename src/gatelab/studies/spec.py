@@ -339,7 +339,9 @@ class Study:
                                         "(top-K, one covariate); reading protocol (default) "
                                         "or certified: EM, then Newton on every parameter "
                                         "until the per-sample gradient norm is <= grad_bound "
-                                        "(1e-6), at most polish_steps (100) steps",
+                                        "(1e-6), at most polish_steps (100) steps (lsq: "
+                                        "Levenberg-Marquardt until the gradient of the mean "
+                                        "squared residual is <= grad_bound)",
                                         factory=lambda: {"tol": 1e-6, "max_iter": 2000,
                                                          "accelerate": True})
     claims: tuple[ClaimSpec, ...] = _key("the paper's claims, each a rule over a measured "
@@ -393,8 +395,9 @@ class Study:
             _need(not extra, "estimator", "grad_bound and polish_steps only with reading = "
                   "'certified'", extra)
             return
-        _need(method == "em", "estimator.reading", "'protocol' unless method is 'em' (the "
-              "certificate is a gradient of the likelihood)", self.reading)
+        _need(method in ("em", "lsq"), "estimator.reading", "'protocol' unless method is 'em' "
+              "or 'lsq' (the certificate is a gradient of the likelihood or of the mean "
+              "squared residual)", self.reading)
         bound = self.estimator.get("grad_bound", 1e-6)
         _need(isinstance(bound, (int, float)) and bound > 0, "estimator.grad_bound",
               "a positive number", bound)
