@@ -705,7 +705,7 @@ def test_an_old_store_gains_the_certificate_columns(tmp_path):
     assert (new.reading, new.grad_norm, new.gain) == ("certified", 3e-8, 0.25)
 
 
-@pytest.mark.parametrize("name", ["softmax-gaussian"])
+@pytest.mark.parametrize("name", ["softmax-gaussian", "prefix-sharing-lse"])
 def test_a_certified_study_has_its_protocol_s_truth_and_settings(name):
     a, b = catalogue.get(name), catalogue.get(f"{name}-certified")
     assert b.reading == "certified" and a.reading == "protocol"
