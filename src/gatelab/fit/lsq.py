@@ -107,7 +107,12 @@ def rss_gradient_norm(model: Regression, x: Tensor, y: Tensor, params: Params) -
     point; x (B, N, D), y (B, N), blocks (B, ...))."""
     problem = _Problem(model, x, y, params)
     r, jac = problem.jacobian(problem.theta())
-    return 2 * (jac.transpose(-1, -2) @ r.unsqueeze(-1)).squeeze(-1).norm(dim=-1) / x.shape[-2]
+    return _certificate((jac.transpose(-1, -2) @ r.unsqueeze(-1)).squeeze(-1), r.shape[-1])
+
+
+def _certificate(grad: Tensor, n: int) -> Tensor:
+    """(2/N) ||J^T r|| from g = J^T r: the gradient norm of the mean squared residual."""
+    return 2 * grad.norm(dim=-1) / n
 
 
 def _lm_step(problem: _Problem, theta: Tensor,
@@ -126,7 +131,7 @@ def _lm_step(problem: _Problem, theta: Tensor,
     step = -torch.linalg.lstsq(system, grad.unsqueeze(-1)).solution.squeeze(-1)
     ridge = torch.diag_embed((1e-12 * scale).expand_as(diag))
     gn = torch.linalg.lstsq(jtj + ridge, grad.unsqueeze(-1)).solution.squeeze(-1)
-    return step, r.square().sum(-1), (gn * grad).sum(-1), 2 * grad.norm(dim=-1) / r.shape[-1]
+    return step, r.square().sum(-1), (gn * grad).sum(-1), _certificate(grad, r.shape[-1])
 
 
 @torch.no_grad()
