@@ -69,6 +69,9 @@ class Normaliser:
     weights: Any
     log_weights: Any
     sums_to_one: bool
+    # df/ds_i of f = sum_l w_l(s) h_l from the weights w and values h (both (..., E)):
+    # the gate's part of a least-squares Jacobian (``MoERegression.mean_jacobian``).
+    score_slope: Any = None
 
 
 def _over_experts(fn: Any, s: Tensor) -> Tensor:
@@ -83,10 +86,14 @@ def _over_experts(fn: Any, s: Tensor) -> Tensor:
 
 
 NORMALISERS: dict[str, Normaliser] = {
+    # dw_l/ds_i = w_l (delta_li - w_i), so df/ds_i = w_i (h_i - f).
     "softmax": Normaliser("softmax", lambda s: _over_experts(torch.softmax, s),
-                          lambda s: _over_experts(torch.log_softmax, s), True),
-    # Sigmoid gating (arXiv 2405.13997): each weight is sigmoid(s_i); weights need not sum to 1.
-    "sigmoid": Normaliser("sigmoid", torch.sigmoid, F.logsigmoid, False),
+                          lambda s: _over_experts(torch.log_softmax, s), True,
+                          lambda w, h: w * (h - (w * h).sum(-1, keepdim=True))),
+    # Sigmoid gating (arXiv 2405.13997): each weight is sigmoid(s_i); weights need not sum
+    # to 1. dw_i/ds_i = w_i (1 - w_i).
+    "sigmoid": Normaliser("sigmoid", torch.sigmoid, F.logsigmoid, False,
+                          lambda w, h: w * (1 - w) * h),
 }
 
 
@@ -107,6 +114,11 @@ class Gate(ABC):
     name: ClassVar[str] = "gate"
     # Blocks that absorb a common shift of all scores (softmax identifiability).
     shift_blocks: ClassVar[tuple[str, ...]] = ("beta0",)
+    # Whether expert i's score depends on row i of each block alone (every block leading
+    # with the expert axis): least squares then builds its Jacobian a row entry at a
+    # time for all experts at once (``MoERegression.mean_jacobian``). A gate that couples
+    # experts' parameters must say False.
+    separable_scores: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         choose("normaliser", self.normaliser, NORMALISERS)
@@ -558,6 +570,7 @@ class HierarchicalGate(Gate):
     n_groups: int
     n_inner: int
     name: ClassVar[str] = "hierarchical"
+    separable_scores: ClassVar[bool] = False   # an outer weight is shared by its group
 
     def __post_init__(self) -> None:
         super().__post_init__()

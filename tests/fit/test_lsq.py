@@ -118,3 +118,54 @@ def test_a_gradient_bound_stops_on_the_certificate_and_says_when_it_was_not_met(
     assert not bool(short.converged.any()) and set(short.status.tolist()) == {1}  # max_iter
     with pytest.raises(ValueError, match="grad_bound"):
         fit_lsq(model, x, y, init, grad_bound=0.0)
+
+
+def _autograd_jacobian(model, x_ND, params):
+    """df/dtheta over every block but nu, by reverse-mode autograd on one replicate."""
+    names = [k for k in model.param_shapes() if k != "nu"]
+
+    def f(*blocks):
+        return model.predict(x_ND, {**params, **dict(zip(names, blocks))})
+    jac = torch.autograd.functional.jacobian(f, tuple(params[k] for k in names))
+    return torch.cat([j.reshape(x_ND.shape[0], -1) for j in jac], dim=-1)
+
+
+STRUCTURED_CASES = {**LSQ_CASES, "top2-softmax-linear": (gl.make_gate("softmax", top_k=2), "linear"),
+                    "cosine-linear": ("cosine", "linear"),
+                    "monomial-ffn": ("quadratic_monomial", "ffn")}
+
+
+@pytest.mark.parametrize("case", list(STRUCTURED_CASES), ids=list(STRUCTURED_CASES))
+def test_the_structured_jacobian_is_autograd_s(case):
+    gate, expert = STRUCTURED_CASES[case]
+    model = gl.MoERegression(3, 2, gate, expert, covariates=gl.GaussianCovariates(dim=2))
+    params = model.random_params(GEN(3))
+    params["nu"] = torch.tensor(0.01, dtype=torch.float64)
+    x = torch.randn(40, 2, generator=GEN(4), dtype=torch.float64)
+    f, jac = model.mean_jacobian(x, params)
+    torch.testing.assert_close(f, model.predict(x, params), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(jac, _autograd_jacobian(model, x, params), rtol=1e-10, atol=1e-12)
+
+
+def test_the_structured_jacobian_without_a_closed_form_slope(monkeypatch):
+    # A normaliser without score_slope takes forward passes through it: the same Jacobian.
+    from dataclasses import replace
+
+    from gatelab import gates
+    model = gl.MoERegression(3, 2, "softmax", "linear")
+    params = model.random_params(GEN(5))
+    params["nu"] = torch.tensor(0.01, dtype=torch.float64)
+    x = torch.randn(30, 2, generator=GEN(6), dtype=torch.float64)
+    want = model.mean_jacobian(x, params)[1]
+    plain = replace(gates.NORMALISERS["softmax"], score_slope=None)
+    monkeypatch.setitem(gates.NORMALISERS, "softmax", plain)
+    torch.testing.assert_close(model.mean_jacobian(x, params)[1], want, rtol=1e-12, atol=1e-13)
+
+
+def test_a_hierarchical_gate_declines_the_structured_jacobian_and_still_fits():
+    gate = gl.HierarchicalGate(outer=gl.make_gate("softmax"), inner=gl.make_gate("softmax"),
+                               n_groups=2, n_inner=2)
+    model = gl.MoERegression(4, 1, gate, "linear")
+    params = model.random_params(GEN(7))
+    x = torch.randn(20, 1, generator=GEN(8), dtype=torch.float64)
+    assert model.mean_jacobian(x, params) is None

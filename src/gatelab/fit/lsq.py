@@ -3,7 +3,9 @@
 Minimises RSS(theta) = sum_n (y_n - f(x_n; theta))^2 with f(x) = sum_i w_i(x) h(x; eta_i)
 (arXiv 2402.02952, 2405.13997, 2405.14131) for any gate and expert. The parameters are
 few (tens), so a second-order method pays: each iteration forms the Jacobian J (B, N, P)
-by forward-mode autograd (one pass per free parameter) and solves
+(the model's ``mean_jacobian`` where it has one: MoE regression's takes one forward-mode
+pass per entry of an expert's row for all experts at once, 4-6x faster whole fits than
+one pass per free parameter, the fallback; ``benchmarks/lsq_jacobian.py``) and solves
 (J^T J + lam diag(J^T J)) d = -J^T r (Marquardt's scaling). A step is kept only where
 it lowers the RSS; there lam shrinks 10x, elsewhere it grows 10x and the row stays put,
 so the RSS never increases. ``benchmarks/lsq_methods.py`` compares it with Adam and
@@ -77,11 +79,13 @@ class _Problem:
         return self.full[:, self.free]
 
     def jacobian(self, theta: Tensor) -> tuple[Tensor, Tensor]:
-        """Residuals (B, N) and their Jacobian (B, N, P): the model's closed form where it
-        has one (``mean_jacobian``), else one forward-mode pass per column."""
+        """Residuals (B, N) and their Jacobian (B, N, P): the model's own where it gives
+        one (``mean_jacobian``; it may decline with None), else one forward-mode pass per
+        column."""
         closed = getattr(self.model, "mean_jacobian", None)
-        if closed is not None:
-            f, jac = closed(self.x, self.params(theta))
+        structured = closed(self.x, self.params(theta)) if closed is not None else None
+        if structured is not None:
+            f, jac = structured
             return self.y - f, -jac[..., self.free]
         cols: list[Tensor] = []
         r: Tensor | None = None
