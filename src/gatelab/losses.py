@@ -11,8 +11,14 @@ lowest j). A loss (arXiv 2305.03288, 2309.13850, 2402.03226, 2402.05220) is
            + sum_j sum_{i in A_j} m_i sum_blocks ||Delta block_ij||^{r(block, |A_j|)}
 
 with the exponent r looked up in an ``ExponentTable`` by block name and cell size. A new
-paper's loss is a new table row. Both measures should be in identifiable form
-(``model.normalise``) so that masses compare.
+paper's loss is a new table row. A gate that cannot split one atom's mass between experts
+(sigmoid, arXiv 2405.13997) needs the cell-sum form instead (``ExponentTable.summed``):
+
+  D(G, G*) = sum_j |sum_{i in A_j} m_i c_i - m*_j c*_j|
+           + sum_j sum_{i in A_j} |m_i c_i| sum_blocks ||Delta block_ij||^r(block, |A_j|)
+
+with c_i an expert's output scale, and the intercept beta0 compared expert by expert.
+Both measures should be in identifiable form (``model.normalise``) so that masses compare.
 
 Shape legend: K fitted experts, J true atoms; leading ``...`` are replicate dims.
 """
@@ -39,6 +45,13 @@ class ExponentTable:
     ``single`` applies to cells with one fitted atom, ``shared`` to cells with more. An
     exponent is a number, or a rule in terms of ``rbar`` ("rbar", "rbar/2", "2*rbar"), with
     rbar(m) looked up in ``rbar`` by cell size m. Blocks not listed get the defaults.
+
+    ``summed`` names an expert block holding each expert's scalar output scale c_i (the
+    kappa2 of FFN experts). It makes the loss the cell-sum form of the module docstring,
+    for gates whose masses are absolute and cannot be split (sigmoid weights do not sum to
+    one, so an over-specified fit shares an atom by splitting c_i, not m_i): the cell term
+    compares sum m_i c_i with m*_j c*_j, experts weigh |m_i c_i|, and the intercept beta0
+    joins the atoms (the masses no longer carry it).
     """
 
     name: str
@@ -48,6 +61,7 @@ class ExponentTable:
     rbar: Mapping[int, float] = field(default_factory=dict)
     default_single: float = 1.0
     default_shared: float = 1.0
+    summed: str | None = None
 
     def exponent(self, block: str, cell_size: int) -> float:
         """The exponent of ``block`` in a cell of ``cell_size`` fitted atoms. A prefixed
@@ -97,6 +111,14 @@ TABLES: dict[str, ExponentTable] = {
         "multi-atom cells (the rates of the paper's abstract and introduction; its Section 4 "
         "was not read), so exponent 2 there; no-share fits are scored with the same table",
         shared={"beta1": 2.0, "a": 2.0}),
+    "D2-sigmoid": ExponentTable(
+        "D2-sigmoid", "sigmoid-gated FFN experts, over-specified (arXiv 2405.13997): the "
+        "cell-sum form (a sigmoid gate cannot split an atom's mass, so a cell's experts split "
+        "its output scale kappa2; the cell term compares sum sigmoid(beta0_i) kappa2_i), "
+        "exponent 2 on every block in multi-expert cells (strongly identifiable experts). "
+        "gatelab's construction from the model's identifiability: the paper's own loss "
+        "(its Section 3) is not in the sources gatelab could read",
+        default_shared=2.0, summed="kappa2"),
     "D2-strong": ExponentTable(
         "D2-strong", "strongly identifiable experts (least-squares papers): exponent 2",
         default_shared=2.0),
@@ -206,6 +228,9 @@ def voronoi_loss(estimate: Mapping[str, Tensor], truth: Mapping[str, Tensor],
     table = choose("loss table", table, TABLES) if isinstance(table, str) else table
     estimate, truth = _atom_values(model, estimate), _atom_values(truth_model or model, truth)
     m, m_true, blocks = _measures(estimate, truth, model, truth_model, blocks, mass, true_mass)
+    if table.summed is not None:
+        m, m_true, blocks = _cell_sums(table, estimate, truth, m, m_true, blocks, model)
+    weight = m.abs()                                                 # m_i, or |m_i c_i|
     k, j = m.shape[-1], m_true.shape[-1]
     ndim = {b: truth[b].dim() for b in blocks}
     est_rows = _block_rows(estimate, blocks, ndim, k)                # (..., K, size)
@@ -224,21 +249,44 @@ def voronoi_loss(estimate: Mapping[str, Tensor], truth: Mapping[str, Tensor],
         dist = (est_rows[name] - target).norm(dim=-1)                # (..., K)
         power = _exponents(table, name, size_of_atom, strict).to(dist.dtype)
         # An atom at zero distance adds nothing, even with a diverged (infinite) mass.
-        term = torch.where(dist > 0, m * dist.pow(power), 0.0)
+        term = torch.where(dist > 0, weight * dist.pow(power), 0.0)
         # A vanishing atom whose parameters ran off (0 * inf) has no defined term: +inf.
         term = torch.nan_to_num(term, nan=float("inf"), posinf=float("inf"))
         # A cell larger than the table defines (strict=False): the loss is undefined, +inf.
         term = torch.where(torch.isnan(power), float("inf"), term)
         total = total + term.sum(-1)
-        block_err[name] = _worst_cell(dist, m, member, cell_mass)
+        block_err[name] = _worst_cell(dist, weight, member)
     return LossResult(total, mass_term, block_err, cells)
 
 
-def _worst_cell(dist_K: Tensor, m_K: Tensor, member_KJ: Tensor, cell_mass_J: Tensor) -> Tensor:
-    """max over non-empty cells of sum_{i in A_j} m_i d_i / sum_{i in A_j} m_i; infinite
-    where a mass diverged."""
-    weighted = torch.where(member_KJ, (m_K * dist_K).unsqueeze(-1), 0.0).sum(-2)
-    per_cell = torch.where(member_KJ.any(-2), weighted / cell_mass_J, float("-inf"))
+def _cell_sums(table: ExponentTable, estimate: Mapping[str, Tensor], truth: Mapping[str, Tensor],
+               m: Tensor, m_true: Tensor, blocks: list[str],
+               model) -> tuple[Tensor, Tensor, list[str]]:
+    """The cell-sum form's signed masses m_i c_i (..., K) and m*_j c*_j (J,), and its atom
+    blocks: the output scale c out, the intercept beta0 in."""
+    scale = table.summed or ""
+    if scale not in truth or scale not in estimate:
+        raise ValueError(f"Loss table {table.name!r} compares cell sums of the output scale "
+                         f"{scale!r}, a block this model does not have; use it with FFN experts "
+                         f"or pick another table.")
+    if model is None or model.mixing_measure(estimate).relative:
+        raise ValueError(f"Loss table {table.name!r} is for gates with absolute masses that "
+                         f"cannot be split (sigmoid); a softmax-type gate's masses are relative: "
+                         f"use D2-strong or D1.")
+    atom_blocks = [b for b in blocks if b != scale]
+    if "beta0" in truth and "beta0" not in atom_blocks:
+        atom_blocks.append("beta0")
+    return m * estimate[scale], m_true * truth[scale], atom_blocks
+
+
+def _worst_cell(dist_K: Tensor, w_K: Tensor, member_KJ: Tensor) -> Tensor:
+    """max over non-empty cells of sum_{i in A_j} w_i d_i / sum_{i in A_j} w_i (w_i the
+    expert's weight, its mass); infinite where a weight diverged."""
+    weighted = torch.where(member_KJ, (w_K * dist_K).unsqueeze(-1), 0.0).sum(-2)
+    cell_weight = torch.where(member_KJ, w_K.unsqueeze(-1), 0.0).sum(-2)
+    # A cell whose experts all weigh 0 (output scales 0) has no error to speak of.
+    mean = torch.where(cell_weight > 0, weighted / cell_weight.where(cell_weight > 0, 1.0), 0.0)
+    per_cell = torch.where(member_KJ.any(-2), mean, float("-inf"))
     worst = per_cell.amax(-1)
     return torch.where(torch.isfinite(worst), worst, float("inf"))
 

@@ -20,7 +20,7 @@ def _estimate(**changes):
 
 
 def test_zero_at_the_truth():
-    for table in TABLES:
+    for table in (t for t, row in TABLES.items() if row.summed is None):
         res = voronoi_loss(TRUTH, TRUTH, table)
         assert res.total.item() == 0 and all(v.item() == 0 for v in res.blocks.values())
 
@@ -182,3 +182,74 @@ def test_a_cell_beyond_the_table_raises_or_gives_an_infinite_loss():
         voronoi_loss(est, truth, "D2-softmax")
     loss = voronoi_loss(est, truth, "D2-softmax", strict=False)
     assert math.isinf(float(loss.total[0])) and math.isfinite(float(loss.total[1]))
+
+
+# Sigmoid-gated ReLU FFN experts in d = 1 (arXiv 2405.13997), for the cell-sum table.
+SIGMOID = gl.MoERegression(2, 1, "sigmoid", "ffn")
+FFN_TRUTH = {"beta1": T([[1.0], [-1.0]]), "beta0": T([0.5, 0.0]), "kappa1": T([[0.6], [-0.8]]),
+             "kappa0": T([0.8, 0.6]), "kappa2": T([1.5, -2.0]), "nu": T(0.01)}
+
+
+def _sig(x: float) -> float:
+    return 1 / (1 + math.exp(-x))
+
+
+def test_cell_sum_loss_is_zero_when_a_split_output_scale_adds_up():
+    # The fit the sigmoid study finds: expert 1 twice with kappa2 split 0.5 / 1.0, so the
+    # regression function is the truth's. The mass table scores it as far off; cell sums do not.
+    est = {"beta1": T([[1.0], [1.0], [-1.0]]), "beta0": T([0.5, 0.5, 0.0]),
+           "kappa1": T([[0.6], [0.6], [-0.8]]), "kappa0": T([0.8, 0.8, 0.6]),
+           "kappa2": T([0.5, 1.0, -2.0]), "nu": T(0.01)}
+    model = gl.MoERegression(3, 1, "sigmoid", "ffn")
+    x = torch.linspace(-2, 2, 9, dtype=torch.float64).unsqueeze(-1)
+    torch.testing.assert_close(model.predict(x, est), SIGMOID.predict(x, FFN_TRUTH))
+    summed = voronoi_loss(est, FFN_TRUTH, "D2-sigmoid", model=model, truth_model=SIGMOID)
+    assert summed.total.item() == pytest.approx(0.0, abs=1e-12)
+    plain = voronoi_loss(est, FFN_TRUTH, "D2-strong", model=model, truth_model=SIGMOID)
+    assert plain.mass.item() == pytest.approx(_sig(0.5))   # two full masses for one atom
+    assert plain.total.item() > 0.5
+
+
+def test_cell_sum_loss_by_hand_over_specified():
+    # Two experts share true atom 1 (kappa2 split 0.7 / 0.9, beta1 off by 0.1 and 0.2, the
+    # second's beta0 off by 0.1); one sits on atom 2 with kappa0 off by 0.05.
+    est = {"beta1": T([[1.1], [0.8], [-1.0]]), "beta0": T([0.5, 0.6, 0.0]),
+           "kappa1": T([[0.6], [0.6], [-0.8]]), "kappa0": T([0.8, 0.8, 0.65]),
+           "kappa2": T([0.7, 0.9, -2.0]), "nu": T(0.01)}
+    model = gl.MoERegression(3, 1, "sigmoid", "ffn")
+    res = voronoi_loss(est, FFN_TRUTH, "D2-sigmoid", model=model, truth_model=SIGMOID)
+    assert res.cells.tolist() == [0, 0, 1]
+    s1, s2, s3 = 0.7 * _sig(0.5), 0.9 * _sig(0.6), -2.0 * _sig(0.0)
+    cell_sums = abs(s1 + s2 - 1.5 * _sig(0.5)) + abs(s3 - (-2.0 * _sig(0.0)))
+    # Cell 1 has two experts: exponent 2 on beta1, beta0, kappa1, kappa0; weights |m_i c_i|.
+    shared = s1 * 0.1 ** 2 + s2 * (0.2 ** 2 + 0.1 ** 2)
+    single = abs(s3) * 0.05                     # one expert: exponent 1
+    assert res.mass.item() == pytest.approx(cell_sums)
+    assert res.total.item() == pytest.approx(cell_sums + shared + single)
+    # Per block, the worst cell's |m c|-weighted mean error.
+    assert res.blocks["beta1"].item() == pytest.approx((s1 * 0.1 + s2 * 0.2) / (s1 + s2))
+    assert res.blocks["beta0"].item() == pytest.approx(s2 * 0.1 / (s1 + s2))
+    assert res.blocks["kappa0"].item() == pytest.approx(0.05)
+    assert "kappa2" not in res.blocks
+
+
+def test_cell_sum_loss_ignores_an_expert_with_no_output():
+    # A third expert with kappa2 = 0 adds nothing to f, whatever its other parameters.
+    est = {"beta1": T([[1.0], [-1.0], [7.0]]), "beta0": T([0.5, 0.0, 3.0]),
+           "kappa1": T([[0.6], [-0.8], [0.0]]), "kappa0": T([0.8, 0.6, -1.0]),
+           "kappa2": T([1.5, -2.0, 0.0]), "nu": T(0.01)}
+    model = gl.MoERegression(3, 1, "sigmoid", "ffn")
+    res = voronoi_loss(est, FFN_TRUTH, "D2-sigmoid", model=model, truth_model=SIGMOID)
+    assert res.total.item() == pytest.approx(0.0, abs=1e-12)
+    assert all(v.item() == pytest.approx(0.0, abs=1e-12) for v in res.blocks.values())
+
+
+def test_cell_sum_loss_needs_absolute_masses_and_an_output_scale():
+    softmax = gl.MoERegression(2, 1, "softmax", "ffn")
+    with pytest.raises(ValueError, match="relative"):
+        voronoi_loss(FFN_TRUTH, FFN_TRUTH, "D2-sigmoid", model=softmax)
+    linear = gl.MoERegression(2, 1, "sigmoid")
+    truth = {"beta1": T([[1.0], [-1.0]]), "beta0": T([0.5, 0.0]), "a": T([[1.0], [2.0]]),
+             "b": T([0.0, 1.0]), "nu": T(0.01)}
+    with pytest.raises(ValueError, match="kappa2"):
+        voronoi_loss(truth, truth, "D2-sigmoid", model=linear)

@@ -675,6 +675,17 @@ def test_the_reading_is_checked_in_the_spec():
         Study.from_dict(tomllib.loads(TINY.replace('loss = "D1"', 'loss = "D1"\nstart = "far"')))
 
 
+def test_a_certified_reading_refuses_relu_experts_and_takes_smooth_ones():
+    """ReLU experts have a hinge at every sample: no gradient certificate exists there."""
+    spec = catalogue.get("sigmoid-vs-softmax").to_dict()
+    spec["estimator"] = {**spec["estimator"], "reading": "certified", "grad_bound": 1e-7}
+    with pytest.raises(SpecError, match=r"settings\[0\]: a certified reading needs a fit "
+                                        r"differentiable in the expert parameters.*relu"):
+        Study.from_dict(spec)
+    spec["truth"]["expert_options"] = {"activation": "gelu"}
+    assert Study.from_dict(spec).reading == "certified"
+
+
 def test_the_default_start_hashes_as_the_scheme_it_resolves_to(tiny):
     import tomllib
     text = TINY.replace('loss = "D1"', 'loss = "D1"\nstart = "near_truth"')

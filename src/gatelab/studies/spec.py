@@ -411,6 +411,12 @@ class Study:
                                 f"dim={self.truth.dim} is not (a Laplace gate in one covariate "
                                 f"has a kink at every sample, a top-K gate jumps where its "
                                 f"selection changes). Use reading = 'protocol' for it.")
+            expert = getattr(self.fitted_model(s), "expert", None)
+            if expert is not None and not expert.differentiable():
+                raise SpecError(f"{s._path}: a certified reading needs a fit differentiable in "
+                                f"the expert parameters; {expert!r} is not (a ReLU expert has a "
+                                f"hinge at every sample, where the gradient jumps by about 1/n). "
+                                f"Use reading = 'protocol', or a smooth activation such as gelu.")
 
     def _check_estimator_fits_models(self, method: str) -> None:
         """Each setting's model is one the study's estimator can fit (its ``check``)."""
