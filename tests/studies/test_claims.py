@@ -9,7 +9,7 @@ import pytest
 from cases import TINY
 from gatelab import cli
 from gatelab.studies import Store, Study, catalogue
-from gatelab.studies.claims import claims_text, decide, evaluate_claims, verdict
+from gatelab.studies.claims import DRIFT_MARGIN, claims_text, decide, evaluate_claims, verdict
 from gatelab.studies.rates import Rate
 from gatelab.studies.spec import SpecError
 from gatelab.studies.store import FitRow
@@ -158,3 +158,59 @@ def test_reproduce_json_and_report_end_with_the_claims(tmp_path, capsys):
     assert "holds-NO" in html
     assert cli.main(["report", str(db)]) == 0
     assert "NO " in capsys.readouterr().out
+
+
+def _bent_rows(setting, early, late, sizes, replicates=20, seed=0, noise=0.1):
+    """Losses with slope ``early`` up to the middle size and ``late`` beyond it."""
+    rng = np.random.default_rng(seed)
+    knee = sizes[len(sizes) // 2]
+    rows = []
+    for n in sizes:
+        base = (min(n, knee) ** early) * ((max(n, knee) / knee) ** late)
+        for r in range(replicates):
+            loss = base * float(np.exp(noise * rng.standard_normal()))
+            rows.append(FitRow("s", setting, n, r, 0, loss, 0.0, {}, 0.0, 10, True, False, 0.0,
+                               "test", status="converged"))
+    return rows
+
+
+def test_a_slope_still_moving_across_n_is_pre_asymptotic():
+    sizes = [1000 * 2 ** i for i in range(8)]
+    # The whole range's slope is about -0.45: a claim of -0.45 holds there.
+    claim = {"text": "a slope of -0.45", "setting": "fast", "rule": "ci_covers", "value": -0.45,
+             "max_width": 1.0}
+    study = _study([claim, {**claim, "text": "unchecked", "drift": False}])
+    (moving, unchecked) = evaluate_claims(study, _bent_rows("fast", -0.2, -0.8, sizes, replicates=80,
+                                                             noise=0.6))
+    # Over all sizes the CI covers -0.45; the halves differ by about -0.6 (the larger
+    # half's slope -0.8 against the smaller half's -0.2).
+    assert moving["numbers"]["ci_low"] < -0.45 < moving["numbers"]["ci_high"]
+    drift = moving["numbers"]["drift"]
+    assert drift["ci_high"] < 0 and drift["slope"] == pytest.approx(-0.6, abs=0.2)
+    assert moving["verdict"] == "pre-asymptotic" and moving["holds"] is None
+    assert "larger half of the sizes minus smaller half" in claims_text([moving])
+    assert unchecked["verdict"] == "yes" and "drift" not in unchecked["numbers"]
+    # A straight line: the drift interval covers 0 and the verdict stands.
+    (straight, _) = evaluate_claims(study, _bent_rows("fast", -0.45, -0.45, sizes, replicates=80,
+                                                           noise=0.6))
+    assert straight["numbers"]["drift"]["ci_low"] < 0 < straight["numbers"]["drift"]["ci_high"]
+    assert straight["verdict"] == "yes"
+    # Fewer than 6 sizes: no drift check.
+    (short, _) = evaluate_claims(study, _bent_rows("fast", -0.05, -0.9, sizes[:5]))
+    assert "drift" not in short["numbers"]
+
+
+def test_a_difference_claim_is_checked_for_drift_on_the_difference():
+    sizes = [1000 * 2 ** i for i in range(6)]
+    study = _study([{"text": "fast beats slow", "setting": "fast", "minus": "slow",
+                     "rule": "ci_below"}])
+    # Same bend in both settings: the difference does not move (by less than DRIFT_MARGIN,
+    # whatever its interval says).
+    rows = (_bent_rows("fast", -0.6, -1.0, sizes, noise=0.05)
+            + _bent_rows("slow", -0.1, -0.5, sizes, seed=1, noise=0.05))
+    (c,) = evaluate_claims(study, rows)
+    assert abs(c["numbers"]["drift"]["slope"]) < DRIFT_MARGIN and c["verdict"] == "yes"
+    # Only one setting bends: the difference moves.
+    rows = _bent_rows("fast", -0.6, -1.4, sizes) + _bent_rows("slow", -0.1, -0.1, sizes, seed=1)
+    (c,) = evaluate_claims(study, rows)
+    assert c["numbers"]["drift"]["ci_high"] < 0 and c["verdict"] == "pre-asymptotic"

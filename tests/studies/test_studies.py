@@ -93,7 +93,8 @@ def test_bad_toml_and_unknown_study(tmp_path):
         load_study(bad)
     with pytest.raises(ValueError, match="Unknown study 'nope'. Built-in studies and experiments: "
                                          "active-attention, contaminated, "
-                                         "cosine-vs-perturbed, deviated"):
+                                         "cosine-vs-perturbed, cosine-vs-perturbed-certified, "
+                                         "deviated"):
         catalogue.get("nope")
 
 
@@ -338,8 +339,8 @@ def test_cli_report_on_a_missing_store_exits_2(tmp_path):
 def test_least_squares_study_runs_with_its_own_truth_per_setting(tmp_path):
     _, rows = run_small_study("cosine-vs-perturbed", tmp_path / "lsq.sqlite",
                               quick_sizes=[300, 600], quick_replicates=2)
-    assert len(rows) == 2 * 2 * 2 and all(np.isfinite(r.loss) for r in rows)
-    # the two settings draw different data (different routers), from the same seeds' logic
+    assert len(rows) == 3 * 2 * 2 and all(np.isfinite(r.loss) for r in rows)
+    # the settings draw different data (different routers), from the same seeds' logic
     by = {(r.setting, r.n, r.replicate): r.loglik for r in rows}
     assert by[("plain cosine k=2", 300, 0)] != by[("perturbed cosine k=2", 300, 0)]
 
@@ -716,7 +717,8 @@ def test_an_old_store_gains_the_certificate_columns(tmp_path):
     assert (new.reading, new.grad_norm, new.gain) == ("certified", 3e-8, 0.25)
 
 
-@pytest.mark.parametrize("name", ["softmax-gaussian", "prefix-sharing-lse"])
+@pytest.mark.parametrize("name", ["softmax-gaussian", "prefix-sharing-lse", "quadratic-gates",
+                                  "cosine-vs-perturbed"])
 def test_a_certified_study_has_its_protocol_s_truth_and_settings(name):
     a, b = catalogue.get(name), catalogue.get(f"{name}-certified")
     assert b.reading == "certified" and a.reading == "protocol"

@@ -9,9 +9,13 @@ replicates and sizes it rests on), the ``verdict`` (``verdict``): "yes", "NO", o
 "inconclusive" where the interval cannot tell (it contains the value a one-sided rule
 compares with; for ci_covers, one that contains its value but is wider than the claim's
 ``max_width``; for within, one wider than ``max_width``), and
-``holds``: True (yes), False (NO), or None where inconclusive or where the runs cannot
-decide (fewer than two sizes, or fewer than ``MIN_VERDICT_REPLICATES`` replicates per
-size; then there is no verdict).
+"pre-asymptotic" where the number is still moving with n (``ClaimSpec.drift``: with 6
+or more sizes, its value over the larger half of the sizes minus that over the smaller
+half is at least ``DRIFT_MARGIN`` in size with a 95% interval excluding 0; the drift is in
+the numbers either way), and
+``holds``: True (yes), False (NO), or None where inconclusive, pre-asymptotic or where the
+runs cannot decide (fewer than two sizes, or fewer than ``MIN_VERDICT_REPLICATES``
+replicates per size; then there is no verdict).
 """
 
 from __future__ import annotations
@@ -125,9 +129,45 @@ def evaluate_claims(study: Study, rows: Sequence[FitRow], n_boot: int = 1000) ->
                             "replicates": min(first[2], second[2] if second else first[2]),
                             "sizes": first[3]}
         entry["verdict"] = verdict(c.rule, r, c.value, c.margin, c.max_width)
+        moving = _drift(c, grouped, n_boot, seed=2 * i) if c.drift else None
+        if moving is not None:
+            entry["numbers"]["drift"] = moving._asdict()
+            if (moving.ci_low > 0 or moving.ci_high < 0) and abs(moving.slope) >= DRIFT_MARGIN:
+                entry["verdict"] = "pre-asymptotic"
         entry["holds"] = {"yes": True, "NO": False}.get(entry["verdict"])
         out.append(entry)
     return out
+
+
+#: Fewest sizes for the drift check: three in each half.
+MIN_DRIFT_SIZES = 6
+#: The least drift (in slope units) that makes a claim pre-asymptotic: a 95% interval
+#: alone would flag one claim in twenty by chance, and a slope moving by less than this is
+#: read as settled.
+DRIFT_MARGIN = 0.1
+
+
+def _drift(c: ClaimSpec, grouped, n_boot: int, seed: int) -> Rate | None:
+    """How the claim's number moves with n: its value over the larger half of the sizes
+    minus its value over the smaller half (halves of ceil(m/2) sizes each), with a 95%
+    bootstrap interval; None with fewer than ``MIN_DRIFT_SIZES`` sizes."""
+    names = [c.setting] + ([c.minus] if c.minus else [])
+    sizes = sorted(set.intersection(*(set(grouped[name]) for name in names)))
+    if len(sizes) < MIN_DRIFT_SIZES:
+        return None
+    half = (len(sizes) + 1) // 2
+    parts = []
+    for j, part in enumerate((sizes[:half], sizes[-half:])):
+        point, draws = 0.0, np.zeros(n_boot)
+        for k, name in enumerate(names):
+            got = _draws({n: grouped[name][n] for n in part}, c.block, c.statistic, n_boot,
+                         seed=1000 + 4 * seed + 2 * j + k)
+            if got is None:
+                return None
+            sign = 1.0 if k == 0 else -1.0
+            point, draws = point + sign * got[0], draws + sign * got[1]
+        parts.append((point, draws))
+    return interval(parts[1][0] - parts[0][0], parts[1][1] - parts[0][1])
 
 
 #: Fewer paired seeds than this leave a paired claim undecided.
@@ -204,7 +244,15 @@ def measured(nums: dict[str, Any]) -> str:
     base = f"{nums['x']:+.3f} [{nums['ci_low']:+.3f}, {nums['ci_high']:+.3f}]"
     if "seeds" in nums:
         return f"{base}, {nums['seeds']} seeds"
-    return f"{base}, {nums['replicates']} replicates x {nums['sizes']} sizes"
+    return f"{base}, {nums['replicates']} replicates x {nums['sizes']} sizes{_drift_words(nums)}"
+
+
+def _drift_words(nums: dict[str, Any]) -> str:
+    d = nums.get("drift")
+    if d is None:
+        return ""
+    return (f"; larger half of the sizes minus smaller half {d['slope']:+.3f} "
+            f"[{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]")
 
 
 def claims_text(claims: Sequence[dict[str, Any]]) -> str:
@@ -215,6 +263,6 @@ def claims_text(claims: Sequence[dict[str, Any]]) -> str:
         nums = c["numbers"]
         number = (f"{nums['x']:+.3f} [{nums['ci_low']:+.3f}, {nums['ci_high']:+.3f}]"
                   if "x" in nums else nums.get("note", ""))
-        lines.append(f"{holds:9s}  {number:28s}  {c['claim']} ({c['rule']})")
+        lines.append(f"{holds:9s}  {number:28s}  {c['claim']} ({c['rule']}{_drift_words(nums)})")
     return "\n".join(lines)
 

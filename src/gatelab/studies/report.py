@@ -179,13 +179,15 @@ def write_report(study: Study, rows: Sequence[FitRow], table: list[dict], out: P
                "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}"
                "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 8px}"
                ".faster{color:#06c}.slower{color:#c60}.within-CI{color:#080}"
-               ".holds-yes{color:#080}.holds-NO{color:#c00;font-weight:bold}.holds-inconclusive{color:#b60}"
+               ".holds-yes{color:#080}.holds-NO{color:#c00;font-weight:bold}.holds-inconclusive{color:#b60}.holds-pre-asymptotic{color:#b60}"
                "pre{background:#f6f6f6;padding:1em;overflow:auto}</style></head><body>")
     body.write(f"<h1>{html.escape(study.name)}</h1><p>{html.escape(study.description)} "
                f"(arXiv {html.escape(study.paper)})</p><p>Reading: {_reading(study)}</p>")
     body.write("<h2>Claims</h2><p>Each claim is decided by its rule, written in the study's "
                "spec before the runs; the 95% intervals are bootstrap intervals over "
-               "replicates.</p>")
+               "replicates. A claim is 'pre-asymptotic' where its number still moves with n: "
+               "over the larger half of the sizes it differs from the smaller half's by 0.1 "
+               "or more (95% interval of the difference excluding 0).</p>")
     body.write(_claims_html(claims))
     body.write(f"<pre>{html.escape(study.notes.strip())}</pre>" if study.notes else "")
     body.write("<h2>Rates</h2><p>Slope of log(mean loss over replicates) against log(n), "

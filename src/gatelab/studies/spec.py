@@ -302,6 +302,10 @@ class ClaimSpec:
                             "is inconclusive)",
                             DEFAULT_MAX_WIDTH)
     arxiv: str = _key("arXiv id of the paper that makes the claim (default: the study's)", "")
+    drift: bool = _key("with 6 or more sizes, the claim is 'pre-asymptotic' where the slope over "
+                       "the larger half of the sizes differs from the smaller half's by 0.1 or more "
+                       "(and the 95% CI of the difference excludes 0): the slope is still moving",
+                       True)
     _path: str = "claims"
 
     def __post_init__(self) -> None:
@@ -316,6 +320,7 @@ class ClaimSpec:
               "'mean', 'median' or 'trimmed'", self.statistic)
         _need(isinstance(self.max_width, (int, float)) and self.max_width > 0, f"{p}.max_width",
               "a positive number", self.max_width)
+        _need(isinstance(self.drift, bool), f"{p}.drift", "true or false", self.drift)
 
 
 @dataclass(frozen=True)
