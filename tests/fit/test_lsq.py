@@ -169,3 +169,23 @@ def test_a_hierarchical_gate_declines_the_structured_jacobian_and_still_fits():
     params = model.random_params(GEN(7))
     x = torch.randn(20, 1, generator=GEN(8), dtype=torch.float64)
     assert model.mean_jacobian(x, params) is None
+
+
+@pytest.mark.parametrize("case", ["sigmoid-gelu", "quadratic-poly2"])
+def test_normal_equations_in_chunks_equal_the_whole_jacobian_s(case, monkeypatch):
+    """RSS, J^T J and J^T r summed over sample chunks (odd sizes, a short last chunk) are
+    those of the whole Jacobian, and a fit in chunks is the fit in one piece."""
+    from gatelab.fit import lsq
+    model, _, x, y, init = _problem(*LSQ_CASES[case], n=301)
+    problem = lsq._Problem(model, x, y, model.normalise(init))
+    theta = problem.theta()
+    r, jac = problem.jacobian(theta)
+    whole = lsq.fit_lsq(model, x, y, init, max_iter=30)
+    width = sum(int(np.prod(shape)) for shape in problem.shapes.values())
+    monkeypatch.setattr(lsq, "_CHUNK_ELEMENTS", 2 * width * 37)  # 37 rows per chunk, 2 problems
+    rss, jtj, grad = problem.normal_equations(theta)
+    torch.testing.assert_close(rss, r.square().sum(-1), rtol=1e-12, atol=0)
+    torch.testing.assert_close(jtj, jac.mT @ jac, rtol=1e-11, atol=1e-9)
+    torch.testing.assert_close(grad, (jac.mT @ r.unsqueeze(-1)).squeeze(-1), rtol=1e-11, atol=1e-9)
+    chunked = lsq.fit_lsq(model, x, y, init, max_iter=30)
+    torch.testing.assert_close(chunked.rss, whole.rss, rtol=1e-9, atol=0)

@@ -16,6 +16,7 @@ Shape legend: B problems, N samples, P free parameters.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -61,9 +62,12 @@ class _Problem:
         self.full = pack({k: params[k] for k in self.shapes}, self.shapes)
 
     def subset(self, idx: Tensor) -> _Problem:
+        """The problems ``idx`` (rows of the batch)."""
+        return self._copy(x=self.x[idx], y=self.y[idx], full=self.full[idx])
+
+    def _copy(self, **fields: Tensor) -> _Problem:
         new = object.__new__(_Problem)
-        new.__dict__.update(self.__dict__)
-        new.x, new.y, new.full = self.x[idx], self.y[idx], self.full[idx]
+        new.__dict__.update({**self.__dict__, **fields})
         return new
 
     def params(self, theta: Tensor) -> Params:
@@ -99,6 +103,31 @@ class _Problem:
         assert r is not None, "a problem has at least one free parameter"
         return r, torch.stack(cols, dim=-1)
 
+    def normal_equations(self, theta: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The RSS (B,), J^T J (B, P, P) and g = J^T r (B, P) at ``theta``, summed over
+        chunks of the samples: the Jacobian of a whole batch is hundreds of MB, and
+        allocating it afresh every iteration spends as much time in the kernel (page
+        faults) as in arithmetic; chunks of ``_CHUNK_ELEMENTS`` are reused by the
+        allocator and stay in cache."""
+        n = self.x.shape[-2]
+        width = sum(math.prod(shape) for shape in self.shapes.values())
+        per = max(1, _CHUNK_ELEMENTS // (theta.shape[0] * width))
+        rss = theta.new_zeros(theta.shape[0])
+        jtj = theta.new_zeros(theta.shape[0], theta.shape[1], theta.shape[1])
+        grad = theta.new_zeros(theta.shape)
+        for lo in range(0, n, per):
+            part = self._copy(x=self.x[:, lo:lo + per], y=self.y[:, lo:lo + per])
+            r, jac = part.jacobian(theta)
+            rss += r.square().sum(-1)
+            jtj += jac.transpose(-1, -2) @ jac
+            grad += (jac.transpose(-1, -2) @ r.unsqueeze(-1)).squeeze(-1)
+        return rss, jtj, grad
+
+
+#: Jacobian entries (B x chunk x parameters) per chunk of ``_Problem.normal_equations``:
+#: 8 MB, small enough for the allocator to reuse rather than map afresh.
+_CHUNK_ELEMENTS = 1 << 20
+
 
 @torch.no_grad()
 def rss_gradient_norm(model: Regression, x: Tensor, y: Tensor, params: Params) -> Tensor:
@@ -110,8 +139,8 @@ def rss_gradient_norm(model: Regression, x: Tensor, y: Tensor, params: Params) -
     the least-squares counterpart of ``fit.polish``'s certificate (0 at a stationary
     point; x (B, N, D), y (B, N), blocks (B, ...))."""
     problem = _Problem(model, x, y, params)
-    r, jac = problem.jacobian(problem.theta())
-    return _certificate((jac.transpose(-1, -2) @ r.unsqueeze(-1)).squeeze(-1), r.shape[-1])
+    _, _, grad = problem.normal_equations(problem.theta())
+    return _certificate(grad, x.shape[-2])
 
 
 def _certificate(grad: Tensor, n: int) -> Tensor:
@@ -125,9 +154,7 @@ def _lm_step(problem: _Problem, theta: Tensor,
     undamped Gauss-Newton model predicts, g^T (J^T J)^+ g with g = J^T r (a stopping
     measure that does not depend on the damping), and the certificate (2/N) ||g||
     (``rss_gradient_norm``) at ``theta``."""
-    r, jac = problem.jacobian(theta)
-    jtj = jac.transpose(-1, -2) @ jac
-    grad = (jac.transpose(-1, -2) @ r.unsqueeze(-1)).squeeze(-1)
+    rss, jtj, grad = problem.normal_equations(theta)
     diag = jtj.diagonal(dim1=-2, dim2=-1)
     scale = diag.mean(-1, keepdim=True).clamp_min(1e-300)
     damping = lam.unsqueeze(-1) * (diag + 1e-12 * scale)
@@ -135,7 +162,7 @@ def _lm_step(problem: _Problem, theta: Tensor,
     step = -torch.linalg.lstsq(system, grad.unsqueeze(-1)).solution.squeeze(-1)
     ridge = torch.diag_embed((1e-12 * scale).expand_as(diag))
     gn = torch.linalg.lstsq(jtj + ridge, grad.unsqueeze(-1)).solution.squeeze(-1)
-    return step, r.square().sum(-1), (gn * grad).sum(-1), _certificate(grad, r.shape[-1])
+    return step, rss, (gn * grad).sum(-1), _certificate(grad, problem.x.shape[-2])
 
 
 @torch.no_grad()
