@@ -153,13 +153,14 @@ def run_small_study(name: str, db, **changes):
 
 def assert_rows_score_their_estimates(study, rows) -> None:
     """Each stored loss is the Voronoi loss of the stored estimate against the setting's
-    truth, recomputed here from the public API (the rows agree with themselves)."""
+    truth at the row's n, recomputed here from the public API (the rows agree with
+    themselves)."""
     from gatelab.losses import voronoi_loss
     settings = {s.name: s for s in study.settings}
     for r in rows:
         setting = settings[r.setting]
         estimate = {k: torch.tensor(v, dtype=torch.float64) for k, v in r.params.items()}
-        loss = voronoi_loss(estimate, study.truth_params(setting), setting.loss, strict=False,
+        loss = voronoi_loss(estimate, study.truth_params(setting, r.n), setting.loss, strict=False,
                             model=study.fitted_model(setting), truth_model=study.truth_model(setting),
                             blocks=list(setting.loss_blocks) or None)
         assert float(loss.total) == pytest.approx(r.loss, rel=1e-9), (r.setting, r.n, r.replicate)

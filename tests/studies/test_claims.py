@@ -214,3 +214,33 @@ def test_a_difference_claim_is_checked_for_drift_on_the_difference():
     rows = _bent_rows("fast", -0.6, -1.4, sizes) + _bent_rows("slow", -0.1, -0.1, sizes, seed=1)
     (c,) = evaluate_claims(study, rows)
     assert c["numbers"]["drift"]["ci_high"] < 0 and c["verdict"] == "pre-asymptotic"
+
+
+def _block_rows(setting, exponents, replicates=20, seed=0):
+    """Rows whose block errors fall as n^exponents[block], log-normal noise."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for n in SIZES:
+        for r in range(replicates):
+            blocks = {b: n ** e * float(np.exp(0.2 * rng.standard_normal()))
+                      for b, e in exponents.items()}
+            rows.append(FitRow("s", setting, n, r, 0, 1.0, 0.0, blocks, 0.0, 10, True, False,
+                               0.0, "test", status="converged"))
+    return rows
+
+
+def test_a_claim_may_compare_different_blocks_of_two_settings():
+    """minus_block: a Laplace gate's W against a softmax gate's beta1. fast's W falls as
+    n^-1/2 and slow's beta1 as n^-1/8, so W - beta1 is about -0.375 (yes); slow's own W
+    falls as n^-1/2 too, so the same-block claim cannot tell (inconclusive)."""
+    claim = {"text": "W faster than beta1", "setting": "fast", "minus": "slow", "block": "W",
+             "rule": "ci_below", "value": 0.0}
+    study = _study([{**claim, "minus_block": "beta1"}, claim])
+    rows = (_block_rows("fast", {"W": -0.5}) +
+            _block_rows("slow", {"W": -0.5, "beta1": -0.125}, seed=1))
+    other, same = evaluate_claims(study, rows)
+    assert other["numbers"]["x"] == pytest.approx(-0.375, abs=0.06) and other["verdict"] == "yes"
+    assert "slope(fast, W) - slope(slow, beta1)" in other["rule"]
+    assert abs(same["numbers"]["x"]) < 0.06 and same["verdict"] == "inconclusive"
+    with pytest.raises(SpecError, match=r"minus_block: must be set only with minus"):
+        _study([{"text": "t", "setting": "fast", "rule": "ci_below", "minus_block": "a"}])

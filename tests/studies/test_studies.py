@@ -301,7 +301,7 @@ def test_the_valid_key_list_hides_internal_fields(tiny_path):
     text = tiny_path.read_text().replace('fitted_k = 3', 'fitted_k = 3\nfited_k = 3')
     with pytest.raises(SpecError) as err:
         Study.from_dict(__import__("tomllib").loads(text))
-    assert "unknown key(s) ['fited_k']" in str(err.value) and "_path" not in str(err.value)
+    assert "unknown key(s) ['fited_k']" in str(err.value) and "'_path'" not in str(err.value)
 
 
 def test_ctrl_c_says_how_to_resume(tmp_path):
@@ -397,6 +397,45 @@ def test_a_setting_may_replace_truth_blocks_for_its_own_gate():
     data["settings"][3]["truth_params"] = {"outer.beta0": [0.0, 0.0, 0.0]}
     with pytest.raises(SpecError, match=r"settings\[3\]\.truth_params: .*outer.beta0"):
         Study.from_dict(data)
+
+
+def test_a_truth_path_moves_blocks_with_n_as_written():
+    """truth_path: block(n) = toward + (block - toward) (n / n0)^-e, hand-computed for the
+    contaminated study's vanishing prompt (lam 0.3 toward 0 at n^-1/4 from n0 = 1000) and
+    its approaching prompt (a 2.5 toward 2 at n^-0.15); at n0, and without n, as written."""
+    study = catalogue.get("contaminated")
+    by_name = {s.name: s for s in study.settings}
+    vanishing, approaching = by_name["vanishing prompt"], by_name["approaching, distinguishable"]
+    assert float(study.truth_params(vanishing, 16000)["lam"]) == pytest.approx(0.3 / 2.0)
+    assert float(study.truth_params(vanishing, 1000)["lam"]) == pytest.approx(0.3)
+    assert float(study.truth_params(vanishing)["lam"]) == pytest.approx(0.3)
+    at = study.truth_params(approaching, 64000)
+    assert float(at["a"]) == pytest.approx(2.0 + 0.5 * 64 ** -0.15)
+    assert float(at["var"]) == pytest.approx(0.2 + 0.1 * 64 ** -0.15)
+    assert float(at["lam"]) == pytest.approx(0.3)      # not on the path: fixed
+    data = study.to_dict()
+    data["settings"][2]["truth_path"] = {"lam": {"toward": 0.0, "exponent": -1.0}}
+    with pytest.raises(SpecError, match=r"truth_path\.lam\.exponent: must be a number > 0"):
+        Study.from_dict(data)
+    data["settings"][2]["truth_path"] = {"beta9": {"toward": 0.0, "exponent": 0.5}}
+    with pytest.raises(SpecError, match=r"truth_params: .*beta9"):
+        Study.from_dict(data)
+    data["settings"][2]["truth_path"] = {"a": {"toward": [1.0, 2.0], "exponent": 0.5}}
+    with pytest.raises(SpecError, match=r"toward has shape \(2,\)"):
+        Study.from_dict(data)
+
+
+def test_rows_of_a_moving_truth_are_sampled_and_scored_at_their_own_n(tmp_path):
+    """A vanishing prompt's rows: the truth's lam at each n is the one the data came from
+    (the fitted lam tracks it) and the one the stored loss was scored against."""
+    chosen = [s for s in catalogue.get("contaminated").to_dict()["settings"]
+              if s["name"] == "vanishing prompt"]
+    small, rows = run_small_study("contaminated", tmp_path / "c.sqlite",
+                                  quick_sizes=[1000, 81000], quick_replicates=2, settings=chosen)
+    assert_rows_score_their_estimates(small, rows)
+    for r in rows:
+        lam = 0.3 * (r.n / 1000) ** -0.25
+        assert r.params["lam"] == pytest.approx(lam, abs=0.05), (r.n, r.params["lam"])
 
 
 @pytest.mark.parametrize("name, settings", [("hierarchical", ("SS exact", "LL exact")),

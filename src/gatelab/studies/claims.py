@@ -79,6 +79,8 @@ def describe(c: ClaimSpec) -> str:
     """The rule in words, e.g. "slope of mean total loss (exact k=2): |x - -0.5| <= 0.1"."""
     what = f"{c.statistic} {'loss' if c.block == 'total' else c.block + ' error'}"
     x = f"slope({c.setting}) - slope({c.minus})" if c.minus else f"slope({c.setting})"
+    if c.minus and c.other_block != c.block:
+        x = f"slope({c.setting}, {c.block}) - slope({c.minus}, {c.other_block})"
     rule = (CLAIM_RULES[c.rule].replace("value", f"{c.value:g}")
             .replace("margin", f"{c.margin:g}" if c.margin is not None else "margin"))
     unsure = {"ci_above": f"a CI containing {c.value:g} is inconclusive",
@@ -113,7 +115,7 @@ def evaluate_claims(study: Study, rows: Sequence[FitRow], n_boot: int = 1000) ->
     out = []
     for i, c in enumerate(study.claims):
         first = _draws(grouped.get(c.setting), c.block, c.statistic, n_boot, seed=2 * i)
-        second = (_draws(grouped.get(c.minus), c.block, c.statistic, n_boot, seed=2 * i + 1)
+        second = (_draws(grouped.get(c.minus), c.other_block, c.statistic, n_boot, seed=2 * i + 1)
                   if c.minus else None)
         entry: dict[str, Any] = {"claim": c.text, "arxiv": c.arxiv or study.paper,
                                  "rule": describe(c), "holds": None, "numbers": {}}
@@ -160,7 +162,8 @@ def _drift(c: ClaimSpec, grouped, n_boot: int, seed: int) -> Rate | None:
     for j, part in enumerate((sizes[:half], sizes[-half:])):
         point, draws = 0.0, np.zeros(n_boot)
         for k, name in enumerate(names):
-            got = _draws({n: grouped[name][n] for n in part}, c.block, c.statistic, n_boot,
+            block = c.block if k == 0 else c.other_block
+            got = _draws({n: grouped[name][n] for n in part}, block, c.statistic, n_boot,
                          seed=1000 + 4 * seed + 2 * j + k)
             if got is None:
                 return None

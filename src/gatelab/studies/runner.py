@@ -154,7 +154,7 @@ def run_unit(study: Study, unit: Unit) -> list[FitRow]:
         from ..experiments.run import run_experiment_unit
         return run_experiment_unit(study, unit)  # type: ignore[arg-type]
     setting = next(s for s in study.settings if s.name == unit.setting)
-    truth_model, truth = study.truth_model(setting), study.truth_params(setting)
+    truth_model, truth = study.truth_model(setting), study.truth_params(setting, unit.n)
     model = study.fitted_model(setting)
     seeds = [seed_for(study, unit.setting, unit.n, r) for r in unit.replicates]
     xs, ys, starts = [], [], []

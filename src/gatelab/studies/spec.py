@@ -245,6 +245,9 @@ class Setting:
                                     factory=dict)
     wasserstein: tuple[int, ...] = _key("orders r of Wasserstein distances to record (blocks "
                                         "W1, W2, ...)", ())
+    truth_path: Mapping[str, Any] = _key("blocks of the truth that move with n: {block = {toward "
+                                         "= value, exponent = e, n0 = n0}}, block(n) = toward + "
+                                         "(block - toward) (n / n0)^-e", factory=dict)
     _path: str = "settings"
 
     def __post_init__(self) -> None:
@@ -265,6 +268,17 @@ class Setting:
               self.wasserstein)
         _need(isinstance(self.truth_params, Mapping), f"{p}.truth_params",
               "a table of parameter blocks", self.truth_params)
+        _need(isinstance(self.truth_path, Mapping), f"{p}.truth_path",
+              "a table {block = {toward, exponent, n0}}", self.truth_path)
+        for block, path in self.truth_path.items():
+            q = f"{p}.truth_path.{block}"
+            _need(isinstance(path, Mapping) and set(path) <= {"toward", "exponent", "n0"}
+                  and {"toward", "exponent"} <= set(path), q,
+                  "a table with toward, exponent and optionally n0", path)
+            _need(isinstance(path["exponent"], (int, float)) and path["exponent"] > 0,
+                  f"{q}.exponent", "a number > 0 (the rate at which the block reaches toward)",
+                  path["exponent"])
+            _need(_is_int(path.get("n0", 1000)), f"{q}.n0", "an int >= 1", path.get("n0"))
 
 
 #: How a claim's number decides it (``ClaimSpec.rule``): x is the slope (or the
@@ -296,6 +310,8 @@ class ClaimSpec:
     statistic: str = _key("the slope of log(mean), log(median) or log(10% trimmed mean) loss over "
                           "replicates: 'mean', 'median' or 'trimmed'", "mean")
     minus: str | None = _key("another setting: measure slope(setting) - slope(minus)", None)
+    minus_block: str | None = _key("the block of minus's rows (default: block), e.g. a Laplace "
+                                   "gate's W against a softmax gate's beta1", None)
     max_width: float = _key("the widest CI that decides a within claim, or a ci_covers claim "
                             "whose CI contains value; a wider one is 'inconclusive' (a ci_covers "
                             "CI excluding value is NO; ci_above / ci_below: a CI containing value "
@@ -321,6 +337,13 @@ class ClaimSpec:
         _need(isinstance(self.max_width, (int, float)) and self.max_width > 0, f"{p}.max_width",
               "a positive number", self.max_width)
         _need(isinstance(self.drift, bool), f"{p}.drift", "true or false", self.drift)
+        _need(self.minus_block is None or self.minus is not None, f"{p}.minus_block",
+              "set only with minus", self.minus_block)
+
+    @property
+    def other_block(self) -> str:
+        """The block measured on ``minus``: ``minus_block``, else ``block``."""
+        return self.minus_block or self.block
 
 
 @dataclass(frozen=True)
@@ -461,7 +484,7 @@ class Study:
             _need(not missing, f"{s._path}.truth_gate", f"a gate whose blocks truth.params "
                   f"holds (missing {missing})", s.truth_gate)
             try:
-                self.truth_params(s)
+                self.truth_params(s, max(self.sizes))
             except (ValueError, TypeError) as err:
                 raise SpecError(f"{s._path}.truth_params: {err}") from None
             used |= set(shapes) - set(s.truth_params)
@@ -481,15 +504,18 @@ class Study:
         return self.truth.model(gate=setting.truth_gate, known=setting.known or None,
                                 gate_options=setting.truth_gate_options or None)
 
-    def truth_params(self, setting: Setting) -> Params:
-        """``setting``'s true parameters in identifiable form: the truth's blocks that its
-        model uses, with the setting's ``truth_params`` in place of the shared ones. (A
-        setting's gate may have fewer blocks than the truth, e.g. a monomial quadratic
-        gate has no beta1.)"""
+    def truth_params(self, setting: Setting, n: int | None = None) -> Params:
+        """``setting``'s true parameters at sample size ``n`` in identifiable form: the
+        truth's blocks that its model uses, with the setting's ``truth_params`` in place of
+        the shared ones, and its ``truth_path`` blocks moved to n (at n = None, or a
+        setting without a path, the values as written). (A setting's gate may have fewer
+        blocks than the truth, e.g. a monomial quadratic gate has no beta1.)"""
         model = self.truth_model(setting)
         own = {k: torch.tensor(v, dtype=torch.float64) for k, v in setting.truth_params.items()}
         shared = self.truth.tensors()
         params = {**{k: shared[k] for k in model.param_shapes() if k not in own}, **own}
+        if n is not None:
+            params = {**params, **_moved(params, setting.truth_path, n)}
         model.check_params(params)
         return model.normalise(params)
 
@@ -524,6 +550,22 @@ class Study:
     def to_dict(self) -> dict:
         """A plain-data form (for the results store and reports)."""
         return plain_data(self)
+
+
+def _moved(params: Params, paths: Mapping[str, Any], n: int) -> Params:
+    """The blocks of ``paths`` at sample size n: toward + (value - toward) (n / n0)^-e."""
+    out = {}
+    for block, path in paths.items():
+        if block not in params:
+            raise ValueError(f"truth_path names block {block!r}, which this setting's truth does "
+                             f"not have ({sorted(params)})")
+        toward = torch.as_tensor(path["toward"], dtype=torch.float64)
+        if torch.broadcast_shapes(toward.shape, params[block].shape) != params[block].shape:
+            raise ValueError(f"truth_path.{block}.toward has shape {tuple(toward.shape)}; the "
+                             f"block has shape {tuple(params[block].shape)}")
+        shrink = (n / path.get("n0", 1000)) ** -float(path["exponent"])
+        out[block] = toward + (params[block] - toward) * shrink
+    return out
 
 
 def plain_data(obj: Any) -> Any:
