@@ -1,10 +1,12 @@
-"""Least-squares fits with the normal equations summed over sample chunks
-(``fit.lsq._Problem.normal_equations``, gatelab's default) against the previous way, the
-whole Jacobian (B, N, P) formed every Levenberg-Marquardt iteration (the peer).
+"""Least-squares fits as gatelab runs them now (the normal equations summed over 32 MB
+sample chunks, ``fit.lsq._Problem.normal_equations``, with glibc told to keep freed
+blocks, ``_runtime.keep_freed_memory``) against the previous way, the peer: the whole
+Jacobian (B, N, P) formed every Levenberg-Marquardt iteration, the allocator left alone
+(GATELAB_MALLOPT=0).
 
-A whole-batch Jacobian at a study's largest size is tens to hundreds of MB; allocating it
-afresh each iteration makes the kernel map and zero new pages, which showed as 40-65% of
-the CPU time in system mode during full-grid runs. Chunks of 8 MB are reused.
+A whole-batch Jacobian at a study's largest size is tens to hundreds of MB; allocated
+afresh each iteration, the kernel maps and zeroes new pages: 25% of the CPU time of the
+cosine-vs-perturbed full grid was in system mode (397 of 1561 s, 203 million page faults).
 
 Each arm fits the same problems (``lsq_jacobian.make``: d = 2, k = 3, R = 8 replicates,
 the least-squares studies' gates) from the same starts, in a fresh process (cold: the
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -27,7 +30,7 @@ import time
 
 from lsq_jacobian import PROBLEMS, make
 
-ARMS = ("chunked (gatelab)", "whole Jacobian (previous)")
+ARMS = ("chunked, freed memory kept", "whole Jacobian (previous)")
 
 
 def run_arm(arm: str, problem: str, n: int, threads: int) -> None:
@@ -52,19 +55,20 @@ def measure(n: int, repeats: int, threads: int) -> None:
         got: dict[str, list[dict]] = {arm: [] for arm in ARMS}
         for _ in range(repeats):
             for arm in ARMS:
+                env = {**os.environ, "GATELAB_MALLOPT": "0" if arm == ARMS[1] else "1"}
                 out = subprocess.run([sys.executable, __file__, "--arm", arm, "--problem", problem,
                                       "--n", str(n), "--threads", str(threads)],
-                                     check=True, capture_output=True, text=True).stdout
+                                     check=True, capture_output=True, text=True, env=env).stdout
                 got[arm].append(json.loads(out.strip().splitlines()[-1]))
         med = {arm: {k: statistics.median(r[k] for r in rows) for k in ("wall", "user", "sys")}
                for arm, rows in got.items()}
         print(f"  {problem} (n = {n}, {got[ARMS[0]][0]['iters']} LM iterations at most):")
         for arm in ARMS:
             m = med[arm]
-            print(f"    {arm:<27} wall {m['wall']:6.2f} s  user {m['user']:6.2f} s  "
+            print(f"    {arm:<28} wall {m['wall']:6.2f} s  user {m['user']:6.2f} s  "
                   f"sys {m['sys']:6.2f} s  mean RSS/n {got[arm][0]['rss']:.8f}")
         ratio = med[ARMS[1]]["wall"] / med[ARMS[0]]["wall"]
-        print(f"    whole / chunked wall time = {ratio:.2f}x")
+        print(f"    previous / gatelab wall time = {ratio:.2f}x")
 
 
 def main() -> None:

@@ -126,4 +126,4 @@ def test_schema_lists_every_key_with_its_meaning(capsys):
     assert cli.main(["schema"]) == 0
     out = capsys.readouterr().out
     assert "| `settings[].theory_blocks` | table of numbers | `{}` |" in out
-    assert "_path" not in out and out.count("\n") > 30
+    assert "`_path`" not in out and "]._path" not in out and out.count("\n") > 30

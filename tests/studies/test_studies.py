@@ -423,6 +423,14 @@ def test_a_truth_path_moves_blocks_with_n_as_written():
     data["settings"][2]["truth_path"] = {"a": {"toward": [1.0, 2.0], "exponent": 0.5}}
     with pytest.raises(SpecError, match=r"toward has shape \(2,\)"):
         Study.from_dict(data)
+    data["settings"][2]["truth_path"] = {"b": {"toward": [1.0, 2.0, 3.0], "exponent": 0.5}}
+    with pytest.raises(SpecError, match=r"toward has shape \(3,\)"):
+        Study.from_dict(data)
+    # lam 0.3 (n / 1000)^-1 is above 1 at the quick grid's n = 100: refused there
+    data["settings"][2]["truth_path"] = {"lam": {"toward": 0.0, "exponent": 1.0}}
+    data["quick_sizes"] = [100, 1000]
+    with pytest.raises(SpecError, match=r"settings\[2\]\.truth_params: .*lam"):
+        Study.from_dict(data)
 
 
 def test_rows_of_a_moving_truth_are_sampled_and_scored_at_their_own_n(tmp_path):
@@ -831,3 +839,25 @@ def test_a_certified_least_squares_study_stops_on_the_gradient_and_stores_its_ga
         assert (r.grad_norm <= 1e-8) == (r.status == "converged"), (r.grad_norm, r.status)
     assert sum(r.status == "converged" for r in rows) >= 5
     assert_rows_score_their_estimates(study, rows)
+
+
+def test_a_collapsed_fit_gets_no_gradient_and_does_not_stop_the_study():
+    """The full softmax grid's k = 4 fits at n = 200 include one whose variance runs to
+    inf: its row's gradient norm is NaN (None when stored), the others' are
+    gradient_norm's, and the unit runs."""
+    from types import SimpleNamespace
+
+    from gatelab.fit.polish import gradient_norm
+    from gatelab.studies.runner import _stop_gradient
+    study = catalogue.get("softmax-gaussian")
+    setting = study.settings[0]
+    model, truth = study.fitted_model(setting), study.truth_params(setting)
+    x, y = study.truth_model(setting).sample(truth, 300, torch.Generator().manual_seed(0))
+    params = {k: torch.stack([v, v, v]) for k, v in truth.items()}
+    params["var"] = params["var"].clone()
+    params["var"][1, 0] = float("inf")
+    params["var"][2, 1] = 0.0
+    xs, ys = torch.stack([x] * 3), torch.stack([y] * 3)
+    got = _stop_gradient(study, model, xs, ys, SimpleNamespace(params=params))
+    want = gradient_norm(model, xs[:1], ys[:1], {k: v[:1] for k, v in params.items()})
+    assert torch.isnan(got[1:]).all() and torch.equal(got[:1], want)

@@ -24,6 +24,7 @@ import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
 from .._checks import check_int, check_positive
+from .._runtime import keep_freed_memory
 from .._threads import threads_for, using_threads
 from ..models import Regression
 from ..params import Params, Shapes, pack, unpack
@@ -105,10 +106,10 @@ class _Problem:
 
     def normal_equations(self, theta: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """The RSS (B,), J^T J (B, P, P) and g = J^T r (B, P) at ``theta``, summed over
-        chunks of the samples: the Jacobian of a whole batch is hundreds of MB, and
-        allocating it afresh every iteration spends as much time in the kernel (page
-        faults) as in arithmetic; chunks of ``_CHUNK_ELEMENTS`` are reused by the
-        allocator and stay in cache."""
+        chunks of the samples: the Jacobian of a whole batch is hundreds of MB, which
+        chunks of ``_CHUNK_ELEMENTS`` keep out of memory (the allocator reuses them; see
+        ``_runtime.keep_freed_memory``, without which each fresh allocation cost page
+        faults, 25% of a full least-squares study's CPU time)."""
         n = self.x.shape[-2]
         width = sum(math.prod(shape) for shape in self.shapes.values())
         per = max(1, _CHUNK_ELEMENTS // (theta.shape[0] * width))
@@ -124,9 +125,10 @@ class _Problem:
         return rss, jtj, grad
 
 
-#: Jacobian entries (B x chunk x parameters) per chunk of ``_Problem.normal_equations``:
-#: 8 MB, small enough for the allocator to reuse rather than map afresh.
-_CHUNK_ELEMENTS = 1 << 20
+#: Jacobian entries (B x chunk x parameters) per chunk of ``_Problem.normal_equations``
+#: (32 MB): large enough that the per-chunk passes cost little, small beside a study's
+#: batch.
+_CHUNK_ELEMENTS = 1 << 22
 
 
 @torch.no_grad()
@@ -186,6 +188,7 @@ def fit_lsq(model: Regression, x: Tensor, y: Tensor, init: Params, *, tol: float
     check_int("max_iter", max_iter, 1)
     x, y, params, lead = broadcast_problem(model, x, y, init)
     start = model.normalise(params)
+    keep_freed_memory()
     with using_threads(threads_for(y.numel() * model.n_experts)):
         res = _run_lsq(_Problem(model, x, y, start), tol, max_iter, lam0, record, grad_bound)
         status = fit_status(model, x, y, start, res.params, res.converged,

@@ -225,9 +225,25 @@ def _stop_gradient(study: Study, model, x: torch.Tensor, y: torch.Tensor, res) -
     width = sum(math.prod(s) for s in model.param_shapes().values()) if lsq else \
         getattr(model, "n_experts", 1) + 1
     per = max(1, _MAX_GRADIENT_ELEMENTS // (x.shape[-2] * width))
-    return torch.cat([norm(model, x[i:i + per], y[i:i + per],
-                           {k: v[i:i + per] for k, v in res.params.items()})
-                      for i in range(0, x.shape[0], per)])
+    # A fit that collapsed (a variance 0 or not finite) has no gradient; its row says NaN
+    # and its status says why, instead of stopping the study.
+    rows = _valid_rows(model, res.params).nonzero().squeeze(-1)
+    out = torch.full((x.shape[0],), float("nan"), dtype=x.dtype)
+    for i in range(0, len(rows), per):
+        idx = rows[i:i + per]
+        out[idx] = norm(model, x[idx], y[idx], {k: v[idx] for k, v in res.params.items()})
+    return out
+
+
+def _valid_rows(model, params: dict) -> torch.Tensor:
+    """(B,) whether each fit's blocks are finite and its positive blocks (variances) > 0."""
+    ok = torch.ones(next(iter(params.values())).shape[0], dtype=torch.bool)
+    for name, value in params.items():
+        flat = value.reshape(value.shape[0], -1)
+        ok &= torch.isfinite(flat).all(-1)
+        if name in getattr(model, "positive_blocks", ()):
+            ok &= (flat > 0).all(-1)
+    return ok
 
 
 def _certify(study: Study, model, x: torch.Tensor, y: torch.Tensor, res: FitResult):

@@ -483,8 +483,9 @@ class Study:
             missing = sorted(set(shapes) - set(self.truth.params) - set(s.truth_params))
             _need(not missing, f"{s._path}.truth_gate", f"a gate whose blocks truth.params "
                   f"holds (missing {missing})", s.truth_gate)
-            try:
-                self.truth_params(s, max(self.sizes))
+            try:   # a moving truth must be valid at both ends of both grids
+                for n in {min(self.sizes), max(self.sizes), *self.quick_sizes[:1], *self.quick_sizes[-1:]}:
+                    self.truth_params(s, n)
             except (ValueError, TypeError) as err:
                 raise SpecError(f"{s._path}.truth_params: {err}") from None
             used |= set(shapes) - set(s.truth_params)
@@ -560,7 +561,11 @@ def _moved(params: Params, paths: Mapping[str, Any], n: int) -> Params:
             raise ValueError(f"truth_path names block {block!r}, which this setting's truth does "
                              f"not have ({sorted(params)})")
         toward = torch.as_tensor(path["toward"], dtype=torch.float64)
-        if torch.broadcast_shapes(toward.shape, params[block].shape) != params[block].shape:
+        try:
+            fits = torch.broadcast_shapes(toward.shape, params[block].shape) == params[block].shape
+        except RuntimeError:
+            fits = False
+        if not fits:
             raise ValueError(f"truth_path.{block}.toward has shape {tuple(toward.shape)}; the "
                              f"block has shape {tuple(params[block].shape)}")
         shrink = (n / path.get("n0", 1000)) ** -float(path["exponent"])
