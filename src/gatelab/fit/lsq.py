@@ -3,9 +3,10 @@
 Minimises RSS(theta) = sum_n (y_n - f(x_n; theta))^2 with f(x) = sum_i w_i(x) h(x; eta_i)
 (arXiv 2402.02952, 2405.13997, 2405.14131) for any gate and expert. The parameters are
 few (tens), so a second-order method pays: each iteration forms the Jacobian J (B, N, P)
-(the model's ``mean_jacobian`` where it has one: MoE regression's takes one forward-mode
-pass per entry of an expert's row for all experts at once, 4-6x faster whole fits than
-one pass per free parameter, the fallback; ``benchmarks/lsq_jacobian.py``) and solves
+a chunk of samples at a time (``_Problem.normal_equations``), from the model's
+``mean_jacobian`` where it has one (MoE regression's takes one forward-mode pass per entry
+of an expert's row for all experts at once, 4-6x faster whole fits than one pass per free
+parameter, the fallback; ``benchmarks/lsq_jacobian.py``), and solves
 (J^T J + lam diag(J^T J)) d = -J^T r (Marquardt's scaling). A step is kept only where
 it lowers the RSS; there lam shrinks 10x, elsewhere it grows 10x and the row stays put,
 so the RSS never increases. ``benchmarks/lsq_methods.py`` compares it with Adam and
