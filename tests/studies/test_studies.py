@@ -861,3 +861,28 @@ def test_a_collapsed_fit_gets_no_gradient_and_does_not_stop_the_study():
     got = _stop_gradient(study, model, xs, ys, SimpleNamespace(params=params))
     want = gradient_norm(model, xs[:1], ys[:1], {k: v[:1] for k, v in params.items()})
     assert torch.isnan(got[1:]).all() and torch.equal(got[:1], want)
+
+
+def test_a_certified_reading_polishes_around_a_collapsed_fit():
+    """Reading (b) on a batch with a fit whose variance ran to inf: that row keeps its
+    estimate with NaN certificate and gain and is not certified; the other rows are polished
+    exactly as they would be alone."""
+    from gatelab.fit import fit_em
+    from gatelab.fit.polish import polish
+    from gatelab.studies.runner import _certify
+    study = catalogue.get("softmax-gaussian-certified")
+    setting = study.settings[0]
+    model, truth = study.fitted_model(setting), study.truth_params(setting)
+    x, y = study.truth_model(setting).sample(truth, 300, torch.Generator().manual_seed(1))
+    xs, ys = torch.stack([x] * 3), torch.stack([y] * 3)
+    res = fit_em(model, xs, ys, {k: torch.stack([v] * 3) for k, v in truth.items()}, max_iter=5)
+    var = res.params["var"].clone()
+    var[1, 0] = float("inf")
+    res = res._replace(params={**res.params, "var": var})
+    polished, grad_norm, gain = _certify(study, model, xs, ys, res)
+    assert torch.isnan(grad_norm[1]) and torch.isnan(gain[1]) and not bool(polished.converged[1])
+    assert torch.equal(polished.params["var"][1], var[1])
+    alone = polish(model, xs[::2], ys[::2], {k: v[::2] for k, v in res.params.items()},
+                   float(study.estimator["grad_bound"]), int(study.estimator["polish_steps"]))
+    torch.testing.assert_close(grad_norm[::2], alone.grad_norm)
+    torch.testing.assert_close(polished.params["beta1"][::2], alone.params["beta1"])

@@ -263,13 +263,30 @@ def _certify(study: Study, model, x: torch.Tensor, y: torch.Tensor, res: FitResu
         grad_norm = _stop_gradient(study, model, x, y, more)
         gain = loglik - res.loglik
     else:
-        done = polish(model, x, y, res.params, bound, steps)
-        params, loglik, grad_norm, gain = done.params, done.loglik, done.grad_norm, done.gain
+        params, loglik, grad_norm, gain = _polish_valid(model, x, y, res, bound, steps)
     certified = grad_norm <= bound
     stuck = status_codes(res) == FitStatus.STUCK
     status = fit_status(model, x, y, res.params, params, certified, res.degenerate, stuck)
     polished = res._replace(params=params, loglik=loglik, converged=certified, status=status)
     return polished, grad_norm, gain
+
+
+def _polish_valid(model, x: torch.Tensor, y: torch.Tensor, res: FitResult, bound: float,
+                  steps: int) -> tuple[dict, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``fit.polish`` on the rows whose estimate is valid (``_valid_rows``): parameters,
+    log-likelihoods, certificates and gains. A collapsed fit keeps its estimate and gets
+    NaN for both numbers (it cannot be certified; its status says why)."""
+    idx = _valid_rows(model, res.params).nonzero().squeeze(-1)
+    params = {k: v.clone() for k, v in res.params.items()}
+    loglik = res.loglik.clone()
+    grad_norm = torch.full_like(loglik, float("nan"))
+    gain = grad_norm.clone()
+    if len(idx):
+        done = polish(model, x[idx], y[idx], {k: v[idx] for k, v in res.params.items()}, bound, steps)
+        for k in params:
+            params[k][idx] = done.params[k]
+        loglik[idx], grad_norm[idx], gain[idx] = done.loglik, done.grad_norm, done.gain
+    return params, loglik, grad_norm, gain
 
 
 def _losses(model, truth_model, setting, params: dict, truth: dict):
