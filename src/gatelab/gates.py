@@ -175,6 +175,15 @@ class Gate(ABC):
             out[name] = t - last
         return out
 
+    def translation_blocks(self) -> tuple[str, ...]:
+        """The blocks besides the intercepts whose common shift over all experts leaves the
+        weights unchanged (softmax-type gates: beta1, and a quadratic gate's A), over which
+        ``losses.translated_loss`` minimises; none for sigmoid gates, which have no such
+        invariance."""
+        if self.normaliser != "softmax":
+            return ()
+        return tuple(b for b in self.shift_blocks if b != "beta0")
+
     def random_params(self, n_experts: int, dim: int, generator: torch.Generator | None = None,
                       batch_shape: tuple[int, ...] = (), dtype: torch.dtype = torch.float64) -> Params:
         """Standard-normal draws for every block (tests and random starts)."""

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import gatelab as gl
-from gatelab.losses import TABLES, ExponentTable, voronoi_cells, voronoi_loss, wasserstein
+from gatelab.losses import TABLES, ExponentTable, translated_loss, voronoi_cells, voronoi_loss, wasserstein
 
 T = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
 
@@ -253,3 +253,91 @@ def test_cell_sum_loss_needs_absolute_masses_and_an_output_scale():
              "b": T([0.0, 1.0]), "nu": T(0.01)}
     with pytest.raises(ValueError, match="kappa2"):
         voronoi_loss(truth, truth, "D2-sigmoid", model=linear)
+
+
+# --- the loss minimised over the common translation of the gate parameters -----------------
+
+def _shifted(est, t0=0.0, t1=0.0):
+    return {**est, "beta0": est["beta0"] + t0, "beta1": est["beta1"] + t1}
+
+
+def test_translated_d1_by_hand():
+    # Masses (1.0, 0.6065) after the best scale s = 1 / softmax-scale; beta1 off by 0.2 on
+    # the first expert only. Weighted median of the shifts (-0.2 weighs 1, 0 weighs 0.61):
+    # t = -0.2 moves the error onto the lighter expert.
+    est = _estimate(beta0=[0.5 + 0.5, 0.0], beta1=[[2.2], [0.0]])
+    plain = voronoi_loss(est, TRUTH, "D1")
+    res = translated_loss(est, TRUTH, "D1", shift_blocks=["beta1"])
+    # every candidate scale s: masses s * softmax(1, 0) * (e^.5 + 1); atoms' term by the
+    # weighted median of the beta1 gaps (t = -0.2: the lighter second expert carries 0.2).
+    base = torch.softmax(T([1.0, 0.0]), 0) * (math.exp(0.5) + 1)
+    m_true = T([math.exp(0.5), 1.0])
+    best = min(float((s * base - m_true).abs().sum() + s * base[1] * 0.2)
+               for s in (m_true / base).tolist() + [1.0])
+    assert res.total.item() == pytest.approx(best, rel=1e-9)
+    assert res.total.item() < plain.total.item()
+    assert res.mass.item() == pytest.approx(res.total.item() - 0.2 * float(
+        res.cell_masses[1]), rel=1e-9)
+
+
+def _brute_force(est, table, ts, ss):
+    """min over a grid of (t1, s) of the pinned loss of the shifted, rescaled estimate."""
+    rel = torch.softmax(est["beta0"], -1) * TRUTH["beta0"].exp().sum()
+    grid = {k: v.expand(len(ts), len(ss), *v.shape) for k, v in est.items()}
+    grid["beta1"] = grid["beta1"] + ts[:, None, None, None]
+    return float(voronoi_loss(grid, TRUTH, table, mass=ss[None, :, None] * rel).total.min())
+
+
+@pytest.mark.parametrize("table,rows", [("D1", [0, 1]), ("D2-softmax", [0, 1, 1]),
+                                        ("D2-softmax", [0, 0, 1, 1])])
+def test_translated_loss_is_the_minimum_over_a_grid_of_translations(table, rows):
+    # Exact-specified D1 (its optimum sits where one atom's gap closes); the last true atom
+    # split by the last two experts (the case pinning gets wrong); every cell split, where
+    # the optimum lies between the aligning translations and only the search finds it.
+    g = torch.Generator().manual_seed(3)
+    for _ in range(3):
+        est = {k: TRUTH[k][rows] + 0.15 * torch.randn(TRUTH[k][rows].shape, generator=g,
+                                                      dtype=torch.float64) for k in TRUTH}
+        est["var"] = est["var"].abs()
+        est = {**est, "beta0": est["beta0"] - est["beta0"][-1], "beta1": est["beta1"] - est["beta1"][-1]}
+        res = translated_loss(est, TRUTH, table, shift_blocks=["beta1"])
+        grid = _brute_force(est, table, torch.linspace(-0.6, 0.6, 601), torch.linspace(0.6, 1.6, 501))
+        assert res.total.item() <= grid + 1e-9
+        assert res.total.item() >= grid - 0.01 * grid   # the grid's resolution
+        assert res.total.item() <= voronoi_loss(est, TRUTH, table).total.item()
+
+
+def test_translated_loss_does_not_see_a_common_shift_of_the_gate():
+    g = torch.Generator().manual_seed(5)
+    est = {k: TRUTH[k][[0, 1, 1]] + 0.2 * torch.randn(TRUTH[k][[0, 1, 1]].shape, generator=g,
+                                                      dtype=torch.float64) for k in TRUTH}
+    est["var"] = est["var"].abs()
+    base = translated_loss(est, TRUTH, "D2-softmax", shift_blocks=["beta1"]).total
+    for t0, t1 in [(0.7, -0.4), (-2.0, 1.3)]:
+        moved = _shifted(est, t0, t1)
+        assert voronoi_loss(moved, TRUTH, "D2-softmax").total != pytest.approx(
+            voronoi_loss(est, TRUTH, "D2-softmax").total)
+        again = translated_loss(moved, TRUTH, "D2-softmax", shift_blocks=["beta1"]).total
+        assert again.item() == pytest.approx(base.item(), rel=1e-6)
+
+
+def test_translated_loss_batched_equals_looped():
+    g = torch.Generator().manual_seed(7)
+    est = {k: TRUTH[k][[0, 0, 1]] + 0.2 * torch.randn(4, *TRUTH[k][[0, 0, 1]].shape, generator=g,
+                                                      dtype=torch.float64) for k in TRUTH}
+    est["var"] = est["var"].abs()
+    est["beta1"][1, 2] = float("inf")              # a run-off replicate stays infinite
+    batched = translated_loss(est, TRUTH, "D2-softmax", shift_blocks=["beta1"], strict=False)
+    assert torch.isinf(batched.total[1])
+    for r in (0, 2, 3):
+        one = translated_loss({k: v[r] for k, v in est.items()}, TRUTH, "D2-softmax",
+                                 shift_blocks=["beta1"])
+        assert batched.total[r].item() == pytest.approx(one.total.item(), rel=1e-9)
+        assert batched.cells[r].tolist() == one.cells.tolist()
+
+
+def test_a_sigmoid_gate_has_no_translation_and_a_quadratic_gate_shifts_a_and_beta1():
+    assert gl.MoERegression(2, 1, "sigmoid").gate.translation_blocks() == ()
+    assert gl.MoERegression(2, 1, "softmax").gate.translation_blocks() == ("beta1",)
+    assert gl.MoERegression(2, 2, "quadratic").gate.translation_blocks() == ("A", "beta1")
+    assert gl.MoERegression(2, 2, "quadratic_monomial").gate.translation_blocks() == ("A",)

@@ -197,7 +197,7 @@ def test_rate_table_covers_every_setting_and_block(tiny, tmp_path):
         table = rate_table(tiny, store.rows("tiny"), n_boot=200)
     keys = {(r["setting"], r["block"]) for r in table}
     assert keys == {(s, b) for s in ("exact", "over")
-                    for b in ("total", "beta1", "a", "b", "var", "mass")}
+                    for b in ("total", "beta1", "a", "b", "var", "mass", "translated")}
     exact = next(r for r in table if r["setting"] == "exact" and r["block"] == "total")
     assert exact["theory"] == -0.5 and exact["ci_low"] <= exact["slope"] <= exact["ci_high"]
 

@@ -30,7 +30,7 @@ from ..fit.init import near_truth_starts
 from ..fit.lsq import fit_lsq, profile_loglik, rss_gradient_norm
 from ..fit.polish import DEFAULT_BOUND, gradient_norm, polish
 from ..fit.status import FitStatus, fit_status, status_codes, status_names
-from ..losses import voronoi_loss, wasserstein
+from ..losses import translated_loss, voronoi_loss, wasserstein
 from .spec import READING_KEYS, Setting, Study
 from .store import FitRow, Store
 
@@ -297,9 +297,25 @@ def _losses(model, truth_model, setting, params: dict, truth: dict):
     # (counted and left out of the slopes), instead of stopping the whole study.
     loss = voronoi_loss(params, truth, setting.loss, strict=False, **options)
     blocks = {**loss.blocks, "mass": loss.mass}
+    shift = translation_blocks(model, setting)
+    if shift:
+        blocks["translated"] = translated_loss(params, truth, setting.loss, shift_blocks=shift,
+                                               strict=False, **options).total
     for order in setting.wasserstein:
         blocks[f"W{order}"] = wasserstein(params, truth, order, **options)
     return loss, blocks
+
+
+def translation_blocks(model, setting: Setting) -> tuple[str, ...]:
+    """The fitted gate's blocks that a common shift of leaves the model unchanged
+    (``Gate.translation_blocks``) and that the setting's loss compares: a setting with any
+    also records block "translated", its loss minimised over that translation
+    (``losses.translated_loss``)."""
+    gate = getattr(model, "gate", None)
+    if gate is None:
+        return ()
+    compared = set(setting.loss_blocks or gate.atom_blocks(model.n_experts, model.dim))
+    return tuple(b for b in gate.translation_blocks() if b in compared)
 
 
 def _fit(study: Study, model, x: torch.Tensor, y: torch.Tensor, init: dict) -> FitResult:

@@ -457,7 +457,9 @@ class Study:
 
     def _check_theory_blocks(self) -> None:
         """Each ``theory_blocks`` key names a block the setting's rows have: a parameter
-        block of the fitted model (or of ``loss_blocks``), "mass", or "W<r>"."""
+        block of the fitted model (or of ``loss_blocks``), "mass", "W<r>", or "translated"
+        where the fitted gate has translation blocks (``runner.translation_blocks``)."""
+        from .runner import translation_blocks
         for s in self.settings:
             if s.gate_options:
                 _built(f"{s._path}.gate_options", make_gate, s.gate or s.truth_gate or self.truth.gate,
@@ -465,6 +467,8 @@ class Study:
             fitted = _built(f"{s._path}.gate", self.fitted_model, s)
             blocks = set(s.loss_blocks or fitted.param_shapes()) | {"mass"}
             blocks |= {f"W{r}" for r in s.wasserstein}
+            if translation_blocks(fitted, s):
+                blocks.add("translated")
             for key in s.theory_blocks:
                 _need(key in blocks, f"{s._path}.theory_blocks.{key}",
                       f"a block of this setting's rows ({sorted(blocks)})", key)
