@@ -63,6 +63,9 @@ class ExponentTable:
     default_single: float = 1.0
     default_shared: float = 1.0
     summed: str | None = None
+    #: The arXiv id the exponents are transcribed from; None for a table that is no one
+    #: paper's (D1, the generic exponent-2 table, gatelab's own constructions).
+    paper: str | None = None
 
     def exponent(self, block: str, cell_size: int) -> float:
         """The exponent of ``block`` in a cell of ``cell_size`` fitted atoms. A prefixed
@@ -102,10 +105,11 @@ TABLES: dict[str, ExponentTable] = {
     "D1": ExponentTable("D1", "exact-specified (any model): exponent 1 on every block"),
     "D2-softmax": ExponentTable(
         "D2-softmax", "softmax Gaussian MoE, over-specified (arXiv 2305.03288); var is a variance",
-        shared={"beta1": "rbar", "b": "rbar", "a": "rbar/2", "var": "rbar/2"}, rbar=_RBAR),
+        shared={"beta1": "rbar", "b": "rbar", "a": "rbar/2", "var": "rbar/2"}, rbar=_RBAR,
+        paper="2305.03288"),
     "D2-laplace": ExponentTable(
         "D2-laplace", "Laplace-gated Gaussian MoE, over-specified (FuseMoE, arXiv 2402.03226)",
-        shared={"W": 2.0, "a": 2.0, "b": "rbar", "var": "rbar/2"}, rbar=_RBAR),
+        shared={"W": 2.0, "a": 2.0, "b": "rbar", "var": "rbar/2"}, rbar=_RBAR, paper="2402.03226"),
     "D2-prefix": ExponentTable(
         "D2-prefix", "prefix-MoE regression, over-specified (arXiv 2410.02200): keys and values "
         "of a shared prefix at sqrt(log n / n) in one-atom cells and (log n / n)^(1/4) in "

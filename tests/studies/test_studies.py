@@ -264,6 +264,7 @@ def test_cli_reproduce_json_and_report(tiny_path, tmp_path, capsys):
     assert result["fits"] == 8 and result["skipped"] == 0
     html = (out / "tiny" / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 2 and "Rates" in html
+    assert "<h3>Losses</h3>" in html and "D2-softmax" in html
     assert result["report"] == str(out / "tiny" / "report.html")
     assert cli.main(["report", str(db), "--out", str(tmp_path / "again")]) == 0
     assert (tmp_path / "again" / "tiny" / "report.html").exists()
@@ -886,3 +887,15 @@ def test_a_certified_reading_polishes_around_a_collapsed_fit():
                    float(study.estimator["grad_bound"]), int(study.estimator["polish_steps"]))
     torch.testing.assert_close(grad_norm[::2], alone.grad_norm)
     torch.testing.assert_close(polished.params["beta1"][::2], alone.params["beta1"])
+
+
+def test_a_study_says_where_each_loss_comes_from():
+    """A loss table transcribed from another paper is called borrowed, never silently."""
+    deviated, softmax = catalogue.get("deviated"), catalogue.get("softmax-gaussian")
+    over = next(s for s in deviated.settings if s.loss == "D2-softmax")
+    assert deviated.loss_source(over).startswith("D2-softmax: BORROWED from arXiv 2305.03288")
+    assert "arXiv 2402.05220, is not in the sources" in deviated.loss_source(over)
+    own = next(s for s in softmax.settings if s.loss == "D2-softmax")
+    assert softmax.loss_source(own) == "D2-softmax: this study's paper's table (arXiv 2305.03288)"
+    exact = next(s for s in softmax.settings if s.loss == "D1")
+    assert softmax.loss_source(exact).endswith("(not a paper's own table)")

@@ -109,6 +109,13 @@ def _table_html(table: list[dict]) -> str:
     return f"<table>{head}{''.join(rows)}</table>"
 
 
+def _losses_html(study: Study) -> str:
+    """Each setting's loss and where its exponents come from (``Study.loss_source``)."""
+    items = "".join(f"<li>{html.escape(s.name)}: {html.escape(study.loss_source(s))}</li>"
+                    for s in study.settings)
+    return f"<h3>Losses</h3><ul>{items}</ul>"
+
+
 def _runoff_html(fractions: dict[str, dict[int, float]]) -> str:
     """Per setting, the fraction of fits whose gate ran off (status separated) at each n."""
     ns = sorted({n for by_n in fractions.values() for n in by_n})
@@ -202,6 +209,7 @@ def write_report(study: Study, rows: Sequence[FitRow], table: list[dict], out: P
                "setting and counted (column 'left out'). A verdict needs at least "
                f"{MIN_VERDICT_REPLICATES} replicates per size.</p>")
     body.write(_table_html(table))
+    body.write(_losses_html(study))
     body.write(_runoff_html(runoff_fractions(rows)))
     body.write(_certificates_html(rows))
     body.write("<h2>Run</h2><ul>"

@@ -415,6 +415,19 @@ class Study:
         (reading (b): polished until the gradient norm is at most ``grad_bound``)."""
         return str(self.estimator.get("reading", "protocol"))
 
+    def loss_source(self, setting: Setting) -> str:
+        """Where the setting's loss exponents come from, said plainly: this study's paper,
+        another paper's table (borrowed, because this paper's own is not in the sources
+        gatelab could read), or no paper's (D1, the generic exponent-2 table, gatelab's
+        constructions: the table's description says which)."""
+        table = TABLES[setting.loss]
+        if table.paper is None:
+            return f"{table.name}: {table.source} (not a paper's own table)"
+        if table.paper == self.paper:
+            return f"{table.name}: this study's paper's table (arXiv {table.paper})"
+        return (f"{table.name}: BORROWED from arXiv {table.paper} ({table.source}); the table of "
+                f"this study's paper, arXiv {self.paper}, is not in the sources gatelab could read")
+
     def _check_reading(self, method: str) -> None:
         _need(self.reading in READINGS, "estimator.reading", " or ".join(map(repr, READINGS)),
               self.reading)
