@@ -11,6 +11,7 @@ from gatelab import cli
 from gatelab.studies import Store, Study, catalogue
 from gatelab.studies.claims import DRIFT_MARGIN, claims_text, decide, evaluate_claims, verdict
 from gatelab.studies.rates import Rate
+from gatelab.studies.runner import translation_blocks
 from gatelab.studies.spec import SpecError
 from gatelab.studies.store import FitRow
 
@@ -118,7 +119,22 @@ def test_every_catalogue_claim_names_real_settings_and_blocks():
             assert c.setting in settings and (c.minus is None or c.minus in settings)
             if c.block != "total":
                 model = study.fitted_model(settings[c.setting])
-                assert c.block in model.param_shapes() or c.block == "mass", (name, c.block)
+                translated = c.block == "translated" and translation_blocks(model, settings[c.setting])
+                assert c.block in model.param_shapes() or c.block == "mass" or translated, (name, c.block)
+
+
+def test_a_claim_on_a_borrowed_loss_says_so():
+    deviated = catalogue.get("deviated")
+    rows = [FitRow("deviated", s.name, n, r, 0, 0.3 * n ** -0.5, 0.0, {}, 0.0, 10, True, False,
+                   0.0, "test", status="converged")
+            for s in deviated.settings for n in SIZES for r in range(8)]
+    claims = evaluate_claims(deviated, rows, n_boot=50)
+    over = next(s.name for s in deviated.settings if s.loss == "D2-softmax")
+    on_over = [c for c, spec in zip(claims, deviated.claims) if over in (spec.setting, spec.minus)]
+    assert on_over and all(c["borrowed_loss"] == "D2-softmax from arXiv 2305.03288" for c in on_over)
+    others = [c for c, spec in zip(claims, deviated.claims) if over not in (spec.setting, spec.minus)]
+    assert others and all(c["borrowed_loss"] is None for c in others)
+    assert "loss borrowed: D2-softmax from arXiv 2305.03288" in claims_text(on_over)
 
 
 # TINY with 3 replicates (enough to decide), one setting, and a claim that fails.

@@ -118,7 +118,8 @@ def evaluate_claims(study: Study, rows: Sequence[FitRow], n_boot: int = 1000) ->
         second = (_draws(grouped.get(c.minus), c.other_block, c.statistic, n_boot, seed=2 * i + 1)
                   if c.minus else None)
         entry: dict[str, Any] = {"claim": c.text, "arxiv": c.arxiv or study.paper,
-                                 "rule": describe(c), "holds": None, "numbers": {}}
+                                 "rule": describe(c), "holds": None, "numbers": {},
+                                 "borrowed_loss": _borrowed(study, c)}
         if first is None or (c.minus and second is None):
             entry["numbers"] = {"note": "too few sizes or replicates to decide"}
             out.append(entry)
@@ -139,6 +140,16 @@ def evaluate_claims(study: Study, rows: Sequence[FitRow], n_boot: int = 1000) ->
         entry["holds"] = {"yes": True, "NO": False}.get(entry["verdict"])
         out.append(entry)
     return out
+
+
+def _borrowed(study: Study, c: ClaimSpec) -> str | None:
+    """"TABLE from arXiv ID" where the claim's loss (or the loss of its ``minus``
+    setting) is another paper's exponent table (``Study.borrowed_from``), else None."""
+    names = [c.setting] + ([c.minus] if c.minus else [])
+    settings = [s for s in study.settings if s.name in names]
+    found = sorted({f"{s.loss} from arXiv {study.borrowed_from(s)}" for s in settings
+                    if study.borrowed_from(s)})
+    return ", ".join(found) or None
 
 
 #: Fewest sizes for the drift check: three in each half.
@@ -266,6 +277,8 @@ def claims_text(claims: Sequence[dict[str, Any]]) -> str:
         nums = c["numbers"]
         number = (f"{nums['x']:+.3f} [{nums['ci_low']:+.3f}, {nums['ci_high']:+.3f}]"
                   if "x" in nums else nums.get("note", ""))
-        lines.append(f"{holds:9s}  {number:28s}  {c['claim']} ({c['rule']}{_drift_words(nums)})")
+        borrowed = f"; loss borrowed: {c['borrowed_loss']}" if c.get("borrowed_loss") else ""
+        lines.append(f"{holds:9s}  {number:28s}  {c['claim']} ({c['rule']}{_drift_words(nums)}"
+                     f"{borrowed})")
     return "\n".join(lines)
 

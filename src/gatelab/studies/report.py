@@ -161,8 +161,13 @@ def _claims_html(claims: Sequence[dict]) -> str:
         word = verdict_word(c)
         rows.append(f"<tr><td class='holds-{word}'>{word}</td><td>{html.escape(c['claim'])}</td>"
                     f"<td>{html.escape(c['arxiv'])}</td><td>{measured(c['numbers'])}</td>"
-                    f"<td>{html.escape(c['rule'])}</td></tr>")
+                    f"<td>{html.escape(c['rule'])}{_borrowed_words(c)}</td></tr>")
     return f"<table>{head}{''.join(rows)}</table>"
+
+
+def _borrowed_words(claim: dict) -> str:
+    loss = claim.get("borrowed_loss")
+    return f"; loss borrowed: {html.escape(loss)}" if loss else ""
 
 
 def write_report(study: Study, rows: Sequence[FitRow], table: list[dict], out: Path,

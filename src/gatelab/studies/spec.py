@@ -423,10 +423,15 @@ class Study:
         table = TABLES[setting.loss]
         if table.paper is None:
             return f"{table.name}: {table.source} (not a paper's own table)"
-        if table.paper == self.paper:
+        if self.borrowed_from(setting) is None:
             return f"{table.name}: this study's paper's table (arXiv {table.paper})"
         return (f"{table.name}: BORROWED from arXiv {table.paper} ({table.source}); the table of "
                 f"this study's paper, arXiv {self.paper}, is not in the sources gatelab could read")
+
+    def borrowed_from(self, setting: Setting) -> str | None:
+        """The arXiv id of another paper whose exponent table the setting's loss is, else None."""
+        paper = TABLES[setting.loss].paper
+        return paper if paper is not None and paper != self.paper else None
 
     def _check_reading(self, method: str) -> None:
         _need(self.reading in READINGS, "estimator.reading", " or ".join(map(repr, READINGS)),
