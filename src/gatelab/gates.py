@@ -175,14 +175,16 @@ class Gate(ABC):
             out[name] = t - last
         return out
 
-    def translation_blocks(self) -> tuple[str, ...]:
-        """The blocks besides the intercepts whose common shift over all experts leaves the
-        weights unchanged (softmax-type gates: beta1, and a quadratic gate's A), over which
-        ``losses.translated_loss`` minimises; none for sigmoid gates, which have no such
-        invariance."""
+    def translations(self, n_experts: int, dim: int) -> dict[str, tuple[int, ...]]:
+        """The blocks besides the intercepts whose shift by a common t leaves the weights
+        unchanged, each with the shape of t, which broadcasts over the block's shape
+        (softmax-type gates: beta1 with t of shape (1, D), a quadratic gate's A with (1, D,
+        D)); ``losses.translated_loss`` minimises over them. None for sigmoid gates, which
+        have no such invariance."""
         if self.normaliser != "softmax":
-            return ()
-        return tuple(b for b in self.shift_blocks if b != "beta0")
+            return {}
+        shapes = self.param_shapes(n_experts, dim)
+        return {b: (1, *shapes[b][1:]) for b in self.shift_blocks if b != "beta0"}
 
     def random_params(self, n_experts: int, dim: int, generator: torch.Generator | None = None,
                       batch_shape: tuple[int, ...] = (), dtype: torch.dtype = torch.float64) -> Params:
@@ -616,6 +618,14 @@ class HierarchicalGate(Gate):
         outer = torch.log_softmax(params["outer.beta0"], -1)          # (..., G)
         inner = torch.log_softmax(params["inner.beta0"], -1)          # (..., G, J)
         return (outer.unsqueeze(-1) + inner).flatten(-2), False
+
+    def translations(self, n_experts: int, dim: int) -> dict[str, tuple[int, ...]]:
+        """The outer level's common translation, and one per group for the inner level
+        (each group's inner softmax is invariant to its own shift): t of shape (G, 1, ...)."""
+        outer = self.outer.translations(self.n_groups, dim)
+        inner = self.inner.translations(self.n_inner, dim)
+        return {**{f"outer.{b}": t for b, t in outer.items()},
+                **{f"inner.{b}": (self.n_groups, *t) for b, t in inner.items()}}
 
     def atom_blocks(self, n_experts: int, dim: int) -> list[str]:
         """The inner level's atom blocks (the outer blocks have a group axis, not an

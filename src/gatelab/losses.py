@@ -266,19 +266,23 @@ def voronoi_loss(estimate: Mapping[str, Tensor], truth: Mapping[str, Tensor],
 
 
 def translated_loss(estimate: Mapping[str, Tensor], truth: Mapping[str, Tensor],
-                    table: str | ExponentTable = "D1", *, shift_blocks: Sequence[str], model=None,
+                    table: str | ExponentTable = "D1", *,
+                    shift_blocks: Sequence[str] | Mapping[str, tuple[int, ...]], model=None,
                     truth_model=None, blocks: list[str] | None = None, strict: bool = True,
                     tol: float = 1e-9) -> LossResult:
-    """The Voronoi loss minimised over a common translation of the gate parameters,
+    """The Voronoi loss minimised over a translation of the gate parameters,
 
         D~(G, G*) = min over (t0, t) of D(G shifted by (t0, t), G*),
 
     for gates whose parameters are identified only up to (beta0_i + t0, beta1_i + t) for
-    every expert i (softmax-type gates, arXiv 2305.03288 Section 2; ``Gate.translation_blocks``
+    every expert i (softmax-type gates, arXiv 2305.03288 Section 2; ``Gate.translations``
     names the blocks). Pinning the last fitted expert at zero, as estimators do, is one
     member of that class, and the wrong one for the loss when that expert shares a split
     cell. ``shift_blocks``: the blocks t moves (e.g. beta1, or A and beta1 of a quadratic
-    gate); they must be blocks whose common shift leaves the model unchanged.
+    gate), each shifted by one common t; or a mapping from block to the shape of its t,
+    which broadcasts over the block's shape without the replicate dims (a hierarchical
+    gate's inner beta1 (G, J, D) takes one shift per group, (G, 1, D)). They must be
+    blocks whose shift leaves the model unchanged.
 
     t0 scales every relative mass by s = exp(t0), and D is convex and piecewise linear in
     s: sum_j |s S_j - m*_j| + s A (S_j a cell's mass, A the atoms' terms), so s is taken
@@ -289,11 +293,13 @@ def translated_loss(estimate: Mapping[str, Tensor], truth: Mapping[str, Tensor],
     never above ``voronoi_loss``'s. The search stops when its step is below ``tol`` times
     the truth's scale. Block errors, cells and the mass term are those at the optimum."""
     table = choose("loss table", table, TABLES) if isinstance(table, str) else table
-    names = [b for b in shift_blocks if b != "beta0" and b in estimate]
+    if not isinstance(shift_blocks, Mapping):
+        shift_blocks = {b: (1, *truth[b].shape[1:]) for b in shift_blocks if b in truth}
+    shapes = {b: tuple(t) for b, t in shift_blocks.items() if b != "beta0" and b in estimate}
     common = {"model": model, "truth_model": truth_model, "blocks": blocks, "strict": strict}
-    if not names:
+    if not shapes:
         return voronoi_loss(estimate, truth, table, **common)
-    shift = _Translation(estimate, truth, names)
+    shift = _Translation(estimate, truth, shapes)
     m_true = _measures(_atom_values(model, estimate), _atom_values(truth_model or model, truth),
                        model, truth_model, blocks, None, None)[1]
     relative = model is None or model.mixing_measure(estimate).relative
@@ -305,7 +311,7 @@ def translated_loss(estimate: Mapping[str, Tensor], truth: Mapping[str, Tensor],
             return res.total, torch.ones_like(res.total), res
         return (*_best_scale(res, m_true), res)
 
-    start = shift.starts(voronoi_loss(estimate, truth, table, **common).cells)
+    start = shift.starts(voronoi_loss(estimate, truth, table, **common).cells, m_true.shape[-1])
     x, fx = _pick(start, score(start)[0])
     step, floor = shift.first_step(start), tol * shift.scale
     for _ in range(400):
@@ -347,33 +353,48 @@ def _pick(points: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
 
 
 class _Translation:
-    """A common shift t (..., P) of the ``names`` blocks of every fitted expert, packed
-    flat; ``apply`` adds candidates (C, ..., P) to the estimate, giving blocks (C, ..., K, ...)."""
+    """A shift t (..., P) of the ``shapes`` blocks (each block's t broadcasts over its
+    shape), packed flat; ``apply`` adds candidates (C, ..., P) to the estimate, giving
+    blocks (C, ..., K, ...)."""
 
     def __init__(self, estimate: Mapping[str, Tensor], truth: Mapping[str, Tensor],
-                 names: list[str]) -> None:
-        self.estimate, self.truth, self.names = dict(estimate), truth, names
-        self.events = {b: tuple(truth[b].shape[1:]) for b in names}
-        self.sizes = [math.prod(e) for e in self.events.values()]
-        first = estimate[names[0]]
-        self.batch = tuple(first.shape[:first.dim() - truth[names[0]].dim()])
-        rows = torch.cat([truth[b].reshape(truth[b].shape[0], -1) for b in names], -1)
+                 shapes: Mapping[str, tuple[int, ...]]) -> None:
+        self.estimate, self.truth, self.shapes = dict(estimate), truth, dict(shapes)
+        self.names = list(shapes)
+        self.sizes = [math.prod(t) for t in shapes.values()]
+        first = estimate[self.names[0]]
+        self.batch = tuple(first.shape[:first.dim() - truth[self.names[0]].dim()])
+        rows = torch.cat([truth[b].reshape(-1) for b in self.names])
         self.scale = 1.0 + float(rows.abs().max())
 
     def apply(self, t: Tensor) -> dict[str, Tensor]:
         c = t.shape[0]
         out = {k: v.expand(c, *v.shape) for k, v in self.estimate.items()}
         for b, part in zip(self.names, t.split(self.sizes, -1)):
-            out[b] = self.estimate[b] + part.reshape(*part.shape[:-1], 1, *self.events[b])
+            out[b] = self.estimate[b] + part.reshape(*part.shape[:-1], *self.shapes[b])
         return out
 
-    def starts(self, cells: Tensor) -> Tensor:
+    def _entries(self, b: str, k: int) -> Tensor:
+        """For each of the k experts' rows of block b (K, size), the entries of b's t that
+        shift it."""
+        block = self.estimate[b].shape[len(self.batch):]
+        index = torch.arange(math.prod(self.shapes[b])).reshape(self.shapes[b])
+        return index.expand(block).reshape(k, -1)
+
+    def starts(self, cells: Tensor, j: int) -> Tensor:
         """t = 0 and, for each fitted atom, the shift that puts it on its cell's true
-        shift blocks: (1 + K, ..., P); a non-finite candidate becomes t = 0."""
+        shift blocks (other groups' shifts 0): (1 + K, ..., P), for ``cells`` (..., K) of
+        j true atoms; a non-finite candidate becomes t = 0."""
         k = cells.shape[-1]
-        gaps = [(self.truth[b][cells] - self.estimate[b]).reshape(*self.batch, k, -1) for b in self.names]
-        aligned = torch.cat(gaps, -1).movedim(-2, 0)                  # (K, ..., P)
-        out = torch.cat([torch.zeros_like(aligned[:1]), aligned])
+        out = torch.zeros(1 + k, *self.batch, sum(self.sizes), dtype=self.estimate[self.names[0]].dtype)
+        offset = 0
+        for b, size in zip(self.names, self.sizes):
+            true_rows = self.truth[b].reshape(j, -1)[cells]                   # (..., K, row)
+            gaps = true_rows - self.estimate[b].reshape(*self.batch, k, -1)
+            entries = self._entries(b, k)
+            for i in range(k):
+                out[1 + i, ..., offset + entries[i]] = gaps[..., i, :]
+            offset += size
         return torch.where(torch.isfinite(out), out, 0.0)
 
     def first_step(self, starts: Tensor) -> Tensor:

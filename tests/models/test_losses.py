@@ -337,7 +337,31 @@ def test_translated_loss_batched_equals_looped():
 
 
 def test_a_sigmoid_gate_has_no_translation_and_a_quadratic_gate_shifts_a_and_beta1():
-    assert gl.MoERegression(2, 1, "sigmoid").gate.translation_blocks() == ()
-    assert gl.MoERegression(2, 1, "softmax").gate.translation_blocks() == ("beta1",)
-    assert gl.MoERegression(2, 2, "quadratic").gate.translation_blocks() == ("A", "beta1")
-    assert gl.MoERegression(2, 2, "quadratic_monomial").gate.translation_blocks() == ("A",)
+    assert gl.MoERegression(2, 1, "sigmoid").gate.translations(2, 1) == {}
+    assert gl.MoERegression(2, 1, "softmax").gate.translations(2, 1) == {"beta1": (1, 1)}
+    assert gl.MoERegression(2, 2, "quadratic").gate.translations(2, 2) == {"A": (1, 2, 2),
+                                                                           "beta1": (1, 2)}
+    assert gl.MoERegression(2, 2, "quadratic_monomial").gate.translations(2, 2) == {"A": (1, 2, 2)}
+
+
+def test_a_hierarchical_gate_is_translated_group_by_group():
+    """Each group's inner softmax is invariant to its own shift of inner.beta1: the
+    translated loss does not see a different shift per group, the pinned loss does."""
+    from gatelab.fit.init import near_truth_starts
+    from gatelab.studies import catalogue
+    from gatelab.studies.runner import translation_blocks
+    study = catalogue.get("hierarchical-over")
+    setting = next(s for s in study.settings if s.name == "SS over")
+    model, truth = study.fitted_model(setting), study.truth_params(setting, 1000)
+    shifts = translation_blocks(model, setting)
+    assert shifts == {"inner.beta1": (2, 1, 1)}
+    g = torch.Generator().manual_seed(2)
+    est = model.normalise({k: v[0] for k, v in near_truth_starts(model, truth, 30, 1, g).items()})
+    options = {"model": model, "truth_model": study.truth_model(setting)}
+    pinned = voronoi_loss(est, truth, "D2-softmax", **options).total
+    base = translated_loss(est, truth, "D2-softmax", shift_blocks=shifts, **options).total
+    assert base <= pinned
+    moved = {**est, "inner.beta1": est["inner.beta1"] + T([[[0.8]], [[-1.5]]])}
+    assert voronoi_loss(moved, truth, "D2-softmax", **options).total > 1.5 * pinned
+    again = translated_loss(moved, truth, "D2-softmax", shift_blocks=shifts, **options).total
+    assert again.item() == pytest.approx(base.item(), rel=1e-6)

@@ -306,16 +306,16 @@ def _losses(model, truth_model, setting, params: dict, truth: dict):
     return loss, blocks
 
 
-def translation_blocks(model, setting: Setting) -> tuple[str, ...]:
-    """The fitted gate's blocks that a common shift of leaves the model unchanged
-    (``Gate.translation_blocks``) and that the setting's loss compares: a setting with any
-    also records block "translated", its loss minimised over that translation
-    (``losses.translated_loss``)."""
+def translation_blocks(model, setting: Setting) -> dict[str, tuple[int, ...]]:
+    """The fitted gate's blocks that a shift leaves the model unchanged under
+    (``Gate.translations``, with the shapes of their shifts) and that the setting's loss
+    compares: a setting with any also records block "translated", its loss minimised
+    over that translation (``losses.translated_loss``)."""
     gate = getattr(model, "gate", None)
     if gate is None:
-        return ()
+        return {}
     compared = set(setting.loss_blocks or gate.atom_blocks(model.n_experts, model.dim))
-    return tuple(b for b in gate.translation_blocks() if b in compared)
+    return {b: t for b, t in gate.translations(model.n_experts, model.dim).items() if b in compared}
 
 
 def _fit(study: Study, model, x: torch.Tensor, y: torch.Tensor, init: dict) -> FitResult:
