@@ -50,7 +50,7 @@ def main() -> None:
     sliced = Study.from_dict(spec)
     fits = len(sizes) * replicates * len(study.settings)
     full_fits = len(study.sizes) * study.replicates * len(study.settings)
-    print(f"grid: {len(sizes)} of {len(study.sizes)} sizes x {study.replicates} replicates x "
+    print(f"grid: {len(sizes)} of {len(study.sizes)} sizes x {replicates} of {study.replicates} replicates x "
           f"{len(study.settings)} settings = {fits} fits (the full grid has {full_fits})")
     Path(args.db).parent.mkdir(parents=True, exist_ok=True)
     with Store(args.db) as store:
