@@ -257,3 +257,34 @@ def test_estimator_exposes_the_status(separable_csv):
     assert est.status_ == "separated"
     assert GaussianMoERegressor(2, gate_ridge=0.1, random_state=0).fit(
         x.numpy(), y.numpy()).status_ == "converged"
+
+
+@pytest.mark.parametrize("dim", [1, 2])
+def test_the_cheap_separation_check_never_skips_a_separated_fit(dim):
+    """``_may_separate`` is a necessary condition wherever every leading expert leads at
+    three samples or more: checked against the full rule on random gates of every scale."""
+    from gatelab.fit.status import _may_separate, _separated_rows
+    g = torch.Generator().manual_seed(dim)
+    model = gl.GaussianMoE(3, dim)
+    b = 600
+    x = torch.rand(b, 200, dim, generator=g, dtype=F64) * 4 - 2
+    scale = 10 ** (torch.rand(b, 1, 1, generator=g, dtype=F64) * 3)
+    params = {"beta1": torch.randn(b, 3, dim, generator=g, dtype=F64) * scale,
+              "beta0": torch.randn(b, 3, generator=g, dtype=F64) * scale[..., 0]}
+    full, cheap = _separated_rows(model, x, params), _may_separate(model, x, params)
+    scores = model.gate.scores(x, params)
+    leads = torch.nn.functional.one_hot(scores.argmax(-1), 3).sum(-2)          # (B, E)
+    regular = ((leads == 0) | (leads >= MIN_TRANSITION_SAMPLES)).all(-1)
+    assert full.sum() > 20 and (~cheap).sum() > 20        # both outcomes occur
+    assert not (full & ~cheap & regular).any()
+
+
+def test_the_cheap_check_skips_a_steep_gate_whose_gaps_stay_inside_the_transition():
+    # the softmax-gaussian truth: gap 25 x - 8 in [-8, 17] over x in [0, 1], never beyond
+    # the transition on either side; 45 x - 18 in [-18, 27] neither; 45 x - 22 both sides
+    from gatelab.fit.status import _may_separate
+    model = gl.GaussianMoE(2, 1)
+    x = torch.linspace(0, 1, 50, dtype=F64).view(1, -1, 1)
+    assert not _may_separate(model, x, _params([[25.0], [0.0]], [-8.0, 0.0]))
+    assert not _may_separate(model, x, _params([[45.0], [0.0]], [-18.0, 0.0]))
+    assert _may_separate(model, x, _params([[45.0], [0.0]], [-22.0, 0.0]))

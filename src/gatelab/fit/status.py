@@ -121,20 +121,30 @@ def separated(model: GatedExperts, x_BND: Tensor, params: Params) -> Tensor:
 
 
 def _may_separate(model: GatedExperts, x_BND: Tensor, params: Params) -> Tensor:
-    """A cheap necessary condition for ``separated``, (B,): with a linear gate, the score
-    gap of experts i, j varies over the data by at most 2 sum_d |beta1_id - beta1_jd|
-    max_n |x_nd| (for a sigmoid gate, of beta1_i alone), and a separated pair needs gaps
-    beyond +-SEPARATION_LOGIT, a range of twice that. Other gates: always True."""
+    """A cheap necessary condition for ``separated``, (B,). With a linear gate, a
+    separated pair i, j (for a sigmoid gate, expert i against 0) has fewer than
+    ``MIN_TRANSITION_SAMPLES`` of the samples its two experts lead within
+    SEPARATION_LOGIT of the other, so if each leads at that many samples or more, the gap
+    s_i - s_j reaches +LOGIT on one side and -LOGIT on the other. The gap is linear in x:
+    over the data's bounding box [lo, hi] it lies between bottom and top, top = d0 +
+    sum_d max(d1_d lo_d, d1_d hi_d) (d0, d1 the pair's intercept and slope differences),
+    so a pair may separate only if top >= LOGIT and bottom <= -LOGIT. (A pair whose
+    expert leads at one or two samples only is thereby not counted as separated.) Other
+    gates: always True."""
     gate = model.gate
     if type(gate) is not LinearGate:
         return torch.ones(x_BND.shape[0], dtype=torch.bool)
-    reach = x_BND.abs().amax(-2).unsqueeze(-2)                         # (B, 1, D)
-    b1 = params["beta1"]                                               # (B, E, D)
+    b1, b0 = params["beta1"], params["beta0"]                          # (B, E, D), (B, E)
     if gate.sums_to_one:
-        spread = ((b1.unsqueeze(2) - b1.unsqueeze(1)).abs() * reach.unsqueeze(1)).sum(-1)
+        d1, d0 = b1.unsqueeze(2) - b1.unsqueeze(1), b0.unsqueeze(2) - b0.unsqueeze(1)
+        box = (x_BND.amin(-2)[:, None, None], x_BND.amax(-2)[:, None, None])   # (B, 1, 1, D)
     else:
-        spread = (b1.abs() * reach).sum(-1)
-    return (2 * spread.flatten(1).amax(-1)) > SEPARATION_LOGIT
+        d1, d0 = b1, b0
+        box = (x_BND.amin(-2)[:, None], x_BND.amax(-2)[:, None])              # (B, 1, D)
+    low, high = d1 * box[0], d1 * box[1]
+    top = d0 + torch.maximum(low, high).sum(-1)
+    bottom = d0 + torch.minimum(low, high).sum(-1)
+    return ((top >= SEPARATION_LOGIT) & (bottom <= -SEPARATION_LOGIT)).flatten(1).any(-1)
 
 
 def _separated_rows(model: GatedExperts, x_BND: Tensor, params: Params) -> Tensor:
