@@ -15,7 +15,8 @@ half is at least ``DRIFT_MARGIN`` in size with a 95% interval excluding 0; the d
 the numbers either way), and
 ``holds``: True (yes), False (NO), or None where inconclusive, pre-asymptotic or where the
 runs cannot decide (fewer than two sizes, or fewer than ``MIN_VERDICT_REPLICATES``
-replicates per size; then there is no verdict).
+replicates per size; then there is no verdict), and ``borrowed_loss``: the exponent table
+the claim's loss borrows from another paper ("D2-softmax from arXiv 2305.03288"), or None.
 """
 
 from __future__ import annotations
