@@ -262,14 +262,12 @@ def _shifted(est, t0=0.0, t1=0.0):
 
 
 def test_translated_d1_by_hand():
-    # Masses (1.0, 0.6065) after the best scale s = 1 / softmax-scale; beta1 off by 0.2 on
-    # the first expert only. Weighted median of the shifts (-0.2 weighs 1, 0 weighs 0.61):
-    # t = -0.2 moves the error onto the lighter expert.
+    # beta1 off by 0.2 on the first (heavier) expert only. The best t1 is the weighted
+    # median of the gaps, -0.2, which moves the 0.2 onto the lighter second expert; the
+    # masses are s * softmax(1, 0) * (e^.5 + 1), s the best of the kinks m*_j / S_j and 1.
     est = _estimate(beta0=[0.5 + 0.5, 0.0], beta1=[[2.2], [0.0]])
     plain = voronoi_loss(est, TRUTH, "D1")
     res = translated_loss(est, TRUTH, "D1", shift_blocks=["beta1"])
-    # every candidate scale s: masses s * softmax(1, 0) * (e^.5 + 1); atoms' term by the
-    # weighted median of the beta1 gaps (t = -0.2: the lighter second expert carries 0.2).
     base = torch.softmax(T([1.0, 0.0]), 0) * (math.exp(0.5) + 1)
     m_true = T([math.exp(0.5), 1.0])
     best = min(float((s * base - m_true).abs().sum() + s * base[1] * 0.2)
