@@ -70,7 +70,7 @@ def test_the_loss_through_the_model_equals_the_explicit_masses():
 
 
 def test_estimators_check_their_model_and_return_one_result_type():
-    assert set(ESTIMATORS) == {"em", "segments", "lsq"}
+    assert set(ESTIMATORS) == {"em", "segments", "lsq", "continuation"}
     reg = gl.MoERegression(2, 1, "sigmoid")
     with pytest.raises(ValueError, match="EM fits densities"):
         estimator("em").fit(reg, None, None, None)
@@ -78,6 +78,8 @@ def test_estimators_check_their_model_and_return_one_result_type():
         estimator("lsq").fit(gl.GaussianMoE(2, 1), None, None, None)
     with pytest.raises(ValueError, match="fit_topk_segments fits"):
         estimator("segments").fit(gl.GaussianMoE(2, 1), None, None, None)
+    with pytest.raises(ValueError, match="fit_topk_continuation fits"):
+        estimator("continuation").fit(gl.GaussianMoE(2, 2), None, None, None)
     with pytest.raises(ValueError, match="Unknown estimator 'adam'"):
         estimator("adam")
     g = torch.Generator().manual_seed(0)

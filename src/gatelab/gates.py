@@ -34,8 +34,8 @@ from .params import Params, Shapes, random_blocks, take_prefix, with_prefix
 __all__ = [
     "Gate", "LinearGate", "CosineGate", "PerturbedCosineGate", "QuadraticGate", "LaplaceGate",
     "GaussianGate", "InputFreeGate", "HierarchicalGate", "GATES", "NORMALISERS", "make_gate",
-    "top_k_mask", "top_k_indices", "separable_q_derivatives", "EXAMPLE_OPTIONS", "example_gate",
-    "network_form",
+    "top_k_mask", "top_k_indices", "smoothed_top_k", "separable_q_derivatives",
+    "EXAMPLE_OPTIONS", "example_gate", "network_form",
 ]
 
 NEG_INF = float("-inf")
@@ -59,6 +59,23 @@ def top_k_mask(scores_NE: Tensor, k: int) -> Tensor:
     idx_NK = top_k_indices(scores_NE, k)
     keep = torch.zeros_like(scores_NE, dtype=torch.bool).scatter(-1, idx_NK, True)
     return scores_NE.masked_fill(~keep, NEG_INF)
+
+
+def smoothed_top_k(scores_NE: Tensor, k: int, temperature: float) -> Tensor:
+    """A continuous stand-in for ``top_k_mask``: the scores plus log sigmoid((s_i - tau) / T),
+    tau halfway between the k-th and (k+1)-th largest score in each row. As T -> 0 the
+    kept scores gain 0 and the dropped ones -inf, so the softmax of the result tends to the
+    top-K sparse softmax (arXiv 2309.13850); at T > 0 it is continuous in the scores and
+    differentiable almost everywhere, so a selection boundary can move under a gradient
+    (``fit.topk.fit_topk_continuation``). For k >= E the scores are returned unchanged."""
+    if k >= scores_NE.shape[-1]:
+        return scores_NE
+    if not temperature > 0:
+        raise ValueError(f"smoothed_top_k needs a temperature > 0, got {temperature}; "
+                         f"use top_k_mask for the hard selection.")
+    ordered = scores_NE.topk(k + 1, dim=-1).values
+    tau = 0.5 * (ordered[..., k - 1:k] + ordered[..., k:k + 1])
+    return scores_NE + F.logsigmoid((scores_NE - tau) / temperature)
 
 
 @dataclass(frozen=True)

@@ -122,8 +122,13 @@ def test_expected_weights_closed_forms_and_monte_carlo():
     x = torch.rand(2_000_000, 1, generator=torch.Generator().manual_seed(4), dtype=D)
     mc = model.log_gate(x, params).exp().mean(0)
     assert torch.allclose(model.expected_weights(params), mc, atol=2e-3)
-    with pytest.raises(ValueError, match="one covariate"):
-        GaussianMoE(2, 2, "softmax").expected_weights(GaussianMoE(2, 2, "softmax").random_params())
+    # d = 2, top-1 on [0, 1]^2: expert 0 selected where x1 + x2 > 1 (area 1/2) or x1 > 0.75
+    # (area 1/4); the quasi-Monte Carlo mean is within 1e-3 of both areas
+    top1 = GaussianMoE(2, 2, make_gate("topk", top_k=1))
+    for beta1, beta0, area in (([[1.0, 1.0], [0.0, 0.0]], [-1.0, 0.0], 0.5),
+                               ([[1.0, 0.0], [0.0, 0.0]], [-0.75, 0.0], 0.25)):
+        params = {"beta1": torch.tensor(beta1, dtype=D), "beta0": torch.tensor(beta0, dtype=D)}
+        assert float(top1.expected_weights(params)[0]) == pytest.approx(area, abs=1e-3)
 
 
 def test_topk_study_runs_and_scores_the_boundary_through_the_mass(tmp_path):

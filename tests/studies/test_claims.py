@@ -120,7 +120,9 @@ def test_every_catalogue_claim_names_real_settings_and_blocks():
             if c.block != "total":
                 model = study.fitted_model(settings[c.setting])
                 translated = c.block == "translated" and translation_blocks(model, settings[c.setting])
-                assert c.block in model.param_shapes() or c.block == "mass" or translated, (name, c.block)
+                density = c.block == "hellinger" and settings[c.setting].density
+                assert c.block in model.param_shapes() or c.block == "mass" or translated or density, \
+                    (name, c.block)
 
 
 def test_a_claim_on_a_borrowed_loss_says_so():
@@ -135,6 +137,17 @@ def test_a_claim_on_a_borrowed_loss_says_so():
     others = [c for c, spec in zip(claims, deviated.claims) if over not in (spec.setting, spec.minus)]
     assert others and all(c["borrowed_loss"] is None for c in others)
     assert "loss borrowed: D2-softmax from arXiv 2305.03288" in claims_text(on_over)
+
+
+def test_a_claim_on_the_density_loss_borrows_no_table():
+    cells = catalogue.get("topk-cells")
+    rows = [FitRow("topk-cells", s.name, n, r, 0, 0.3 * n ** -0.5, 0.0, {"hellinger": n ** -0.5},
+                   0.0, 10, True, False, 0.0, "test", status="converged")
+            for s in cells.settings for n in SIZES for r in range(8)]
+    claims = evaluate_claims(cells, rows, n_boot=50)
+    by_block = {(spec.block, spec.setting): c["borrowed_loss"] for c, spec in zip(claims, cells.claims)}
+    assert by_block[("hellinger", "over k=3 K=2")] is None
+    assert by_block[("total", "over k=3 K=2")] == "D2-softmax from arXiv 2305.03288"
 
 
 # TINY with 3 replicates (enough to decide), one setting, and a claim that fails.

@@ -15,6 +15,7 @@ from ..params import Params
 from .em import FitResult, fit_em
 from .lsq import fit_lsq, profile_loglik
 from .topk import fit_topk_segments, segment_top_k
+from .topk_continuation import check_continuation, fit_topk_continuation
 
 __all__ = ["Estimator", "ESTIMATORS", "estimator"]
 
@@ -68,6 +69,7 @@ ESTIMATORS: dict[str, Estimator] = {
     "em": Estimator("em", fit_em, _check_density),
     "segments": Estimator("segments", fit_topk_segments, _check_segments),
     "lsq": Estimator("lsq", fit_lsq, _check_regression, _lsq_as_fit_result),
+    "continuation": Estimator("continuation", fit_topk_continuation, check_continuation),
 }
 
 

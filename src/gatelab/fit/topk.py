@@ -42,7 +42,8 @@ from ..params import Params
 from .em import FitResult, fit_em
 from .status import VARIANCE_COLLAPSE, FitStatus, status_codes
 
-__all__ = ["Split", "split_profile", "fit_topk_segments", "segment_top_k", "random_sides",
+__all__ = ["Split", "split_profile", "fit_topk_segments", "segment_top_k", "check_sparse",
+           "random_sides",
            "BOUNDARY_SCALE"]
 
 #: Gate-score slope that stands in for the infinite one of the limiting model: a
@@ -121,6 +122,14 @@ def _side_loglik(stats: Tensor, floor: Tensor) -> Tensor:
     return torch.where(count >= 3, ll, float("-inf"))
 
 
+def check_sparse(top_k: int, n_experts: int) -> None:
+    """A ValueError unless a top-K gate drops some of its experts (K < k): one that keeps
+    them all is a dense softmax gate, which EM fits."""
+    if top_k >= n_experts:
+        raise ValueError(f"A top-{top_k} gate over {n_experts} experts keeps them all: "
+                         f"it is a dense softmax gate; fit it with fit_em.")
+
+
 def segment_top_k(model) -> int:
     """K of a model that ``fit_topk_segments`` can fit; a ValueError naming the fix if not."""
     gate = model.gate
@@ -130,9 +139,7 @@ def segment_top_k(model) -> int:
         raise ValueError(f"fit_topk_segments fits a Gaussian MoE with one covariate, linear "
                          f"experts and a top-K softmax gate (make_gate('topk', top_k=K)); got "
                          f"{model!r}. Use fit_em for dense gates.")
-    if gate.top_k >= model.n_experts:
-        raise ValueError(f"A top-{gate.top_k} gate over {model.n_experts} experts keeps them all: "
-                         f"it is a dense softmax gate; fit it with fit_em.")
+    check_sparse(gate.top_k, model.n_experts)
     if model.n_experts > 2 * gate.top_k:
         raise ValueError(f"fit_topk_segments gives each side of the boundary at most K = "
                          f"{gate.top_k} experts, so it fits at most {2 * gate.top_k}; got "

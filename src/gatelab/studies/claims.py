@@ -145,12 +145,19 @@ def evaluate_claims(study: Study, rows: Sequence[FitRow], n_boot: int = 1000) ->
 
 def _borrowed(study: Study, c: ClaimSpec) -> str | None:
     """"TABLE from arXiv ID" where the claim's loss (or the loss of its ``minus``
-    setting) is another paper's exponent table (``Study.borrowed_from``), else None."""
-    names = [c.setting] + ([c.minus] if c.minus else [])
-    settings = [s for s in study.settings if s.name in names]
+    setting) is another paper's exponent table (``Study.borrowed_from``), else None. A
+    block that no exponent table makes (the density loss "hellinger", a Wasserstein "W<r>")
+    borrows nothing."""
+    pairs = [(c.setting, c.block)] + ([(c.minus, c.minus_block or c.block)] if c.minus else [])
+    used = {name for name, block in pairs if _from_table(block)}
+    settings = [s for s in study.settings if s.name in used]
     found = sorted({f"{s.loss} from arXiv {study.borrowed_from(s)}" for s in settings
                     if study.borrowed_from(s)})
     return ", ".join(found) or None
+
+
+def _from_table(block: str) -> bool:
+    return block != "hellinger" and not (block[:1] == "W" and block[1:].isdigit())
 
 
 #: Fewest sizes for the drift check: three in each half.

@@ -30,7 +30,7 @@ from ..fit.init import near_truth_starts
 from ..fit.lsq import fit_lsq, profile_loglik, rss_gradient_norm
 from ..fit.polish import DEFAULT_BOUND, gradient_norm, polish
 from ..fit.status import FitStatus, fit_status, status_codes, status_names
-from ..losses import translated_loss, voronoi_loss, wasserstein
+from ..losses import hellinger, translated_loss, voronoi_loss, wasserstein
 from .spec import READING_KEYS, Setting, Study
 from .store import FitRow, Store
 
@@ -97,6 +97,9 @@ def setting_hash(study: Study, setting: Setting) -> str:
     inputs["estimator"] = resolved_estimator(study)
     mine = next(s for s in spec["settings"] if s["name"] == setting.name)
     inputs["setting"] = {k: v for k, v in mine.items() if k not in _SETTING_PRESENTATION}
+    if not inputs["setting"].get("density"):
+        # A setting that records no density makes the rows it made before the field existed.
+        inputs["setting"].pop("density", None)
     inputs["setting"]["start"] = start_scheme(study, setting)   # resolved, as fits use it
     inputs["rows_version"] = ROWS_VERSION
     text = json.dumps(inputs, sort_keys=True, default=repr)
@@ -303,7 +306,17 @@ def _losses(model, truth_model, setting, params: dict, truth: dict):
                                                strict=False, **options).total
     for order in setting.wasserstein:
         blocks[f"W{order}"] = wasserstein(params, truth, order, **options)
+    if setting.density:
+        blocks["hellinger"] = hellinger(model, params, truth_model, truth, _evaluation_x(truth_model))
     return loss, blocks
+
+
+#: Covariates of the density loss: one fixed sample (seed 0) of the truth's covariate law.
+DENSITY_POINTS = 4096
+
+
+def _evaluation_x(truth_model) -> torch.Tensor:
+    return truth_model.covariates.sample(DENSITY_POINTS, torch.Generator().manual_seed(0))
 
 
 def translation_blocks(model, setting: Setting) -> dict[str, tuple[int, ...]]:

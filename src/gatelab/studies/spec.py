@@ -245,6 +245,8 @@ class Setting:
                                     factory=dict)
     wasserstein: tuple[int, ...] = _key("orders r of Wasserstein distances to record (blocks "
                                         "W1, W2, ...)", ())
+    density: bool = _key("also record the Hellinger distance between the fitted and true "
+                         "conditional densities (block 'hellinger', ``losses.hellinger``)", False)
     truth_path: Mapping[str, Any] = _key("blocks of the truth that move with n: {block = {toward "
                                          "= value, exponent = e, n0 = n0}}, block(n) = toward + "
                                          "(block - toward) (n / n0)^-e", factory=dict)
@@ -266,6 +268,7 @@ class Setting:
         _need(isinstance(self.wasserstein, (list, tuple)) and all(_is_int(r) for r in
               self.wasserstein), f"{p}.wasserstein", "a list of orders (ints >= 1)",
               self.wasserstein)
+        _need(isinstance(self.density, bool), f"{p}.density", "true or false", self.density)
         _need(isinstance(self.truth_params, Mapping), f"{p}.truth_params",
               "a table of parameter blocks", self.truth_params)
         _need(isinstance(self.truth_path, Mapping), f"{p}.truth_path",
@@ -363,8 +366,9 @@ class Study:
     notes: str = _key("free text shown in the report", "")
     estimator: Mapping[str, Any] = _key("{method, tol, max_iter, accelerate, gate_ridge, "
                                         "reading, grad_bound, polish_steps}; method em "
-                                        "(default), lsq (regression truths) or segments "
-                                        "(top-K, one covariate); reading protocol (default) "
+                                        "(default), lsq (regression truths), segments "
+                                        "(top-K, one covariate) or continuation (top-K, "
+                                        "any d); reading protocol (default) "
                                         "or certified: EM, then Newton on every parameter "
                                         "until the per-sample gradient norm is <= grad_bound "
                                         "(1e-6), at most polish_steps (100) steps (lsq: "
@@ -392,13 +396,15 @@ class Study:
         _need(not unknown, "estimator", "a table of method, tol, max_iter, accelerate, "
               "gate_ridge, reading, grad_bound, polish_steps", unknown)
         method = self.estimator.get("method", "em")
-        _need(method in ("em", "lsq", "segments"), "estimator.method",
-              "'em', 'lsq' or 'segments' (top-K gates, one covariate)", method)
+        _need(method in ("em", "lsq", "segments", "continuation"), "estimator.method",
+              "'em', 'lsq', 'segments' (top-K gates, one covariate) or 'continuation' (top-K "
+              "gates, any number of covariates)", method)
         regression = self.truth.model_kind in _REGRESSION_KINDS
         _need(method == "lsq" or not regression, "estimator.method",
               "'lsq' for a regression truth (EM fits densities)", method)
         _need(method != "lsq" or regression, "estimator.method",
-              "'em' or 'segments' for a density truth (least squares fits regressions)", method)
+              "'em', 'segments' or 'continuation' for a density truth (least squares fits "
+              "regressions)", method)
         self._check_truth_blocks_used()
         self._check_theory_blocks()
         for c in self.claims:
@@ -475,8 +481,9 @@ class Study:
 
     def _check_theory_blocks(self) -> None:
         """Each ``theory_blocks`` key names a block the setting's rows have: a parameter
-        block of the fitted model (or of ``loss_blocks``), "mass", "W<r>", or "translated"
-        where the fitted gate has translation blocks (``runner.translation_blocks``)."""
+        block of the fitted model (or of ``loss_blocks``), "mass", "W<r>", "translated"
+        where the fitted gate has translation blocks (``runner.translation_blocks``), or
+        "hellinger" where the setting records the density loss."""
         from .runner import translation_blocks
         for s in self.settings:
             if s.gate_options:
@@ -487,6 +494,11 @@ class Study:
             blocks |= {f"W{r}" for r in s.wasserstein}
             if translation_blocks(fitted, s):
                 blocks.add("translated")
+            if s.density:
+                _need(type(fitted) is GaussianMoE and type(self.truth_model(s)) is GaussianMoE,
+                      f"{s._path}.density", "set only where the truth and the fit are Gaussian "
+                      "MoEs (losses.hellinger)", s.density)
+                blocks.add("hellinger")
             for key in s.theory_blocks:
                 _need(key in blocks, f"{s._path}.theory_blocks.{key}",
                       f"a block of this setting's rows ({sorted(blocks)})", key)

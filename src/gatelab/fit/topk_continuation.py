@@ -1,0 +1,171 @@
+"""Maximum likelihood for top-K sparse softmax gating in any number of covariates, by a
+smoothed top-K continuation (arXiv 2309.13850).
+
+EM cannot move a top-K boundary (``fit.topk``), and in d >= 2 covariates the selection
+regions are polyhedra, so the one-covariate change-point profile does not apply. The
+continuation replaces the hard selection by ``gates.smoothed_top_k`` at temperature T,
+
+    w_T(x) = softmax_i( s_i(x) + log sigmoid((s_i(x) - tau(x)) / T) ),
+
+tau(x) halfway between the K-th and (K+1)-th largest score, which is continuous in the
+parameters, so EM's gate step (by autograd, ``fit_em``) moves the boundaries with
+everything else. The path starts at T = infinity, where the smoothing is a constant and
+w_T is the dense softmax (EM's fast kernel), and T then falls through a schedule (1, 0.1,
+0.01 by default), each stage starting where the last stopped. A last stage at T = 0 is
+the hard model itself: a few Newton steps of ``fit.polish``, where the gradient reaches
+the experts and, for K >= 2, the softmax among the kept (a step that changes a selection
+is kept only if the hard likelihood does not fall). The log-likelihood reported is the
+hard model's, so starts compare on the model fitted.
+
+What the result is: a stationary point of the hard likelihood given its selection
+regions, reached by a path that let the regions move. It is not certified to be the
+global maximum (no estimator of a top-K MLE in d >= 2 is), and over-specified fits reach
+the supremum only as gate scores grow without bound (a K = 1 gate's scale is not
+identified at all), so the gate's scale is wherever the schedule left it.
+
+Shape legend: S starts, R replicates, N samples, D covariates, E experts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..gates import Gate, smoothed_top_k
+from ..models import GaussianMoE
+from ..params import Params, Shapes
+from .em import FitResult, fit_em
+from .polish import DEFAULT_BOUND, polish
+from .status import FitStatus, _collapsed, _stuck
+from .topk import check_sparse
+
+__all__ = ["SmoothedTopK", "smoothed_model", "fit_topk_continuation", "TEMPERATURES"]
+
+#: The default schedule after the dense start (T = infinity): temperatures on the scores'
+#: own scale (a dropped score T below the threshold keeps weight factor 1/(1 + e)),
+#: ending in the hard model (0).
+TEMPERATURES = (1.0, 0.1, 0.01, 0.0)
+
+#: Sample-rows per polish call: the autograd Hessian keeps P graphs of this size alive.
+_CHUNK_ELEMENTS = 1 << 18
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SmoothedTopK(Gate):
+    """``base``'s scores with ``smoothed_top_k`` at ``temperature`` in place of its hard
+    top-K selection; everything else (blocks, free entries, normalisation) is the base
+    gate's."""
+
+    base: Gate
+    temperature: float
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.base.top_k is None:
+            raise ValueError(f"SmoothedTopK smooths a top-K gate; {self.base!r} has top_k=None.")
+
+    def param_shapes(self, n_experts: int, dim: int) -> Shapes:
+        return self.base.param_shapes(n_experts, dim)
+
+    def scores(self, x_ND: Tensor, params: Params) -> Tensor:
+        return self.base.scores(x_ND, params)
+
+    def select(self, scores_NE: Tensor) -> Tensor:
+        assert self.base.top_k is not None
+        return smoothed_top_k(scores_NE, self.base.top_k, self.temperature)
+
+    def free_mask(self, n_experts: int, dim: int) -> dict[str, Tensor]:
+        return self.base.free_mask(n_experts, dim)
+
+    def normalise(self, params: Params) -> Params:
+        return self.base.normalise(params)
+
+    def differentiable(self, dim: int) -> bool:
+        return True
+
+
+def smoothed_model(model: GaussianMoE, temperature: float) -> GaussianMoE:
+    """``model`` with its top-K gate smoothed at ``temperature`` (the model itself at 0)."""
+    if temperature == 0:
+        return model
+    gate = SmoothedTopK(base=model.gate, temperature=temperature, normaliser=model.gate.normaliser,
+                        top_k=model.gate.top_k)
+    return GaussianMoE(model.n_experts, model.dim, gate, model.expert, model.covariates)
+
+
+def check_continuation(model: Any) -> None:
+    """A ValueError naming the fix unless ``model`` is a Gaussian MoE with a top-K
+    softmax-type gate."""
+    gate = getattr(model, "gate", None)
+    if not (isinstance(model, GaussianMoE) and gate is not None and gate.top_k is not None
+            and gate.normaliser == "softmax"):
+        raise ValueError(f"fit_topk_continuation fits a Gaussian MoE with a top-K softmax gate "
+                         f"(make_gate('topk', top_k=K)); got {model!r}. Use fit_em for dense "
+                         f"gates.")
+    check_sparse(gate.top_k, model.n_experts)
+
+
+def fit_topk_continuation(model: GaussianMoE, x: Tensor, y: Tensor, init: Params, *,
+                          temperatures: tuple[float, ...] = TEMPERATURES, tol: float = 1e-8,
+                          max_iter: int = 300, accelerate: bool = True, polish_steps: int = 5,
+                          bound: float = DEFAULT_BOUND) -> FitResult:
+    """Fit a top-K sparse softmax Gaussian MoE by the smoothed continuation of the module
+    docstring: EM on the dense softmax gate (T = infinity), then EM on the gate smoothed at
+    each positive temperature (falling), each stage at most ``max_iter`` iterations from
+    where the last stopped, then at most ``polish_steps`` Newton steps of ``fit.polish`` on
+    the hard model (T = 0, the schedule's last entry).
+
+    x (R, N, D), y (R, N) with starts ``init`` (S, R, k, ...), or one data set x (N, D),
+    y (N,) with starts (S, k, ...). Returns (S, R, ...) [or (S, ...)]: the parameters, the
+    hard model's log-likelihood, the EM iterations and Newton steps taken, ``converged``
+    where the hard model's gradient (the certificate of ``fit.polish``: the experts, and
+    the softmax among the kept) is at most ``bound``, and the status: degenerate (a
+    variance collapsed), stuck (the gate never moved), max_iter (not converged) or
+    converged. No fit is called separated: a top-K gate's boundaries are sharp by
+    definition."""
+    check_continuation(model)
+    if list(temperatures) != sorted(temperatures, reverse=True) or temperatures[-1] != 0:
+        raise ValueError(f"temperatures must fall and end at 0 (the hard model); got "
+                         f"{temperatures}.")
+    if x.dim() == 2:
+        one = fit_topk_continuation(model, x.unsqueeze(0), y.unsqueeze(0),
+                                    {k: v.unsqueeze(1) for k, v in init.items()},
+                                    temperatures=temperatures, tol=tol, max_iter=max_iter,
+                                    accelerate=accelerate, polish_steps=polish_steps, bound=bound)
+        assert one.status is not None
+        return FitResult({k: v.squeeze(1) for k, v in one.params.items()}, one.loglik.squeeze(1),
+                         one.n_iter.squeeze(1), one.converged.squeeze(1),
+                         one.degenerate.squeeze(1), one.status.squeeze(1))
+    n_starts, n_rep = init["var"].shape[:2]
+    rows = n_starts * n_rep
+    start = {k: v.reshape(rows, *v.shape[2:]).to(x.dtype) for k, v in init.items()}
+    xb = x.unsqueeze(0).expand(n_starts, *x.shape).reshape(rows, *x.shape[1:])
+    yb = y.unsqueeze(0).expand(n_starts, *y.shape).reshape(rows, y.shape[-1])
+    dense = GaussianMoE(model.n_experts, model.dim, "softmax", model.expert, model.covariates)
+    params, n_iter = dict(start), torch.zeros(rows, dtype=torch.long)
+    for stage in (dense, *(smoothed_model(model, t) for t in temperatures if t > 0)):
+        res = fit_em(stage, xb, yb, params, tol=tol, max_iter=max_iter, accelerate=accelerate)
+        params, n_iter = res.params, n_iter + res.n_iter
+    per = max(1, _CHUNK_ELEMENTS // (x.shape[-2] * model.n_experts))
+    certificate = torch.empty(rows, dtype=x.dtype)
+    for i in range(0, rows, per):
+        idx = slice(i, i + per)
+        done = polish(model, xb[idx], yb[idx], {k: v[idx] for k, v in params.items()},
+                      bound, polish_steps)
+        for k in params:
+            params[k][idx] = done.params[k]
+        n_iter[idx] += done.steps
+        certificate[idx] = done.grad_norm
+    loglik = torch.nan_to_num(model.log_likelihood(xb, yb, params), nan=float("-inf"))
+    converged = certificate <= bound
+    degenerate = _collapsed(params["var"], yb) | ~torch.isfinite(loglik)
+    status = torch.where(converged, FitStatus.CONVERGED, FitStatus.MAX_ITER).to(torch.int8)
+    status[degenerate] = FitStatus.DEGENERATE
+    status[_stuck(model, start, params)] = FitStatus.STUCK
+    shape = (n_starts, n_rep)
+    return FitResult({k: v.reshape(*shape, *v.shape[1:]) for k, v in params.items()},
+                     loglik.reshape(shape), n_iter.reshape(shape), converged.reshape(shape),
+                     degenerate.reshape(shape), status.reshape(shape))
