@@ -279,10 +279,11 @@ def translated_loss(estimate: Mapping[str, Tensor], truth: Mapping[str, Tensor],
     names the blocks). Pinning the last fitted expert at zero, as estimators do, is one
     member of that class, and the wrong one for the loss when that expert shares a split
     cell. ``shift_blocks``: the blocks t moves (e.g. beta1, or A and beta1 of a quadratic
-    gate), each shifted by one common t; or a mapping from block to the shape of its t,
-    which broadcasts over the block's shape without the replicate dims (a hierarchical
-    gate's inner beta1 (G, J, D) takes one shift per group, (G, 1, D)). They must be
-    blocks whose shift leaves the model unchanged.
+    gate), each shifted by one common t (or, given ``model``, by its gate's own shift,
+    ``Gate.translations``); or a mapping from block to the shape of its t, which
+    broadcasts over the block's shape without the replicate dims (a hierarchical gate's
+    inner beta1 (G, J, D) takes one shift per group, (G, 1, D)). They must be blocks whose
+    shift leaves the model unchanged.
 
     t0 scales every relative mass by s = exp(t0), and D is convex and piecewise linear in
     s: sum_j |s S_j - m*_j| + s A (S_j a cell's mass, A the atoms' terms), so s is taken
@@ -294,7 +295,11 @@ def translated_loss(estimate: Mapping[str, Tensor], truth: Mapping[str, Tensor],
     the truth's scale. Block errors, cells and the mass term are those at the optimum."""
     table = choose("loss table", table, TABLES) if isinstance(table, str) else table
     if not isinstance(shift_blocks, Mapping):
-        shift_blocks = {b: (1, *truth[b].shape[1:]) for b in shift_blocks if b in truth}
+        # A named block takes its gate's own shift shape where the model knows it (a
+        # hierarchical inner level shifts per group), else one common t.
+        gate = getattr(model, "gate", None)
+        own = gate.translations(model.n_experts, model.dim) if gate is not None else {}
+        shift_blocks = {b: own.get(b, (1, *truth[b].shape[1:])) for b in shift_blocks if b in truth}
     shapes = {b: tuple(t) for b, t in shift_blocks.items() if b != "beta0" and b in estimate}
     common = {"model": model, "truth_model": truth_model, "blocks": blocks, "strict": strict}
     if not shapes:

@@ -363,3 +363,6 @@ def test_a_hierarchical_gate_is_translated_group_by_group():
     assert voronoi_loss(moved, truth, "D2-softmax", **options).total > 1.5 * pinned
     again = translated_loss(moved, truth, "D2-softmax", shift_blocks=shifts, **options).total
     assert again.item() == pytest.approx(base.item(), rel=1e-6)
+    # naming the block alone, the model's gate supplies its per-group shift
+    named = translated_loss(moved, truth, "D2-softmax", shift_blocks=["inner.beta1"], **options).total
+    assert named.item() == pytest.approx(again.item(), rel=1e-12)
