@@ -89,8 +89,9 @@ def test_continuation_starts_from_the_dense_softmax_when_the_schedule_is_only_ha
 
 def test_continuation_refuses_what_it_cannot_fit():
     x, y = _data(100, 1)
-    with pytest.raises(ValueError, match="top-K softmax gate"):
-        fit_topk_continuation(GaussianMoE(2, 2, "softmax", "linear", BOX), x, y, {})
+    for other in ("softmax", make_gate("laplace", top_k=1)):
+        with pytest.raises(ValueError, match="top-K sparse softmax gate of linear scores"):
+            fit_topk_continuation(GaussianMoE(2, 2, other, "linear", BOX), x, y, {})
     with pytest.raises(ValueError, match="keeps them all"):
         fit_topk_continuation(GaussianMoE(2, 2, make_gate("topk", top_k=2), "linear", BOX), x, y, {})
     with pytest.raises(ValueError, match="end at 0"):
