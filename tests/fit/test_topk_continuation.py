@@ -62,7 +62,8 @@ def test_continuation_finds_the_boundary_in_two_covariates():
     res = fit_topk_continuation(TOP1, x, y, init)
     truth_ll = TOP1.log_likelihood(x, y, {k: v.expand(2, *v.shape) for k, v in TRUTH.items()})
     best = res.loglik.max(0).values
-    # the MLE's likelihood is at least the truth's; 5 parameters' worth above it at most
+    # the MLE's likelihood is at least the truth's, and above it by about half the 10 free
+    # parameters (a chi-square over 2), not by tens: 15 is far in that tail
     assert bool((best >= truth_ll).all()) and bool((best - truth_ll < 15).all())
     # the fitted selection agrees with the true one at nearly every covariate
     grid = BOX.sample(20000, torch.Generator().manual_seed(9))
