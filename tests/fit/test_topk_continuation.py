@@ -48,6 +48,35 @@ def test_smoothed_top_k_gradient_matches_finite_differences():
     assert torch.allclose(g, fd, atol=1e-6)
 
 
+@pytest.mark.parametrize("k,temperature,n_experts,d", [(1, 0.3, 4, 2), (2, 0.05, 4, 1), (2, 1.0, 3, 2),
+                                                        (4, 0.2, 4, 2)])
+def test_smoothed_gate_derivatives_equal_autograd(k, temperature, n_experts, d):
+    """SmoothedTopK.q_derivatives (EM's closed-form gate step) is the gradient and negative
+    Hessian of Q = sum r log w over the free entries, as autograd finds them; rows of r
+    need not sum to 1; k >= E is the dense softmax."""
+    from gatelab.fit.newton import grad_and_hessian
+    from gatelab.fit.topk_continuation import SmoothedTopK
+    from gatelab.params import pack, unpack
+
+    base = make_gate("topk", top_k=min(k, n_experts - 1))
+    gate = SmoothedTopK(base=base, temperature=temperature, normaliser="softmax", top_k=base.top_k)
+    if k >= n_experts:   # the base cannot be built with top_k = E; bypass its check
+        object.__setattr__(base, "top_k", k)
+    g = torch.Generator().manual_seed(4)
+    x = torch.rand(2, 200, d, generator=g, dtype=D)
+    resp = torch.softmax(2 * torch.randn(2, 200, n_experts, generator=g, dtype=D), -1)
+    resp = resp * torch.rand(2, 200, 1, generator=g, dtype=D)
+    shapes = gate.param_shapes(n_experts, d)
+    params = gate.normalise(gate.random_params(n_experts, d, g, (2,)))
+    grad, neg_hess = gate.q_derivatives(x, resp, params)
+    free = torch.cat([m.flatten() for m in gate.free_mask(n_experts, d).values()])
+    q = lambda t: (resp * gate.log_weights(x, unpack(t, shapes))).sum((-1, -2))  # noqa: E731
+    _, auto_grad, hess = grad_and_hessian(q, pack(params, shapes))
+    torch.testing.assert_close(grad, auto_grad[:, free], rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(neg_hess, -hess[:, free][:, :, free], rtol=1e-9, atol=1e-9)
+    assert float(auto_grad.abs().max()) > 1.0      # not a comparison of zeros
+
+
 def _data(n, replicates, seed=0):
     g = torch.Generator().manual_seed(seed)
     pairs = [TOP1.sample(TRUTH, n, g) for _ in range(replicates)]

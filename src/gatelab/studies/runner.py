@@ -76,7 +76,9 @@ def resolved_estimator(study: Study) -> dict:
     """The estimator options a fit runs with: the study's, over the fitter's defaults."""
     method = study.estimator.get("method", "em")
     defaults = estimator(method).options()
-    options: dict[str, Any] = {name: defaults[name] for name in ("tol", "max_iter", "accelerate")
+    # The continuation's schedule is part of what a fit does (it changed once already).
+    options: dict[str, Any] = {name: defaults[name] for name in ("tol", "max_iter", "accelerate",
+                                                                 "temperatures")
                                if name in defaults}
     options.update({k: v for k, v in study.estimator.items() if k in defaults or k == "method"})
     if study.reading == "certified":
