@@ -106,6 +106,35 @@ def test_continuation_finds_the_boundary_in_two_covariates():
     assert torch.allclose(one.loglik, res.loglik[:, 1], rtol=1e-9, atol=1e-6)
 
 
+def test_a_top2_fit_converges_at_a_kink_of_the_hard_likelihood():
+    """K = 2 of 3 in d = 2: the fit ends where the experts' gradient is below the bound and
+    a Newton step on everything gains next to nothing, though the gate's gradient is not 0
+    (a boundary through a covariate). Converged means exactly that: 30 more Newton steps
+    gain under 1e-6 in all, and a fit with a boundary moved off its place, polished one
+    step, is not called converged."""
+    from gatelab.fit.polish import DEFAULT_BOUND, gradient_norm, polish
+    from gatelab.fit.topk_continuation import _polish_hard
+    truth = {"beta1": torch.tensor([[3.0, 0.0], [-1.5, 2.5], [0.0, 0.0]], dtype=D),
+             "beta0": torch.tensor([0.3, 0.0, 0.0], dtype=D),
+             "a": torch.tensor([[2.0, -1.0], [-1.0, 1.5], [0.5, 2.0]], dtype=D),
+             "b": torch.tensor([1.0, -1.0, -0.5], dtype=D), "var": torch.tensor([0.25, 0.16, 0.2], dtype=D)}
+    top2 = GaussianMoE(3, 2, make_gate("topk", top_k=2), "linear", BOX)
+    x, y = top2.sample(truth, 2000, torch.Generator().manual_seed(3))
+    init = near_truth_starts(top2, truth, 2000, 2, torch.Generator().manual_seed(4))
+    res = fit_topk_continuation(top2, x, y, init)
+    assert bool(res.converged.all())
+    assert float(res.loglik.max()) > float(top2.log_likelihood(x, y, truth))
+    xs, ys = x.expand(2, *x.shape), y.expand(2, *y.shape)
+    assert bool((gradient_norm(top2, xs, ys, res.params, blocks=["a", "b", "var"]) <= DEFAULT_BOUND).all())
+    more = polish(top2, xs, ys, res.params, DEFAULT_BOUND, 30)
+    assert bool((more.gain >= 0).all()) and float(more.gain.max()) < 1e-6
+    assert bool((more.grad_norm > 100 * DEFAULT_BOUND).all()), "no kink: the second rule is untested"
+    moved = {k: v.clone() for k, v in res.params.items()}
+    moved["beta0"][:, 0] += 0.3
+    _, _, converged = _polish_hard(top2, xs, ys, moved, DEFAULT_BOUND, 1)
+    assert not bool(converged.any())
+
+
 def test_continuation_starts_from_the_dense_softmax_when_the_schedule_is_only_hard():
     # T = infinity then T = 0 alone: the dense fit's parameters, polished on the hard model
     x, y = _data(800, 1, seed=3)

@@ -72,6 +72,10 @@ def test_catalogue_studies_load_and_validate():
     (lambda d: d["estimator"].update(method="adam"),
      r"estimator.method: must be .em., .lsq., .segm.* or .contin"),
     (lambda d: d["estimator"].update(method="segments"), r"settings\[0\]: fit_topk_segments fits"),
+    (lambda d: d["estimator"].update(temperatures=[1.0, 0.0]),
+     r"estimator.temperatures: must be given only with method = 'continuation'"),
+    (lambda d: d["estimator"].update(method="continuation", temperatures=[0.1, 1.0, 0.0]),
+     r"estimator.temperatures: must be a falling list of numbers ending at 0"),
     (lambda d: d["truth"].update(gate_options={"tau": 1}), r"truth\.gate_options: Bad options"),
     (lambda d: d["truth"]["covariates"].update(hgh=1.0), r"truth\.covariates: Bad options"),
     (lambda d: d["truth"].update(expert_options={"degre": 2}), r"truth\.expert_options: Bad"),
@@ -534,6 +538,20 @@ def test_the_hash_includes_the_fitters_defaults(tiny):
     assert setting_hash(tiny, tiny.settings[0]) != setting_hash(tiny, tiny.settings[1])
 
 
+def test_the_hash_includes_the_continuation_s_schedule():
+    """The top-K continuation's temperatures are resolved like tol (its default is in the
+    hash), so a store made with another schedule is stale."""
+    from gatelab.fit.topk_continuation import TEMPERATURES
+    cells = catalogue.get("topk-cells")
+    spec = cells.to_dict()
+    setting = cells.settings[0]
+    explicit = Study.from_dict({**spec, "estimator": {**spec["estimator"],
+                                                      "temperatures": list(TEMPERATURES)}})
+    assert setting_hash(explicit, setting) == setting_hash(cells, setting)
+    other = Study.from_dict({**spec, "estimator": {**spec["estimator"], "temperatures": [1.0, 0.0]}})
+    assert setting_hash(other, setting) != setting_hash(cells, setting)
+
+
 def test_a_store_from_before_hashes_is_stale(tmp_path, tiny):
     db = tmp_path / "old.sqlite"
     with sqlite3.connect(db) as conn:   # the schema without spec_hash, one old row
@@ -767,7 +785,7 @@ def test_an_old_store_gains_the_certificate_columns(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["softmax-gaussian", "prefix-sharing-lse", "quadratic-gates",
-                                  "cosine-vs-perturbed"])
+                                  "cosine-vs-perturbed", "deviated"])
 def test_a_certified_study_has_its_protocol_s_truth_and_settings(name):
     a, b = catalogue.get(name), catalogue.get(f"{name}-certified")
     assert b.reading == "certified" and a.reading == "protocol"

@@ -24,6 +24,7 @@ covariate, top-K gates) cannot be certified this way; the studies refuse them.
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from typing import NamedTuple
 
 import torch
@@ -110,14 +111,24 @@ def _backward(name: str, v: Tensor) -> Tensor:
     return _SCALES[name][1](v) if name in _SCALES else v
 
 
-def gradient_norm(model, x: Tensor, y: Tensor, params: Params) -> Tensor:
-    """The certificate of ``polish`` at ``params`` (B,), without moving them."""
-    packing = _Packing(free_masks(model), params)
+def gradient_norm(model, x: Tensor, y: Tensor, params: Params,
+                  blocks: Collection[str] | None = None) -> Tensor:
+    """The certificate of ``polish`` at ``params`` (B,), without moving them; with
+    ``blocks``, over those blocks' free entries only (the rest held fixed)."""
+    packing = _Packing(_masks(model, blocks), params)
     with torch.enable_grad():
         theta = packing.pack(params).detach().requires_grad_(True)
         value = model.log_likelihood(x, y, packing.unpack(theta))
         (g,) = torch.autograd.grad(value.sum(), theta)
     return g.norm(dim=-1) / x.shape[-2]
+
+
+def _masks(model, blocks: Collection[str] | None) -> dict[str, Tensor]:
+    """``free_masks``, with every block outside ``blocks`` (where given) held fixed."""
+    masks = free_masks(model)
+    if blocks is None:
+        return masks
+    return {b: m if b in blocks else torch.zeros_like(m) for b, m in masks.items()}
 
 
 def _derivatives(model, x: Tensor, y: Tensor, packing: _Packing, rows: Tensor,
@@ -239,15 +250,16 @@ def _objective(model, x: Tensor, y: Tensor, packing: _Packing, rows: Tensor):
 
 
 def polish(model, x: Tensor, y: Tensor, params: Params, bound: float = DEFAULT_BOUND,
-           max_steps: int = 100) -> Polished:
+           max_steps: int = 100, blocks: Collection[str] | None = None) -> Polished:
     """Newton steps from ``params`` (B rows; x (B, N, D), y (B, N)) until each row's
     gradient norm is <= ``bound`` or ``max_steps`` steps are done (module docstring).
-    The log-likelihood never decreases; a row with nothing left to gain keeps its place."""
+    The log-likelihood never decreases; a row with nothing left to gain keeps its place.
+    With ``blocks``, only those blocks move, and the certificate is over them."""
     if not bound > 0:
         raise ValueError(f"bound must be > 0, got {bound}: the gradient is 0 only in exact "
                          f"arithmetic (the default is {DEFAULT_BOUND}).")
     params = {k: v.detach().to(x.dtype) for k, v in params.items()}
-    packing = _Packing(free_masks(model), params)
+    packing = _Packing(_masks(model, blocks), params)
     theta = packing.pack(params)
     steps = torch.zeros(theta.shape[0], dtype=torch.long)
     active = torch.arange(theta.shape[0])
@@ -267,4 +279,4 @@ def polish(model, x: Tensor, y: Tensor, params: Params, bound: float = DEFAULT_B
             break
     final = packing.unpack(theta)
     start, value = model.log_likelihood(x, y, params), model.log_likelihood(x, y, final)
-    return Polished(final, value, gradient_norm(model, x, y, final), value - start, steps)
+    return Polished(final, value, gradient_norm(model, x, y, final, blocks), value - start, steps)

@@ -76,9 +76,9 @@ def resolved_estimator(study: Study) -> dict:
     """The estimator options a fit runs with: the study's, over the fitter's defaults."""
     method = study.estimator.get("method", "em")
     defaults = estimator(method).options()
-    # The continuation's schedule is part of what a fit does (it changed once already).
+    # The continuation's schedule and polish are part of what a fit does (both changed once).
     options: dict[str, Any] = {name: defaults[name] for name in ("tol", "max_iter", "accelerate",
-                                                                 "temperatures")
+                                                                 "temperatures", "polish_steps")
                                if name in defaults}
     options.update({k: v for k, v in study.estimator.items() if k in defaults or k == "method"})
     if study.reading == "certified":

@@ -365,10 +365,11 @@ class Study:
     description: str = _key("one line on the study", "")
     notes: str = _key("free text shown in the report", "")
     estimator: Mapping[str, Any] = _key("{method, tol, max_iter, accelerate, gate_ridge, "
-                                        "reading, grad_bound, polish_steps}; method em "
-                                        "(default), lsq (regression truths), segments "
-                                        "(top-K, one covariate) or continuation (top-K, "
-                                        "any d); reading protocol (default) "
+                                        "temperatures, reading, grad_bound, polish_steps}; "
+                                        "method em (default), lsq (regression truths), "
+                                        "segments (top-K, one covariate) or continuation "
+                                        "(top-K, any d; temperatures, its schedule); "
+                                        "reading protocol (default) "
                                         "or certified: EM, then Newton on every parameter "
                                         "until the per-sample gradient norm is <= grad_bound "
                                         "(1e-6), at most polish_steps (100) steps (lsq: "
@@ -392,10 +393,18 @@ class Study:
         _need(_is_int(self.quick_replicates), "quick_replicates", "an int >= 1",
               self.quick_replicates)
         unknown = sorted(set(self.estimator) - {"method", "tol", "max_iter", "accelerate",
-                                                "gate_ridge", *READING_KEYS})
+                                                "gate_ridge", "temperatures", *READING_KEYS})
         _need(not unknown, "estimator", "a table of method, tol, max_iter, accelerate, "
-              "gate_ridge, reading, grad_bound, polish_steps", unknown)
+              "gate_ridge, temperatures, reading, grad_bound, polish_steps", unknown)
         method = self.estimator.get("method", "em")
+        temps = self.estimator.get("temperatures", [0.0])
+        _need(method == "continuation" or "temperatures" not in self.estimator,
+              "estimator.temperatures", "given only with method = 'continuation'", temps)
+        _need(isinstance(temps, (list, tuple)) and len(temps) > 0
+              and all(isinstance(t, (int, float)) for t in temps)
+              and list(temps) == sorted(temps, reverse=True) and temps[-1] == 0,
+              "estimator.temperatures", "a falling list of numbers ending at 0 (the hard "
+              "model), e.g. [1.0, 0.1, 0.01, 0.0]", temps)
         _need(method in ("em", "lsq", "segments", "continuation"), "estimator.method",
               "'em', 'lsq', 'segments' (top-K gates, one covariate) or 'continuation' (top-K "
               "gates, any number of covariates)", method)
