@@ -135,6 +135,25 @@ def test_a_top2_fit_converges_at_a_kink_of_the_hard_likelihood():
     assert not bool(converged.any())
 
 
+def test_the_dense_stage_is_used_only_where_it_stayed_usable():
+    """Rows whose dense fit overflowed (status degenerate) or is not finite restart the
+    smoothed stages from their own start; the others go on from the dense fit."""
+    from gatelab.fit.em import FitResult
+    from gatelab.fit.status import FitStatus
+    from gatelab.fit.topk_continuation import _warm_start
+    start = {"beta0": torch.zeros(3, 2, dtype=D), "var": torch.ones(3, 2, dtype=D)}
+    fitted = {"beta0": torch.tensor([[1.0, 0.0], [1e294, 0.0], [float("nan"), 0.0]], dtype=D),
+              "var": torch.full((3, 2), 0.5, dtype=D)}
+    status = torch.tensor([FitStatus.SEPARATED, FitStatus.DEGENERATE, FitStatus.CONVERGED], dtype=torch.int8)
+    dense = FitResult(fitted, torch.tensor([-10.0, 0.0, -5.0], dtype=D), torch.ones(3, dtype=torch.long),
+                      torch.ones(3, dtype=torch.bool), torch.zeros(3, dtype=torch.bool), status)
+    warm = _warm_start(dense, start)
+    assert torch.equal(warm["beta0"][0], fitted["beta0"][0]) and torch.equal(warm["var"][0], fitted["var"][0])
+    for row in (1, 2):
+        assert torch.equal(warm["beta0"][row], start["beta0"][row])
+        assert torch.equal(warm["var"][row], start["var"][row])
+
+
 def test_continuation_starts_from_the_dense_softmax_when_the_schedule_is_only_hard():
     # T = infinity then T = 0 alone: the dense fit's parameters, polished on the hard model
     x, y = _data(800, 1, seed=3)
