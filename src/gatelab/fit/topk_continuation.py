@@ -18,11 +18,14 @@ K >= 2, the softmax among the kept (a step that changes a selection is kept only
 hard likelihood does not fall). The log-likelihood reported is the
 hard model's, so starts compare on the model fitted.
 
-What the result is: a stationary point of the hard likelihood given its selection
-regions, reached by a path that let the regions move. It is not certified to be the
-global maximum (no estimator of a top-K MLE in d >= 2 is), and over-specified fits reach
-the supremum only as gate scores grow without bound (a K = 1 gate's scale is not
-identified at all), so the gate's scale is wherever the schedule left it.
+What the result is: a local maximum of the hard likelihood reached by a path that let
+the regions move, in the sense of ``_polish_hard``: the experts stationary, and no
+Newton step on all parameters gaining more than the bound (at a kink, where a selection
+boundary passes through a covariate, the gate's gradient need not vanish). It is not
+certified to be the global maximum (no estimator of a top-K MLE in d >= 2 is), and
+over-specified fits reach the supremum only as gate scores grow without bound (a K = 1
+gate's scale is not identified at all), so the gate's scale is wherever the schedule
+left it.
 
 Shape legend: S starts, R replicates, N samples, D covariates, E experts.
 """
@@ -193,8 +196,8 @@ def _polish_hard(model: GaussianMoE, x: Tensor, y: Tensor, params: Params, bound
     second case is a top-K gate's usual end, and a weaker certificate: the smoothed path
     leaves selection boundaries through covariates (at small T a boundary settles on a
     point), where the hard likelihood has a kink, so the gate's gradient need not vanish
-    at a maximum (0.0092 per sample on a top-2 fit in d = 2, n = 2000, unchanged by 40
-    Newton steps that together gained 1e-7), and a step on all entries that crosses the
+    at a maximum (0.0092 per sample on a top-2 fit in d = 2, n = 2000, unchanged by 30
+    further Newton steps, which gained 1.3e-7 in all), and a step on all entries that crosses the
     kink is refused, the experts' part with it (their gradient 6.7e-6 there). The
     experts, which no selection depends on, are smooth: Newton on them alone converges
     (to 7e-11 there)."""
@@ -239,7 +242,8 @@ def fit_topk_continuation(model: GaussianMoE, x: Tensor, y: Tensor, init: Params
                           max_iter: int = 300, accelerate: bool = True, polish_steps: int = 10,
                           bound: float = DEFAULT_BOUND) -> FitResult:
     """Fit a top-K sparse softmax Gaussian MoE by the smoothed continuation of the module
-    docstring: EM on the gate with every expert kept (T = infinity), then EM on the gate smoothed at
+    docstring: EM on the gate with every expert kept (T = infinity; its fit kept where usable,
+    ``_warm_start``), then EM on the gate smoothed at
     each positive temperature (falling), each stage at most ``max_iter`` iterations from
     where the last stopped, then at most ``polish_steps`` Newton steps of ``fit.polish`` on
     the hard model (T = 0, the schedule's last entry).
