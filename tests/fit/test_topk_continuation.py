@@ -172,7 +172,7 @@ def test_continuation_refuses_what_it_cannot_fit():
             fit_topk_continuation(GaussianMoE(2, 2, other, "linear", BOX), x, y, {})
     with pytest.raises(ValueError, match="keeps them all"):
         fit_topk_continuation(GaussianMoE(2, 2, make_gate("topk", top_k=2), "linear", BOX), x, y, {})
-    with pytest.raises(ValueError, match="end at 0"):
+    with pytest.raises(ValueError, match="falling list of numbers ending at 0"):
         fit_topk_continuation(TOP1, x, y, {}, temperatures=(1.0, 0.1))
     assert smoothed_model(TOP1, 0.0) is TOP1
 

@@ -75,7 +75,7 @@ def test_catalogue_studies_load_and_validate():
     (lambda d: d["estimator"].update(temperatures=[1.0, 0.0]),
      r"estimator.temperatures: must be given only with method = 'continuation'"),
     (lambda d: d["estimator"].update(method="continuation", temperatures=[0.1, 1.0, 0.0]),
-     r"estimator.temperatures: must be a falling list of numbers ending at 0"),
+     r"estimator.temperatures must be a falling list of numbers ending at 0"),
     (lambda d: d["truth"].update(gate_options={"tau": 1}), r"truth\.gate_options: Bad options"),
     (lambda d: d["truth"]["covariates"].update(hgh=1.0), r"truth\.covariates: Bad options"),
     (lambda d: d["truth"].update(expert_options={"degre": 2}), r"truth\.expert_options: Bad"),

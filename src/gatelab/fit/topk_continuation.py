@@ -48,7 +48,7 @@ from .status import FitStatus, _collapsed, _stuck
 from .topk import check_sparse
 
 __all__ = ["SmoothedTopK", "smoothed_model", "smoothed_score_derivatives", "fit_topk_continuation",
-           "TEMPERATURES"]
+           "check_temperatures", "TEMPERATURES"]
 
 #: The default schedule after the dense start (T = infinity): temperatures on the scores'
 #: own scale (a dropped score T below the threshold keeps weight factor 1/(1 + e)),
@@ -221,6 +221,17 @@ def _polish_hard(model: GaussianMoE, x: Tensor, y: Tensor, params: Params, bound
     return params, steps, converged
 
 
+def check_temperatures(temperatures: Any) -> None:
+    """A ValueError unless ``temperatures`` is a falling sequence of numbers ending at 0
+    (the hard model), the schedule ``fit_topk_continuation`` follows."""
+    ok = (isinstance(temperatures, (list, tuple)) and len(temperatures) > 0
+          and all(isinstance(t, (int, float)) for t in temperatures)
+          and list(temperatures) == sorted(temperatures, reverse=True) and temperatures[-1] == 0)
+    if not ok:
+        raise ValueError(f"temperatures must be a falling list of numbers ending at 0 (the hard "
+                         f"model), e.g. [1.0, 0.1, 0.01, 0.0]; got {temperatures!r}.")
+
+
 def check_continuation(model: Any) -> None:
     """A ValueError naming the fix unless ``model`` is a Gaussian MoE with a top-K sparse
     softmax gate of linear scores. Other top-K gates are refused: a Laplace gate's scores
@@ -257,9 +268,7 @@ def fit_topk_continuation(model: GaussianMoE, x: Tensor, y: Tensor, init: Params
     converged) or converged. No fit is called separated: a top-K gate's boundaries are
     sharp by definition."""
     check_continuation(model)
-    if list(temperatures) != sorted(temperatures, reverse=True) or temperatures[-1] != 0:
-        raise ValueError(f"temperatures must fall and end at 0 (the hard model); got "
-                         f"{temperatures}.")
+    check_temperatures(temperatures)
     if x.dim() == 2:
         one = fit_topk_continuation(model, x.unsqueeze(0), y.unsqueeze(0),
                                     {k: v.unsqueeze(1) for k, v in init.items()},

@@ -397,14 +397,8 @@ class Study:
         _need(not unknown, "estimator", "a table of method, tol, max_iter, accelerate, "
               "gate_ridge, temperatures, reading, grad_bound, polish_steps", unknown)
         method = self.estimator.get("method", "em")
-        temps = self.estimator.get("temperatures", [0.0])
-        _need(method == "continuation" or "temperatures" not in self.estimator,
-              "estimator.temperatures", "given only with method = 'continuation'", temps)
-        _need(isinstance(temps, (list, tuple)) and len(temps) > 0
-              and all(isinstance(t, (int, float)) for t in temps)
-              and list(temps) == sorted(temps, reverse=True) and temps[-1] == 0,
-              "estimator.temperatures", "a falling list of numbers ending at 0 (the hard "
-              "model), e.g. [1.0, 0.1, 0.01, 0.0]", temps)
+        if "temperatures" in self.estimator:
+            self._check_temperatures(method, self.estimator["temperatures"])
         _need(method in ("em", "lsq", "segments", "continuation"), "estimator.method",
               "'em', 'lsq', 'segments' (top-K gates, one covariate) or 'continuation' (top-K "
               "gates, any number of covariates)", method)
@@ -447,6 +441,16 @@ class Study:
         """The arXiv id of another paper whose exponent table the setting's loss is, else None."""
         paper = TABLES[setting.loss].paper
         return paper if paper is not None and paper != self.paper else None
+
+    @staticmethod
+    def _check_temperatures(method: str, temps: Any) -> None:
+        from ..fit.topk_continuation import check_temperatures
+        _need(method == "continuation", "estimator.temperatures",
+              "given only with method = 'continuation'", temps)
+        try:
+            check_temperatures(temps)
+        except ValueError as err:
+            raise SpecError(f"estimator.{err}") from None
 
     def _check_reading(self, method: str) -> None:
         _need(self.reading in READINGS, "estimator.reading", " or ".join(map(repr, READINGS)),
