@@ -13,7 +13,9 @@
  * G, Hd and Hc only for the free experts i, j < E - 1 (the last is the gate's reference;
  * its entries are left 0).
  * Samples are processed in blocks of NB so that the inner loops run over samples with
- * unit stride and vectorise (exp included, through glibc's vector math library).
+ * unit stride and vectorise (exp included: exp_block).
+ * The same scores give the log-likelihood's gradient and Hessian in every parameter, for
+ * the Newton polish of gatelab.fit.polish (gatelab_loglik_derivs, at the end).
  * Layouts (row-major, contiguous): f (B, Q, N), z (B, P, N), y (B, N), coef (B, E, Q),
  * gate (B, E, P), var (B, E); outputs ll (B), S (B, E, Q*Q+Q+1), G (B, E, P),
  * Hd (B, E, P*P), Hc (B, E, E, P*P).
@@ -22,6 +24,52 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+/* exp of four doubles, to within 1 ulp of libm's for x <= 709 (checked in
+ * tests/test_fused.py), 0 below -708 (no subnormals; -inf gives 0, NaN stays NaN).
+ * glibc's vector exp took about 70% of the E-step (2E exps per sample): inlined, this
+ * is about twice as fast. x = k ln2 + r with |r| <= ln2 / 2 (Cody-Waite, ln2 in two
+ * parts), exp(r) by its Taylor polynomial of degree 13 (truncation below 4e-18 relative),
+ * times 2^k built from k's bits. Written with intrinsics because -ffast-math lets gcc
+ * reassociate plain arithmetic, which would undo the two-part reduction. Compiled with
+ * -DGATELAB_LIBM_EXP, libm's exp is used instead (benchmarks/estep_exp.py). */
+#if defined(__AVX2__) && defined(__FMA__) && !defined(GATELAB_LIBM_EXP)
+#include <immintrin.h>
+static inline __m256d exp4(__m256d x) {
+    const __m256d lo = _mm256_set1_pd(-708.0), hi = _mm256_set1_pd(709.0);
+    /* max_pd and min_pd return their second operand where one is NaN: x, so NaN stays */
+    const __m256d xc = _mm256_min_pd(hi, _mm256_max_pd(lo, x));
+    const __m256d k = _mm256_round_pd(_mm256_mul_pd(xc, _mm256_set1_pd(1.4426950408889634)),
+                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256d r = _mm256_fnmadd_pd(k, _mm256_set1_pd(0x1.62e42fefa39efp-1), xc);
+    r = _mm256_fnmadd_pd(k, _mm256_set1_pd(0x1.abc9e3b39803fp-56), r);
+    static const double c[14] = {1.0, 1.0, 1.0 / 2, 1.0 / 6, 1.0 / 24, 1.0 / 120, 1.0 / 720,
+        1.0 / 5040, 1.0 / 40320, 1.0 / 362880, 1.0 / 3628800, 1.0 / 39916800,
+        1.0 / 479001600, 1.0 / 6227020800.0};
+    __m256d p = _mm256_set1_pd(c[13]);
+    for (int i = 12; i >= 0; i--) p = _mm256_fmadd_pd(p, r, _mm256_set1_pd(c[i]));
+    const __m256i e = _mm256_slli_epi64(_mm256_add_epi64(_mm256_cvtepi32_epi64(_mm256_cvtpd_epi32(k)),
+                                                         _mm256_set1_epi64x(1023)), 52);
+    const __m256d y = _mm256_mul_pd(p, _mm256_castsi256_pd(e));
+    return _mm256_blendv_pd(y, _mm256_setzero_pd(), _mm256_cmp_pd(x, lo, _CMP_LT_OQ));
+}
+/* a[j] = exp(a[j]) for j < n, in place */
+static void exp_block(double *a, int n) {
+    int j = 0;
+    for (; j + 4 <= n; j += 4) _mm256_storeu_pd(a + j, exp4(_mm256_loadu_pd(a + j)));
+    if (j < n) {
+        double t[4] = {0.0, 0.0, 0.0, 0.0};
+        for (int i = 0; j + i < n; i++) t[i] = a[j + i];
+        _mm256_storeu_pd(t, exp4(_mm256_loadu_pd(t)));
+        for (int i = 0; j + i < n; i++) a[j + i] = t[i];
+    }
+}
+#else
+static void exp_block(double *a, int n) { for (int j = 0; j < n; j++) a[j] = exp(a[j]); }
+#endif
+
+/* exp_block, for tests: the kernel's exp against libm's */
+void gatelab_exp(int n, double *a) { exp_block(a, n); }
 
 #define NB 256
 #define MAXE 16
@@ -144,24 +192,108 @@ static void fill_lower(int E, int Q, int P, double *S, double *Hd, double *Hc) {
     }
 }
 
+/* sum_j log(q_j) with one log per 16 terms: the q_j here are ratios of softmax
+ * normalisers, each in [1/E, E] with E <= MAXE = 16, so a product of 16 stays within
+ * [2^-64, 2^64], and rounding its 16 factors costs what rounding 16 logs would. */
+static double sum_log(const double *q, int n) {
+    double total = 0.0;
+    for (int j = 0; j < n; j += 16) {
+        const int m = n - j < 16 ? n - j : 16;
+        double prod = 1.0;
+        for (int i = 0; i < m; i++) prod *= q[j + i];
+        total += log(prod);
+    }
+    return total;
+}
+
 /* E = 2: in place, c -> responsibilities and s -> gate weights, each a logistic of the
  * difference of its two entries: with e = exp(-|v0 - v1|), the larger entry's share is
  * 1 / (1 + e) and the smaller's e / (1 + e), accurate at both ends, and logsumexp(v) =
  * max(v) + log(1 + e); one exp per pair instead of two.
  * Returns sum_j [logsumexp(c_j) - logsumexp(s_j)]. */
 static double two_softmax(int nb, double c[][NB], double s[][NB]) {
-    double ll = 0.0;
+    double ec_[NB], es_[NB], ratio[NB], ll = 0.0;
     for (int j = 0; j < nb; j++) {
-        const double dc = c[0][j] - c[1][j], ds = s[0][j] - s[1][j];
-        const double ec = exp(-fabs(dc)), es = exp(-fabs(ds));
+        ec_[j] = -fabs(c[0][j] - c[1][j]);
+        es_[j] = -fabs(s[0][j] - s[1][j]);
+    }
+    exp_block(ec_, nb);
+    exp_block(es_, nb);
+    for (int j = 0; j < nb; j++) {
+        const double dc = c[0][j] - c[1][j], ds = s[0][j] - s[1][j], ec = ec_[j], es = es_[j];
         const double bc = 1.0 / (1.0 + ec), bs = 1.0 / (1.0 + es);
-        ll += fmax(c[0][j], c[1][j]) - fmax(s[0][j], s[1][j]) + log((1.0 + ec) * bs);
+        ll += fmax(c[0][j], c[1][j]) - fmax(s[0][j], s[1][j]);
+        ratio[j] = (1.0 + ec) * bs;
         c[0][j] = dc >= 0.0 ? bc : ec * bc;
         c[1][j] = dc >= 0.0 ? ec * bc : bc;
         s[0][j] = ds >= 0.0 ? bs : es * bs;
         s[1][j] = ds >= 0.0 ? es * bs : bs;
     }
-    return ll;
+    return ll + sum_log(ratio, nb);
+}
+
+/* Log-component and gate scores of one block: s[i][j] = gate_i . z, c[i][j] = s + log N(y |
+ * coef_i . f, var_i); with res, also the residuals res[i][j] = y - coef_i . f. */
+static void block_scores(int N, int E, int Q, int P, const double *f, const double *z,
+                         const double *y, const double *coef, const double *gate,
+                         const double *lognorm, const double *half_inv, int n0, int nb,
+                         double c[][NB], double s[][NB], double res[][NB]) {
+    const double *yb = y + n0;
+    for (int i = 0; i < E; i++) {
+        double *ci = c[i], *si = s[i];
+        for (int j = 0; j < nb; j++) { ci[j] = 0.0; si[j] = 0.0; }
+        for (int q = 0; q < Q; q++) {
+            const double a = coef[i * Q + q], *fq = ROW(f, q, N, n0);
+            for (int j = 0; j < nb; j++) ci[j] += a * fq[j];
+        }
+        for (int p = 0; p < P; p++) {
+            const double g = gate[i * P + p], *zp = ROW(z, p, N, n0);
+            for (int j = 0; j < nb; j++) si[j] += g * zp[j];
+        }
+        if (res)
+            for (int j = 0; j < nb; j++) res[i][j] = yb[j] - ci[j];
+        for (int j = 0; j < nb; j++) {
+            const double d = yb[j] - ci[j];
+            ci[j] = si[j] + lognorm[i] - half_inv[i] * d * d;
+        }
+    }
+}
+
+/* In place, c -> responsibilities r = softmax(c) and s -> gate weights w = softmax(s);
+ * returns sum_j [logsumexp(c_j) - logsumexp(s_j)], the block's log-likelihood. */
+static double block_softmax(int E, int nb, double c[][NB], double s[][NB]) {
+    if (E == 2) return two_softmax(nb, c, s);  /* one exp per softmax (a logistic), not two */
+    double mc[NB], ms[NB], sc[NB], ss[NB], ratio[NB], block_ll = 0.0;
+    for (int j = 0; j < nb; j++) { mc[j] = c[0][j]; ms[j] = s[0][j]; sc[j] = 0.0; ss[j] = 0.0; }
+    for (int i = 1; i < E; i++)
+        for (int j = 0; j < nb; j++) {
+            mc[j] = c[i][j] > mc[j] ? c[i][j] : mc[j];
+            ms[j] = s[i][j] > ms[j] ? s[i][j] : ms[j];
+        }
+    for (int i = 0; i < E; i++) {
+        double *ci = c[i], *si = s[i];
+        for (int j = 0; j < nb; j++) { ci[j] -= mc[j]; si[j] -= ms[j]; }
+        exp_block(ci, nb);
+        exp_block(si, nb);
+        for (int j = 0; j < nb; j++) { sc[j] += ci[j]; ss[j] += si[j]; }
+    }
+    for (int j = 0; j < nb; j++) {
+        ratio[j] = sc[j] / ss[j];
+        block_ll += mc[j] - ms[j];
+        sc[j] = 1.0 / sc[j];
+        ss[j] = 1.0 / ss[j];
+    }
+    for (int i = 0; i < E; i++)
+        for (int j = 0; j < nb; j++) { c[i][j] *= sc[j]; s[i][j] *= ss[j]; }
+    return block_ll + sum_log(ratio, nb);
+}
+
+/* -log(2 pi var_i) / 2 and 1 / (2 var_i) */
+static void gaussian_terms(int E, const double *var, double *lognorm, double *half_inv) {
+    for (int i = 0; i < E; i++) {
+        lognorm[i] = -0.5 * log(2.0 * M_PI * var[i]);
+        half_inv[i] = 0.5 / var[i];
+    }
 }
 
 static void one_problem(int N, int E, int Q, int P, int shared_x, const double *f,
@@ -169,65 +301,16 @@ static void one_problem(int N, int E, int Q, int P, int shared_x, const double *
                         const double *gate, const double *var, double *ll, double *S,
                         double *G, double *Hd, double *Hc) {
     const int SQ = Q * Q + Q + 1, PP = P * P;
-    double lognorm[MAXE], half_inv[MAXE];
-    for (int i = 0; i < E; i++) {
-        lognorm[i] = -0.5 * log(2.0 * M_PI * var[i]);
-        half_inv[i] = 0.5 / var[i];
-    }
-    double c[MAXE][NB], s[MAXE][NB], mc[NB], ms[NB], sc[NB], ss[NB];
-    double total = 0.0;
+    double lognorm[MAXE], half_inv[MAXE], c[MAXE][NB], s[MAXE][NB], total = 0.0;
+    gaussian_terms(E, var, lognorm, half_inv);
     memset(S, 0, sizeof(double) * E * SQ);
     memset(G, 0, sizeof(double) * E * P);
     memset(Hd, 0, sizeof(double) * E * PP);
     memset(Hc, 0, sizeof(double) * E * E * PP);
     for (int n0 = 0; n0 < N; n0 += NB) {
         const int nb = N - n0 < NB ? N - n0 : NB;
-        const double *yb = y + n0;
-        for (int i = 0; i < E; i++) {
-            double *ci = c[i], *si = s[i];
-            for (int j = 0; j < nb; j++) { ci[j] = 0.0; si[j] = 0.0; }
-            for (int q = 0; q < Q; q++) {
-                const double a = coef[i * Q + q], *fq = ROW(f, q, N, n0);
-                for (int j = 0; j < nb; j++) ci[j] += a * fq[j];
-            }
-            for (int p = 0; p < P; p++) {
-                const double g = gate[i * P + p], *zp = ROW(z, p, N, n0);
-                for (int j = 0; j < nb; j++) si[j] += g * zp[j];
-            }
-            for (int j = 0; j < nb; j++) {
-                const double d = yb[j] - ci[j];
-                ci[j] = si[j] + lognorm[i] - half_inv[i] * d * d;
-            }
-        }
-        if (E == 2) {  /* two experts: one exp per softmax (a logistic), not two */
-            total += two_softmax(nb, c, s);
-            accumulate(E, Q, P, shared_x, f, z, y, N, n0, nb, c, s, S, G, Hd, Hc);
-            continue;
-        }
-        for (int j = 0; j < nb; j++) { mc[j] = c[0][j]; ms[j] = s[0][j]; sc[j] = 0.0; ss[j] = 0.0; }
-        for (int i = 1; i < E; i++)
-            for (int j = 0; j < nb; j++) {
-                mc[j] = c[i][j] > mc[j] ? c[i][j] : mc[j];
-                ms[j] = s[i][j] > ms[j] ? s[i][j] : ms[j];
-            }
-        for (int i = 0; i < E; i++) {
-            double *ci = c[i], *si = s[i];
-            for (int j = 0; j < nb; j++) {
-                ci[j] = exp(ci[j] - mc[j]);
-                si[j] = exp(si[j] - ms[j]);
-                sc[j] += ci[j];
-                ss[j] += si[j];
-            }
-        }
-        double block_ll = 0.0;
-        for (int j = 0; j < nb; j++) {
-            block_ll += mc[j] - ms[j] + log(sc[j] / ss[j]);
-            sc[j] = 1.0 / sc[j];
-            ss[j] = 1.0 / ss[j];
-        }
-        total += block_ll;
-        for (int i = 0; i < E; i++)  /* c becomes r, s becomes w */
-            for (int j = 0; j < nb; j++) { c[i][j] *= sc[j]; s[i][j] *= ss[j]; }
+        block_scores(N, E, Q, P, f, z, y, coef, gate, lognorm, half_inv, n0, nb, c, s, NULL);
+        total += block_softmax(E, nb, c, s);
         accumulate(E, Q, P, shared_x, f, z, y, N, n0, nb, c, s, S, G, Hd, Hc);
     }
     fill_lower(E, Q, P, S, Hd, Hc);
@@ -475,7 +558,11 @@ static void block_gate_softmax(const Problem *pr, const double *gate, int n0, in
     for (int i = 1; i < E; i++)
         for (int j = 0; j < nb; j++) top[j] = s[i][j] > top[j] ? s[i][j] : top[j];
     for (int i = 0; i < E; i++)
-        for (int j = 0; j < nb; j++) { s[i][j] = exp(s[i][j] - top[j]); tot[j] += s[i][j]; }
+        for (int j = 0; j < nb; j++) s[i][j] -= top[j];
+    for (int i = 0; i < E; i++) {
+        exp_block(s[i], nb);
+        for (int j = 0; j < nb; j++) tot[j] += s[i][j];
+    }
     for (int j = 0; j < nb; j++) { lse[j] = top[j] + log(tot[j]); tot[j] = 1.0 / tot[j]; }
     for (int i = 0; i < E; i++)
         for (int j = 0; j < nb; j++) s[i][j] *= tot[j];
@@ -574,6 +661,155 @@ int gatelab_mstep(int B, int N, int E, int Q, int P, int threads, const double *
             }
         }
         free(pr.S);  /* the start of the problem's buffer */
+    }
+    return failed ? 3 : 0;
+}
+
+/* ---- log-likelihood, gradient and Hessian in every parameter (gatelab.fit.polish) ---- */
+
+/* Per sample, in the scores s_i, means m_i and log variances L_i (expert i), with r =
+ * softmax(u), u_i = log w_i + log N(y | m_i, v_i), w = softmax(s), e_i = (y - m_i) / v_i,
+ * h_i = (y - m_i)^2 / (2 v_i) - 1/2, and t = (r, r e, r h) over (s, m, L):
+ *   gradient  (r - w, r e, r h),
+ *   Hessian   D + w~ w~^T - t t^T, where w~ = (w, 0, 0) and D is block-diagonal by expert,
+ *             D_i over (s_i, m_i, L_i) = [[r - w, r e, r h], [r e, r (e^2 - 1/v), r e (h - 1)],
+ *                                          [r h, r e (h - 1), r (h^2 - h - 1/2)]]  (all _i).
+ * (the same quantities as fit.polish._softmax_linear_derivatives, there as A^T (diag r -
+ * r r^T) A + sum_i r_i d2u_i). Each coordinate is linear in its parameters through a
+ * feature phi: z for s_i (gate_i), f for m_i (coef_i), 1 for L_i, so the parameter
+ * Hessian is sum_n J^T (D + w~ w~^T - t t^T) J: with T_a = t phi_a and W_a = w~ phi_a per
+ * parameter a, H_ab = sum_n [D phi_a phi_b (same expert) + W_a W_b - T_a T_b].
+ * Parameters of expert i sit at i W, W = P + Q + 1: gate (P), coef (Q), log var (1). */
+typedef struct {
+    int kind, expert;  /* kind 0: gate entry, 1: coefficient, 2: log variance */
+    int row;           /* its row of z or f (kind 2: none) */
+} Param;
+
+enum { KIND_GATE, KIND_COEF, KIND_LOGVAR };
+
+static void derivs_problem(int N, int E, int Q, int P, const double *f, const double *z,
+                           const double *y, const double *coef, const double *gate,
+                           const double *var, int want, double *ll, double *grad,
+                           double *hess, double *work) {
+    const int W = P + Q + 1, M = E * W;
+    double lognorm[MAXE], half_inv[MAXE], c[MAXE][NB], s[MAXE][NB], res[MAXE][NB];
+    double *T = work, *Wt = T + (size_t)M * NB, *D = Wt + (size_t)M * NB;  /* D: 4 per expert */
+    Param par[MAXE * 64];
+    for (int a = 0; a < M; a++) {
+        const int i = a / W, k = a % W;
+        par[a].expert = i;
+        par[a].kind = k < P ? KIND_GATE : (k < P + Q ? KIND_COEF : KIND_LOGVAR);
+        par[a].row = k < P ? k : k - P;
+    }
+    gaussian_terms(E, var, lognorm, half_inv);
+    double total = 0.0;
+    if (want) {
+        memset(grad, 0, sizeof(double) * M);
+        memset(hess, 0, sizeof(double) * M * M);
+    }
+    for (int n0 = 0; n0 < N; n0 += NB) {
+        const int nb = N - n0 < NB ? N - n0 : NB;
+        block_scores(N, E, Q, P, f, z, y, coef, gate, lognorm, half_inv, n0, nb, c, s, res);
+        total += block_softmax(E, nb, c, s);
+        if (!want) continue;
+        /* Expert i's D rows: r - w, r (e^2 - 1/v), r e (h - 1), r (h^2 - h - 1/2); then res
+         * becomes e and c becomes r h (r itself is dsw + w). */
+        for (int i = 0; i < E; i++) {
+            double *dsw = D + (size_t)(4 * i) * NB, *dmm = dsw + NB, *dml = dmm + NB, *dll = dml + NB;
+            const double inv = 1.0 / var[i];
+            for (int j = 0; j < nb; j++) {
+                const double r = c[i][j], e = res[i][j] * inv;
+                const double h = res[i][j] * res[i][j] * half_inv[i] - 0.5;
+                dsw[j] = r - s[i][j];
+                dmm[j] = r * (e * e - inv);
+                dml[j] = r * e * (h - 1.0);
+                dll[j] = r * (h * h - h - 0.5);
+                res[i][j] = e;
+                c[i][j] = r * h;
+            }
+        }
+        for (int a = 0; a < M; a++) {  /* T_a = t phi_a, W_a = w~ phi_a, gradient */
+            const Param pa = par[a];
+            const int i = pa.expert;
+            const double *phi = pa.kind == KIND_GATE ? ROW(z, pa.row, N, n0)
+                              : pa.kind == KIND_COEF ? ROW(f, pa.row, N, n0) : ONES;
+            const double *dsw = D + (size_t)(4 * i) * NB;
+            double *ta = T + (size_t)a * NB, *wa = Wt + (size_t)a * NB, g = 0.0;
+            for (int j = 0; j < nb; j++) {
+                const double r = dsw[j] + s[i][j];
+                const double t = pa.kind == KIND_GATE ? r : (pa.kind == KIND_COEF ? r * res[i][j] : c[i][j]);
+                const double gz = pa.kind == KIND_GATE ? dsw[j] : t;
+                ta[j] = t * phi[j];
+                wa[j] = pa.kind == KIND_GATE ? s[i][j] * phi[j] : 0.0;
+                g += gz * phi[j];
+            }
+            grad[a] += g;
+        }
+        for (int a = 0; a < M; a++) {
+            const Param pa = par[a];
+            const double *ta = T + (size_t)a * NB, *wa = Wt + (size_t)a * NB;
+            const double *phia = pa.kind == KIND_GATE ? ROW(z, pa.row, N, n0)
+                               : pa.kind == KIND_COEF ? ROW(f, pa.row, N, n0) : ONES;
+            for (int b = a; b < M; b++) {
+                const Param pb = par[b];
+                const double *tb = T + (size_t)b * NB, *wb = Wt + (size_t)b * NB;
+                double acc = 0.0;
+                for (int j = 0; j < nb; j++) acc -= ta[j] * tb[j];
+                if (pa.kind == KIND_GATE && pb.kind == KIND_GATE)
+                    for (int j = 0; j < nb; j++) acc += wa[j] * wb[j];
+                if (pa.expert == pb.expert) {
+                    const int i = pa.expert;
+                    const double *phib = pb.kind == KIND_GATE ? ROW(z, pb.row, N, n0)
+                                       : pb.kind == KIND_COEF ? ROW(f, pb.row, N, n0) : ONES;
+                    const double *dsw = D + (size_t)(4 * i) * NB;
+                    /* D's entry for the pair of kinds (pa.kind <= pb.kind by the layout) */
+                    const int key = pa.kind * 3 + pb.kind;
+                    if (key == KIND_GATE * 3 + KIND_GATE)
+                        for (int j = 0; j < nb; j++) acc += dsw[j] * phia[j] * phib[j];
+                    else if (key == KIND_GATE * 3 + KIND_COEF)
+                        for (int j = 0; j < nb; j++)
+                            acc += (dsw[j] + s[i][j]) * res[i][j] * phia[j] * phib[j];
+                    else if (key == KIND_GATE * 3 + KIND_LOGVAR)
+                        for (int j = 0; j < nb; j++) acc += c[i][j] * phia[j] * phib[j];
+                    else if (key == KIND_COEF * 3 + KIND_COEF)
+                        for (int j = 0; j < nb; j++) acc += dsw[NB + j] * phia[j] * phib[j];
+                    else if (key == KIND_COEF * 3 + KIND_LOGVAR)
+                        for (int j = 0; j < nb; j++) acc += dsw[2 * NB + j] * phia[j] * phib[j];
+                    else
+                        for (int j = 0; j < nb; j++) acc += dsw[3 * NB + j];
+                }
+                hess[a * M + b] += acc;
+            }
+        }
+    }
+    if (want)
+        for (int a = 0; a < M; a++)
+            for (int b = 0; b < a; b++) hess[a * M + b] = hess[b * M + a];
+    *ll = total;
+}
+
+/* ll (B); with want, grad (B, M) and hess (B, M, M), M = E (P + Q + 1), in the layout of
+ * derivs_problem. Sums over the samples, not means. */
+int gatelab_loglik_derivs(int B, int N, int E, int Q, int P, int threads, const double *f,
+                          const double *z, const double *y, const double *coef,
+                          const double *gate, const double *var, int want, double *ll,
+                          double *grad, double *hess) {
+    const int W = P + Q + 1, M = E * W;
+    if (E > MAXE || W > 64) return 1;
+    init_ones();
+    int failed = 0;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) reduction(|| : failed)
+    for (int b = 0; b < B; b++) {
+        double *work = want ? malloc(sizeof(double) * ((size_t)2 * M + 4 * E) * NB) : NULL;
+        if (want && !work) {
+            failed = 1;
+            continue;
+        }
+        derivs_problem(N, E, Q, P, f + (size_t)b * Q * N, z + (size_t)b * P * N, y + (size_t)b * N,
+                       coef + (size_t)b * E * Q, gate + (size_t)b * E * P, var + (size_t)b * E,
+                       want, ll + b, want ? grad + (size_t)b * M : NULL,
+                       want ? hess + (size_t)b * M * M : NULL, work);
+        free(work);
     }
     return failed ? 3 : 0;
 }

@@ -122,6 +122,13 @@ def gate_direction(g_BEP: Tensor, hd_BEPP: Tensor, hc_BEEPP: Tensor) -> Tensor:
     return d
 
 
+def exp(x: Tensor) -> Tensor:
+    """The kernel's own exp (``exp_block`` in ``_fused.c``) of a float64 tensor, for tests."""
+    out = x.to(torch.float64).contiguous().clone()
+    _loaded().gatelab_exp(out.numel(), ctypes.c_void_p(out.data_ptr()))
+    return out
+
+
 def estep(f_BQN: Tensor, z_BPN: Tensor, y_BN: Tensor, coef_BEQ: Tensor, gate_BEP: Tensor,
           var_BE: Tensor, threads: int = 1) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(ll (B,), S (B, E, Q*Q+Q+1), G (B, E, P), Hd (B, E, P, P), Hc (B, E, E, P, P)):
@@ -141,6 +148,28 @@ def estep(f_BQN: Tensor, z_BPN: Tensor, y_BN: Tensor, coef_BEQ: Tensor, gate_BEP
                              *map(ptr, (ll, s, g, hd, hc)))
     _check_code(code, e)
     return ll, s, g, hd, hc
+
+
+def loglik_derivatives(f_BQN: Tensor, z_BPN: Tensor, y_BN: Tensor, coef_BEQ: Tensor,
+                       gate_BEP: Tensor, var_BE: Tensor, want: bool = True,
+                       threads: int = 1) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """(ll (B,), gradient (B, M), Hessian (B, M, M)) of the log-likelihood (sums over the
+    samples) in every parameter, M = E (P + Q + 1): per expert its gate row (P), its
+    coefficients (Q) and its log variance (``gatelab_loglik_derivs`` in ``_fused.c``).
+    With ``want`` False only ll is computed (the other two are None)."""
+    lib = _loaded()
+    b, q, n = f_BQN.shape
+    e, p = gate_BEP.shape[1], z_BPN.shape[1]
+    m = e * (p + q + 1)
+    args = [t.contiguous() for t in (f_BQN, z_BPN, y_BN, coef_BEQ, gate_BEP, var_BE)]
+    ll = f_BQN.new_empty(b)
+    grad = f_BQN.new_empty(b, m) if want else None
+    hess = f_BQN.new_empty(b, m, m) if want else None
+    ptr = lambda t: ctypes.c_void_p(None if t is None else t.data_ptr())  # noqa: E731
+    code = lib.gatelab_loglik_derivs(b, n, e, q, p, threads, *map(ptr, args), int(want),
+                                     *map(ptr, (ll, grad, hess)))
+    _check_code(code, e)
+    return ll, grad, hess
 
 
 def em(f_BQN: Tensor, z_BPN: Tensor, y_BN: Tensor, floor_B: Tensor, coef_BEQ: Tensor,
