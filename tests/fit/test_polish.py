@@ -7,10 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gatelab.fit import fit_em, near_truth, select_best
+from gatelab.fit import _fused, fit_em, near_truth, select_best
 from gatelab.fit.newton import grad_and_hessian
 from gatelab.fit.polish import (
     _closed_form,
+    _derivatives,
+    _masks,
     _objective,
     _Packing,
     _softmax_linear_derivatives,
@@ -50,10 +52,33 @@ def test_closed_form_derivatives_are_autograd_s(expert, dim):
     y = torch.randn(2, 150, generator=g, dtype=F64)
     packing = _Packing(free_masks(model), params)
     theta = packing.pack(params)
-    want = grad_and_hessian(_objective(model, x, y, packing, torch.arange(2)), theta)
+    want = grad_and_hessian(lambda t: model.log_likelihood(x, y, packing.unpack(t)), theta)
     got = _softmax_linear_derivatives(model, x, y, params, packing, chunk=37)  # several chunks
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-9)
+
+
+@pytest.mark.skipif(_fused.load() is None, reason="no C compiler: no fused kernel")
+@pytest.mark.parametrize("k, expert, dim, blocks", [(2, "linear", 1, None), (4, "linear", 1, None),
+                                                    (3, "linear", 2, None), (3, "polynomial", 2, None),
+                                                    (3, "linear", 1, ("a", "var"))])
+def test_c_derivatives_and_values_are_autograd_s(k, expert, dim, blocks):
+    """The polish's derivatives in C (``_derivatives`` where the fused kernel is built),
+    over 300 samples (a full block of 256 and a partial one), against autograd on the
+    PyTorch log-likelihood; the step search's objective is the same log-likelihood."""
+    model = GaussianMoE(k, dim, "softmax", expert)
+    g = torch.Generator().manual_seed(5)
+    params = {n: v.to(F64) for n, v in model.random_params(g, (3,)).items()}
+    x = torch.randn(3, 300, dim, generator=g, dtype=F64)
+    y = torch.randn(3, 300, generator=g, dtype=F64)
+    packing = _Packing(_masks(model, blocks), params)
+    theta = packing.pack(params)
+    want = grad_and_hessian(lambda t: model.log_likelihood(x, y, packing.unpack(t)), theta)
+    got = _derivatives(model, x, y, packing, torch.arange(3), theta)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-8)
+    torch.testing.assert_close(_objective(model, x, y, packing, torch.arange(3))(theta), want[0],
+                               rtol=1e-12, atol=0)
 
 
 def test_other_gates_and_experts_take_autograd():

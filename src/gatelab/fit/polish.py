@@ -12,7 +12,11 @@ over the free entries theta (the gate's fixed reference entries excluded), with 
 variance on the log scale and ``lam`` on the logit scale, so that the bound does not
 depend on the units of y or on a boundary. Each Newton step is the modified step of
 ``newton.newton_direction`` (absolute eigenvalues, a small ridge) with step halving, so
-the log-likelihood never decreases. A row stops once its gradient is at or below
+the log-likelihood never decreases. For a dense softmax gate with experts linear in their
+parameters the gradient and Hessian are in closed form: in C, one pass over the data per
+step, where the fused kernel of EM is built (``SoftmaxLinearKernel.loglik_derivatives``),
+else in PyTorch (``_softmax_linear_derivatives``); other models take autograd. A row
+stops once its gradient is at or below
 ``bound``; rows still above after ``max_steps`` keep their certificate, so the caller can
 see (and leave out) what did not converge. Gates that separate the data have no finite
 maximum: there the slopes keep growing and the certificate is not met, or is met only as
@@ -138,8 +142,33 @@ def _derivatives(model, x: Tensor, y: Tensor, packing: _Packing, rows: Tensor,
     parameters (``_softmax_linear_derivatives``), else by autograd."""
     if _closed_form(model):
         sub = packing.rows(rows)
-        return _softmax_linear_derivatives(model, x[rows], y[rows], sub.unpack(theta), sub)
+        kernel = _fused_kernel(model, x[rows], y[rows])
+        if kernel is None:
+            return _softmax_linear_derivatives(model, x[rows], y[rows], sub.unpack(theta), sub)
+        value, grad, hess = kernel.loglik_derivatives(sub.unpack(theta))
+        order = _fused_order(model, packing)
+        return value, grad[:, order], hess[:, order][:, :, order]
     return grad_and_hessian(_objective(model, x, y, packing, rows), theta)
+
+
+def _fused_kernel(model, x: Tensor, y: Tensor):
+    """The fused C kernel of EM over these rows where it is built (a C compiler, float64,
+    at most 16 experts), for the closed-form derivatives in C; else None."""
+    from .em.softmax_linear import SoftmaxLinearKernel  # the EM package imports this module
+
+    kernel = SoftmaxLinearKernel.build(model, x, y, x.new_zeros(x.shape[0]))
+    return kernel if kernel.fused else None
+
+
+def _fused_order(model, packing: _Packing) -> Tensor:
+    """Where each packed free entry sits in the layout of ``loglik_derivatives``: expert i
+    at i W (W = P + Q + 1): beta0, beta1 (P = 1 + d), b, a (Q = 1 + features), log var."""
+    k, d, n_feat = model.n_experts, model.dim, model.param_shapes()["a"][-1]
+    p, q = 1 + d, 1 + n_feat
+    base = torch.arange(k) * (p + q + 1)
+    places = {"beta0": base, "beta1": base[:, None] + 1 + torch.arange(d),
+              "b": base + p, "a": base[:, None] + p + 1 + torch.arange(n_feat), "var": base + p + q}
+    return torch.cat([places[name].reshape(-1)[m] for name, m in packing.masks.items()])
 
 
 def _closed_form(model) -> bool:
@@ -246,6 +275,9 @@ def _capped(direction: Tensor) -> Tensor:
 def _objective(model, x: Tensor, y: Tensor, packing: _Packing, rows: Tensor):
     """The log-likelihood of rows ``rows`` as a function of their packed free entries."""
     sub, xa, ya = packing.rows(rows), x[rows], y[rows]
+    kernel = _fused_kernel(model, xa, ya) if _closed_form(model) else None
+    if kernel is not None:  # the same log-likelihood as _derivatives', so steps compare alike
+        return lambda theta: kernel.loglik_derivatives(sub.unpack(theta), want=False)[0]
     return lambda theta: model.log_likelihood(xa, ya, sub.unpack(theta))
 
 

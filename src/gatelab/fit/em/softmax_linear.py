@@ -100,6 +100,19 @@ class SoftmaxLinearKernel:
         w, lse_s = ef.softmax_experts_first(s)
         return (ll_n - lse_s).sum((-1, -2)), self._stats(resp, w)
 
+    def loglik_derivatives(self, params: Params, want: bool = True):
+        """The log-likelihood (B,) and, with ``want``, its gradient (B, M) and Hessian
+        (B, M, M) in every parameter, summed over the samples, in C (fused kernels only):
+        per expert i, entries i W .. i W + W - 1 (W = P + Q + 1) hold (beta0_i, beta1_i),
+        (b_i, a_i) and log var_i (``_fused.loglik_derivatives``; for ``fit.polish``)."""
+        if not self.fused:
+            raise RuntimeError("loglik_derivatives needs the fused C kernel")
+        d = self.data
+        gate = torch.cat([params["beta0"].unsqueeze(-1), params["beta1"]], dim=-1)
+        return _fused.loglik_derivatives(d["f_T"], d["z_T"], d["y"].squeeze(-2),
+                                         self._coef(params), gate, params["var"], want,
+                                         self.threads)
+
     def _stats(self, resp: Tensor, w: Tensor) -> State:
         """S (B, E, Q*Q+Q+1) and the gate's ``gate_stats``."""
         return (resp @ self.data["design"], *ef.gate_stats(resp, w, self.data["z_T"], self.data["zz"]))
