@@ -518,11 +518,13 @@ def test_overwrite_recomputes_exactly_the_changed_settings(tmp_path):
             assert row.spec_hash != before[key].spec_hash and row.seed == before[key].seed
 
 
-def test_words_theory_and_grid_do_not_make_rows_stale(tmp_path):
+def test_words_theory_claims_and_grid_do_not_make_rows_stale(tmp_path):
     path, db = tmp_path / "s.toml", tmp_path / "s.sqlite"
     _run(path, db, TINY)
     text = (TINY.replace("a small softmax study for tests", "reworded")
             .replace("theory = -0.5", "theory = -0.25").replace("replicates = 3", "replicates = 4"))
+    text += ('\n[[claims]]\ntext = "a claim added after the run"\nsetting = "exact"\n'
+             'rule = "ci_covers"\nvalue = -0.5\n')
     stats, _ = _run(path, db, text)
     assert stats.fits == 0 and stats.skipped == 8
 

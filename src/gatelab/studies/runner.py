@@ -69,8 +69,10 @@ def seed_for(study: _Seeded, setting: str, n: int, replicate: int) -> int:
 ROWS_VERSION = 2
 # Spec fields that change what is reported, not any row: the grid (a row is keyed by its
 # n and replicate), words, and the theory a slope is compared with.
+# Claims are judged on the rows; they make none (a claim's block is computed whatever the
+# claims say), so a claim added to a study keeps its stored rows.
 _STUDY_PRESENTATION = ("sizes", "quick_sizes", "replicates", "quick_replicates", "paper",
-                       "description", "notes")
+                       "description", "notes", "claims")
 _SETTING_PRESENTATION = ("theory", "theory_blocks")
 def resolved_estimator(study: Study) -> dict:
     """The estimator options a fit runs with: the study's, over the fitter's defaults."""
