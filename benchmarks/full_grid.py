@@ -5,7 +5,9 @@ issue 14's target for the protocol's reading (a) is 10 minutes on this 2-core ma
 
 --reading certified runs the same grid in reading (b): softmax-gaussian-certified's
 estimator (EM, then Newton until the gradient norm is at most its bound) and starts, on
-the paper's sizes and settings; it has no target, its time is printed. --replicates R
+the paper's sizes and settings; it has no target, its time is printed. Each reading's
+claims (softmax-gaussian's, or softmax-gaussian-certified's) are decided on the grid's
+rows and printed as a claims table. --replicates R
 keeps the first R replicates (the extrapolation scales by 40 / R as well).
 
 --every K runs every K-th size only (K = 1: the full grid) and extrapolates the full
@@ -23,6 +25,7 @@ import time
 from pathlib import Path
 
 from gatelab.studies import Store, Study, catalogue, rate_table, reproduce
+from gatelab.studies.claims import claims_text, evaluate_claims
 
 TARGET_SECONDS = 10 * 60
 
@@ -44,9 +47,9 @@ def main() -> None:
     if args.reading == "certified":
         certified = catalogue.get("softmax-gaussian-certified").to_dict()
         spec.update(name=f"{study.name}-grid-certified", estimator=certified["estimator"],
-                    settings=certified["settings"])
+                    settings=certified["settings"], claims=certified["claims"])
     replicates = args.replicates or study.replicates
-    spec.update(replicates=replicates, claims=[])
+    spec.update(replicates=replicates)
     sliced = Study.from_dict(spec)
     fits = len(sizes) * replicates * len(study.settings)
     full_fits = len(study.sizes) * study.replicates * len(study.settings)
@@ -76,6 +79,8 @@ def main() -> None:
               "not the grid's; rerun with a fresh --db to time it")
     else:
         print(f"full grid, reading {args.reading}: {wall / 60:.1f} min{_target(wall, args)}")
+    print(f"\nclaims of {study.name if args.reading == 'protocol' else study.name + '-certified'} "
+          f"on this grid:\n{claims_text(evaluate_claims(sliced, rows))}\n")
     for row in table:
         if row["block"] == "total":
             print(f"  {row['setting']:<22} {row['loss']:<11} slope {row['slope']:+.3f} "
