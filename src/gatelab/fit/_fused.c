@@ -26,9 +26,9 @@
 #include <string.h>
 
 /* exp of four doubles, to within 1 ulp of libm's for x <= 709 (checked in
- * tests/test_fused.py), 0 below -708 (no subnormals; -inf gives 0, NaN stays NaN).
- * glibc's vector exp took about 70% of the E-step (2E exps per sample): inlined, this
- * is about twice as fast. x = k ln2 + r with |r| <= ln2 / 2 (Cody-Waite, ln2 in two
+ * tests/fit/test_em_fused.py), 0 below -708 (no subnormals; -inf gives 0, NaN stays NaN).
+ * glibc's vector exp and log took about 70% of the E-step (2E exps per sample): with this
+ * exp inlined and sum_log's one log per 16 samples, the E-step is 2.3x to 2.9x faster. x = k ln2 + r with |r| <= ln2 / 2 (Cody-Waite, ln2 in two
  * parts), exp(r) by its Taylor polynomial of degree 13 (truncation below 4e-18 relative),
  * times 2^k built from k's bits. Written with intrinsics because -ffast-math lets gcc
  * reassociate plain arithmetic, which would undo the two-part reduction. Compiled with

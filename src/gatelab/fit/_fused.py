@@ -161,6 +161,9 @@ def loglik_derivatives(f_BQN: Tensor, z_BPN: Tensor, y_BN: Tensor, coef_BEQ: Ten
     b, q, n = f_BQN.shape
     e, p = gate_BEP.shape[1], z_BPN.shape[1]
     m = e * (p + q + 1)
+    if p + q + 1 > 64:
+        raise ValueError(f"The C derivatives take at most 64 parameters per expert; got {p + q + 1} "
+                         f"(gate {p}, expert {q}, 1 variance): use the PyTorch closed form.")
     args = [t.contiguous() for t in (f_BQN, z_BPN, y_BN, coef_BEQ, gate_BEP, var_BE)]
     ll = f_BQN.new_empty(b)
     grad = f_BQN.new_empty(b, m) if want else None

@@ -154,10 +154,13 @@ def _derivatives(model, x: Tensor, y: Tensor, packing: _Packing, rows: Tensor,
 def _fused_kernel(model, x: Tensor, y: Tensor):
     """The fused C kernel of EM over these rows where it is built (a C compiler, float64,
     at most 16 experts), for the closed-form derivatives in C; else None."""
-    from .em.softmax_linear import SoftmaxLinearKernel  # the EM package imports this module
+    from . import _fused
+    from .em.softmax_linear import _MAX_FUSED_EXPERTS, SoftmaxLinearKernel  # em imports this module
 
-    kernel = SoftmaxLinearKernel.build(model, x, y, x.new_zeros(x.shape[0]))
-    return kernel if kernel.fused else None
+    # Checked first: without C, build() would lay out the PyTorch path's (B, N, ...) products.
+    if _fused.load() is None or x.dtype != torch.float64 or model.n_experts > _MAX_FUSED_EXPERTS:
+        return None
+    return SoftmaxLinearKernel.build(model, x, y, x.new_zeros(x.shape[0]), fused=True)
 
 
 def _fused_order(model, packing: _Packing) -> Tensor:
